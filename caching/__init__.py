@@ -1,0 +1,1 @@
+"""Block-caching policies and per-run reuse state (pure torch)."""

@@ -1,0 +1,1 @@
+"""Multi-resolution operators: RAU-Net ops, window attention, frequency modulation, tiling (pure torch)."""

@@ -1,0 +1,32 @@
+"""ComfyUI glue: the only package that imports ``comfy`` / ``comfy_api``.
+
+Every family module exposes ``NODES`` (its node classes) and optionally ``on_load()`` for the single,
+documented global change this pack makes: adding its sampler and scheduler names to ComfyUI's lists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from comfy_api.latest import ComfyExtension, io
+
+FAMILY_MODULES: tuple[str, ...] = ("samplers",)
+
+log = logging.getLogger("preprint")
+
+
+def _families():
+    return [importlib.import_module(f".{name}", __name__) for name in FAMILY_MODULES]
+
+
+class PreprintExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # ComfyUI calls this once when it loads the pack (it does not call on_load for custom nodes).
+        nodes: list[type[io.ComfyNode]] = []
+        for module in _families():
+            hook = getattr(module, "on_load", None)
+            if hook is not None:
+                hook()
+            nodes.extend(module.NODES)
+        return nodes

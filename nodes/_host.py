@@ -1,0 +1,61 @@
+"""Small adapters between ComfyUI's runtime objects and the pure-torch families."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import comfy.k_diffusion.sampling as k_sampling
+import comfy.model_sampling
+import comfy.samplers
+
+from ..utils.noise_schedule import Parameterisation
+
+log = logging.getLogger("preprint")
+
+
+def model_sampling_of(model_k) -> object:
+    """The ``model_sampling`` object behind the denoiser ComfyUI hands a sampler function.
+
+    ComfyUI passes ``KSamplerX0Inpaint(guider)``; the guider holds the ModelPatcher, which may carry a
+    patched ``model_sampling`` (ModelSamplingFlux, ModelSamplingSD3...), so ask the patcher, as core does.
+    """
+    patcher = getattr(getattr(model_k, "inner_model", None), "model_patcher", None)
+    if patcher is None:
+        raise TypeError(
+            "Preprint sampler: the model passed to the sampler is not one ComfyUI's samplers produce; "
+            "run Preprint samplers through KSampler, SamplerCustom or SamplerCustomAdvanced."
+        )
+    return patcher.get_model_object("model_sampling")
+
+
+def parameterisation_of(model_sampling: object) -> Parameterisation:
+    """``"flow"`` for rectified-flow (CONST) models such as Flux and SD3, ``"eps"`` for EPS / V-prediction."""
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return "flow"
+    return "eps"
+
+
+def with_model_parameterisation(fn: Callable) -> Callable:
+    """Wrap a pure sampler so it learns the model's parameterisation from ComfyUI at call time."""
+
+    @functools.wraps(fn)
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        kind = parameterisation_of(model_sampling_of(model))
+        return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                  parameterisation=kind, **options)
+
+    return sampler
+
+
+def register_ksampler_name(name: str, fn: Callable) -> None:
+    """Add a sampler to the stock KSampler / KSamplerSelect dropdowns (the pack's one global change).
+
+    ComfyUI resolves a KSampler name ``n`` to ``comfy.k_diffusion.sampling.sample_n``; the name lists are
+    shared list objects, so appending once makes the name appear in every stock node.
+    """
+    setattr(k_sampling, f"sample_{name}", fn)
+    for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
+        if name not in names:
+            names.append(name)

@@ -1,0 +1,1 @@
+"""Regional editing: mask schedules, regional attention masks, attention injection (pure torch)."""

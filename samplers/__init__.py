@@ -1,0 +1,1 @@
+"""Sampler functions with k-diffusion's signature, schedules and sampler wrappers (pure torch)."""
