@@ -1,23 +1,28 @@
 """ComfyUI glue: the only package that imports ``comfy`` / ``comfy_api``.
 
-Every family module exposes ``NODES`` (its node classes) and optionally ``on_load()`` for the single,
-documented global change this pack makes: adding its sampler and scheduler names to ComfyUI's lists.
+Every public module here is one family and exposes ``NODES`` (its node classes) and optionally
+``on_load()`` for the single, documented global change this pack makes: adding its sampler and scheduler
+names to ComfyUI's lists.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import pkgutil
 
 from comfy_api.latest import ComfyExtension, io
-
-FAMILY_MODULES: tuple[str, ...] = ("samplers",)
 
 log = logging.getLogger("preprint")
 
 
+def family_module_names() -> list[str]:
+    """Every public module of this package is a node family (``_``-prefixed ones are shared helpers)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
 def _families():
-    return [importlib.import_module(f".{name}", __name__) for name in FAMILY_MODULES]
+    return [importlib.import_module(f".{name}", __name__) for name in family_module_names()]
 
 
 class PreprintExtension(ComfyExtension):
