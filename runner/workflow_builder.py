@@ -1,0 +1,45 @@
+"""Build the example workflows from their specs.
+
+Each ``workflows/specs/<family>.py`` defines ``WORKFLOWS: dict[str, dict]``: the title users see in the
+Templates browser mapped to an API prompt. From one spec come both files, the editor-format workflow in
+``workflows/`` and its API twin in ``workflows/api/``, so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from .workflow_format import WorkflowError, api_to_editor, check_api, node_defs
+
+
+def load_specs(workflows_dir: Path) -> dict[str, dict]:
+    specs: dict[str, dict] = {}
+    for path in sorted((workflows_dir / "specs").glob("*.py")):
+        if path.stem == "common":
+            continue
+        module_spec = importlib.util.spec_from_file_location(f"preprint_workflow_spec_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        for title, prompt in getattr(module, "WORKFLOWS", {}).items():
+            if title in specs:
+                raise WorkflowError(f"{path.name}: workflow title {title!r} is defined twice")
+            specs[title] = prompt
+    return specs
+
+
+def build_all(workflows_dir: Path) -> list[Path]:
+    defs = node_defs()
+    written: list[Path] = []
+    (workflows_dir / "api").mkdir(parents=True, exist_ok=True)
+    for title, prompt in load_specs(workflows_dir).items():
+        problems = check_api(prompt, defs)
+        if problems:
+            raise WorkflowError(f"spec {title!r}: " + "; ".join(problems))
+        editor = api_to_editor(prompt, defs)
+        targets = ((workflows_dir / f"{title}.json", editor), (workflows_dir / "api" / f"{title}.json", prompt))
+        for path, data in targets:
+            path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            written.append(path)
+    return written
