@@ -91,7 +91,10 @@ def resolve_models(prompt: dict, allow_tiny: bool) -> tuple[dict, bool]:
 
 def cmd_run(args) -> int:
     path = Path(args.workflow)
-    read_json(path)  # fail fast on unreadable / malformed files, before the slow host boot
+    data = read_json(path)  # fail fast on unreadable / malformed files, before the slow host boot
+    if not (is_editor_format(data) or is_api_format(data)):
+        raise WorkflowError(f"{path}: neither an editor workflow (with 'nodes' and 'links') nor an API prompt "
+                            "(node ids mapping to objects with 'class_type'); export it again from ComfyUI")
     host = _boot(args, user_custom_nodes=not args.no_user_nodes)
     from .workflow_format import node_defs
 

@@ -1,0 +1,227 @@
+"""Caching nodes on tiny architecture-faithful models through real ComfyUI sampling."""
+
+from __future__ import annotations
+
+import comfy.patcher_extension as pe
+import comfy.samplers
+import pytest
+import torch
+from comfy_extras.nodes_easycache import EasyCacheNode
+
+from .harness import run_node, run_sampling, tiny_model
+
+P = {"start_percent": 0.0, "end_percent": 1.0}
+
+
+def deepcache(m, interval=3, branch=0, schedule="uniform"):
+    return run_node("PreprintDeepCache", model=m, cache_interval=interval, branch_depth=branch, schedule=schedule,
+                    **P)[0]
+
+
+def blockcache(m, mode="online", threshold=0.3, name="test_profile"):
+    return run_node("PreprintBlockCache", model=m, mode=mode, threshold=threshold, profile_name=name, **P)[0]
+
+
+def encprop(m, key_steps="uniform", interval=2):
+    return run_node("PreprintEncoderPropagation", model=m, key_steps=key_steps, key_interval=interval, **P)[0]
+
+
+def ditcache(m, threshold=0.12, order=2, max_skips=3):
+    return run_node("PreprintDiTBlockCache", model=m, threshold=threshold, extrapolation_order=order,
+                    max_consecutive_skips=max_skips, **P)[0]
+
+
+def report(m, key):
+    return m.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, key)[0].last_report
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny_model("sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_model("sdxl")
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_model("flux")
+
+
+def sample(m, family, **kw):
+    kw.setdefault("scheduler", "simple" if family == "flux" else "karras")
+    return run_sampling(m, family, **kw)
+
+
+# -- switched off == uncached, bit for bit ---------------------------------------------------------------------
+@pytest.mark.parametrize("family,make", [
+    ("sd15", lambda m: deepcache(m, interval=1)),
+    ("sdxl", lambda m: deepcache(m, interval=1)),
+    ("sd15", lambda m: blockcache(m, threshold=0.0)),
+    ("sd15", lambda m: blockcache(m, mode="calibrate", name="bitwise_check")),  # our forward, every block run
+    ("sd15", lambda m: encprop(m, interval=1)),
+    ("flux", lambda m: ditcache(m, threshold=0.0)),
+], ids=["deepcache-sd15", "deepcache-sdxl", "blockcache-th0", "blockcache-calibrate", "encprop-1", "dit-th0"])
+def test_switched_off_equals_uncached_bitwise(family, make, request):
+    m = request.getfixturevalue(family)
+    base = sample(m, family, steps=5)
+    assert torch.equal(sample(make(m), family, steps=5), base)
+
+
+def test_caching_changes_output_and_skips_blocks(sd15, flux):
+    base = sample(sd15, "sd15", steps=8)
+    m = deepcache(sd15, interval=3)
+    out = sample(m, "sd15", steps=8)
+    rep = report(m, "preprint_deepcache")
+    assert not torch.equal(out, base) and torch.isfinite(out).all()
+    assert rep["counts"].skipped_fraction() > 0.5  # 5 of 8 steps run only 2 of 25 blocks
+    f = ditcache(flux, threshold=5.0, max_skips=2)
+    sample(f, "flux", steps=8)
+    assert report(f, "preprint_dit_cache")["counts"].skipped_fraction() > 0.3
+
+
+# -- cond and uncond never share features ----------------------------------------------------------------------
+def _split_calls(executor, model, conds, x_in, timestep, model_options):
+    # one model call per cond: the batching ComfyUI falls back to when memory is short
+    out = []
+    for c in conds:
+        out += executor(model, [c], x_in, timestep, model_options)
+    return out
+
+
+def _batched_vs_split(m, family, steps=8, **kw):
+    batched = sample(m, family, steps=steps, **kw)
+    s = m.clone()
+    s.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "test_split", _split_calls)
+    split = sample(s, family, steps=steps, **kw)
+    return batched, split
+
+
+@pytest.mark.parametrize("family,make", [
+    ("sd15", lambda m: deepcache(m, interval=3)),
+    ("sd15", lambda m: blockcache(m, threshold=0.5)),
+    ("sd15", lambda m: encprop(m, interval=2)),
+    ("flux", lambda m: ditcache(m, threshold=5.0, max_skips=2)),
+], ids=["deepcache", "blockcache", "encprop", "dit"])
+def test_cond_and_uncond_keep_separate_caches(family, make, request):
+    m = make(request.getfixturevalue(family))
+    batched, split = _batched_vs_split(m, family, cfg=6.0)
+    # the same streams, batched together or called one by one, give the same image
+    torch.testing.assert_close(batched, split, rtol=1e-4, atol=1e-4 * batched.abs().max().item())
+
+
+def test_core_easycache_fails_the_same_check(flux):
+    """The check above is sensitive: core EasyCache adds every stream's cached residual to the whole batch."""
+    m = EasyCacheNode.execute(flux, reuse_threshold=3.0, start_percent=0.0, end_percent=1.0, verbose=False)[0]
+    batched, split = _batched_vs_split(m, "flux", cfg=6.0)
+    assert (batched - split).abs().max().item() > 1e-2 * batched.abs().max().item()
+
+
+# -- fresh state every run -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,make", [
+    ("sd15", lambda m: deepcache(m, interval=2)),
+    ("sd15", lambda m: blockcache(m, threshold=0.5)),
+    ("flux", lambda m: ditcache(m, threshold=5.0, max_skips=2)),
+])
+def test_consecutive_runs_with_other_shapes_and_steps_are_each_fresh(family, make, request):
+    base_model = request.getfixturevalue(family)
+    runs = [dict(steps=6, height=8, width=8, batch=1), dict(steps=9, height=16, width=8, batch=2),
+            dict(steps=6, height=8, width=8, batch=1)]
+    m = make(base_model)
+    consecutive = [sample(m, family, **r) for r in runs]
+    for r, got in zip(runs, consecutive, strict=True):
+        fresh = sample(make(base_model), family, **r)  # a newly made node: as in a fresh process
+        assert torch.equal(got, fresh)
+
+
+def test_heun_calls_are_keyed_by_sigma_not_counted(sd15):
+    m = deepcache(sd15, interval=2)
+    steps = 6
+    sample(m, "sd15", steps=steps, sampler_name="heun")
+    rep = report(m, "preprint_deepcache")
+    # heun evaluates step i at sigma_i and its corrector at sigma_{i+1} (not after the last step): calls at
+    # positions 0,1 | 1,2 | 2,3 | 3,4 | 4,5 | 5 -> refresh on even positions; odd positions reuse
+    positions = [p for i in range(steps) for p in ((i, i + 1) if i < steps - 1 else (i,))]
+    assert rep["calls"] == len(positions)
+    expected_reuse = sum(1 for p in positions if p % 2 == 1)
+    assert rep["summary"].startswith(f"DeepCache: {expected_reuse}/{len(positions)}")
+
+
+# -- composition ------------------------------------------------------------------------------------------------
+def test_lora_patched_weights_are_used_by_the_cached_forward(sd15):
+    lora = sd15.clone()
+    key = "diffusion_model.output_blocks.11.0.out_layers.3.weight"
+    w = sd15.model.state_dict()[key]
+    lora.add_patches({key: (0.5 * torch.ones_like(w),)}, 1.0)
+    base = sample(lora, "sd15", steps=5)
+    assert not torch.equal(base, sample(sd15, "sd15", steps=5))
+    assert torch.equal(sample(deepcache(lora, interval=1), "sd15", steps=5), base)
+    # cached steps run output block 11 (the shallow branch): its patched weights must apply there too
+    cached_lora = sample(deepcache(lora, interval=2), "sd15", steps=5)
+    cached_plain = sample(deepcache(sd15, interval=2), "sd15", steps=5)
+    assert not torch.equal(cached_lora, cached_plain)
+
+
+def test_a_second_cache_node_replaces_the_first(sd15):
+    twice = deepcache(deepcache(sd15, interval=3), interval=1)
+    assert len(twice.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, "preprint_deepcache")) == 1
+    assert torch.equal(sample(twice, "sd15", steps=5), sample(sd15, "sd15", steps=5))
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+def test_unet_caches_refuse_dit_models_clearly(flux):
+    for make in (deepcache, blockcache, encprop):
+        with pytest.raises(ValueError, match="not a UNet .*DiT Block Cache"):
+            make(flux)
+
+
+def test_dit_cache_refuses_unets_clearly(sd15):
+    with pytest.raises(ValueError, match="DiT block caching supports .*DeepCache"):
+        ditcache(sd15)
+
+
+def test_two_different_unet_caches_are_refused(sd15):
+    with pytest.raises(ValueError, match="already has a Preprint UNet cache"):
+        blockcache(deepcache(sd15))
+
+
+def test_profile_for_another_model_is_rejected(sd15, sdxl):
+    m = blockcache(sd15, mode="calibrate", name="sd15_profile")
+    sample(m, "sd15", steps=6)
+    ok = blockcache(sd15, mode="profile", threshold=0.5, name="sd15_profile")
+    out = sample(ok, "sd15", steps=10)  # another step count: the profile still applies
+    assert torch.isfinite(out).all() and report(ok, "preprint_blockcache")["counts"].skipped_fraction() > 0
+    with pytest.raises(ValueError, match="calibrated on a different model architecture"):
+        blockcache(sdxl, mode="profile", name="sd15_profile")
+    with pytest.raises(ValueError, match="does not exist"):
+        blockcache(sd15, mode="profile", name="no_such_profile")
+    with pytest.raises(ValueError, match="not a plain file name"):
+        blockcache(sd15, mode="profile", name="../escape")
+
+
+def test_percent_window_is_validated():
+    cls = comfy.samplers  # noqa: F841  (ComfyUI is booted)
+    from .harness import node_class
+
+    assert "after end_percent" in node_class("PreprintDeepCache").validate_inputs(start_percent=0.8,
+                                                                                   end_percent=0.2)
+    assert node_class("PreprintDeepCache").validate_inputs(start_percent=0.0, end_percent=1.0) is True
+
+
+def test_deepcache_composes_with_preprint_pag(sd15):
+    def pag(m):
+        return run_node("PreprintPerturbedAttentionGuidance", model=m, scale=3.0, layers="", adaptive_scale=0.0,
+                        sigma_start=-1.0, sigma_end=-1.0, rescale=0.0)[0]
+
+    pag_only = sample(pag(sd15), "sd15", steps=6, cfg=4.0)
+    assert torch.equal(sample(deepcache(pag(sd15), interval=1), "sd15", steps=6, cfg=4.0), pag_only)
+    for m in (deepcache(pag(sd15), interval=2), pag(deepcache(sd15, interval=2))):
+        out = sample(m, "sd15", steps=6, cfg=4.0)
+        assert torch.isfinite(out).all() and not torch.equal(out, pag_only)
+        # the perturbed chunk is a stream of its own: batched or split, the same image
+        s = m.clone()
+        s.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "test_split", _split_calls)
+        split = sample(s, "sd15", steps=6, cfg=4.0)
+        torch.testing.assert_close(out, split, rtol=1e-4, atol=1e-4 * out.abs().max().item())

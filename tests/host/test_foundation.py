@@ -1,0 +1,107 @@
+"""The pack loads into real ComfyUI as a custom-node folder, and its first sampler equals core's arithmetic."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import comfy.k_diffusion.sampling as k_sampling
+import comfy.samplers
+import pytest
+import torch
+
+import nodes
+
+from .conftest import HYPHENATED_NAME
+from .harness import make_conds, run_custom_sampling, run_node, run_sampling, tiny_model
+
+
+def test_pack_loaded_under_hyphenated_folder_name_without_import_failure(comfy_host):
+    assert "PreprintSamplerDPMSolverPP" in comfy_host.pack_node_ids
+    assert "PreprintTinyTestModel" in comfy_host.pack_node_ids
+    failures = [m for m in comfy_host.boot_log
+                if HYPHENATED_NAME in m and ("IMPORT FAILED" in m or "Cannot import" in m)]
+    assert failures == []
+    for node_id in comfy_host.pack_node_ids:
+        assert nodes.NODE_CLASS_MAPPINGS[node_id].RELATIVE_PYTHON_MODULE == f"custom_nodes.{HYPHENATED_NAME}"
+
+
+def test_every_node_documents_itself(comfy_host):
+    for node_id in comfy_host.pack_node_ids:
+        info = nodes.NODE_CLASS_MAPPINGS[node_id].GET_NODE_INFO_V1()
+        assert node_id.startswith("Preprint")
+        assert info["category"].startswith("Preprint/"), node_id
+        assert len(info["description"]) > 40, node_id
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert all(info["output_tooltips"]), f"{node_id} has an output without tooltip"
+
+
+def test_ksampler_lists_carry_preprint_samplers(comfy_host):
+    names = nodes.KSampler.INPUT_TYPES()["required"]["sampler_name"][0]
+    assert "preprint_dpmpp_2m" in names and "preprint_dpmpp_3m" in names
+    select = nodes.NODE_CLASS_MAPPINGS["KSamplerSelect"]
+    assert "preprint_dpmpp_2m" in select.INPUT_TYPES()["required"]["sampler_name"][0]
+    assert callable(k_sampling.sample_preprint_dpmpp_2m)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd15_v"])
+def test_dpmpp_2m_node_equals_core_dpmpp_2m(family):
+    model = tiny_model(family)
+    core = run_sampling(model, family, "dpmpp_2m", "karras", steps=8, cfg=6.0, seed=3)
+    (sampler,) = run_node("PreprintSamplerDPMSolverPP", solver="2M", lower_order_final=False)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 8)
+    ours = run_custom_sampling(model, family, sampler, sigmas, cfg=6.0, seed=3)
+    # same update in a different but equivalent arrangement: equal up to float32 rounding
+    scale = float(core.abs().max())
+    assert float((ours - core).abs().max()) <= 1e-5 * max(scale, 1.0)
+    via_dropdown = run_sampling(model, family, "preprint_dpmpp_2m", "karras", steps=8, cfg=6.0, seed=3)
+    assert float((via_dropdown - core).abs().max()) <= 1e-5 * max(scale, 1.0)
+
+
+def test_dpmpp_2m_equals_core_in_float64():
+    """In double precision the remaining difference is rounding far below 1e-5 in absolute terms."""
+    model = tiny_model("sd15", dtype=torch.float64)
+    pos, neg = make_conds("sd15")
+    pos = [[pos[0][0].double(), pos[0][1]]]
+    neg = [[neg[0][0].double(), neg[0][1]]]
+    latent = torch.zeros(1, 4, 8, 8, dtype=torch.float64)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "karras", 6).double()
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(pos, neg)
+    guider.set_cfg(5.0)
+    core = guider.sample(noise, latent, comfy.samplers.ksampler("dpmpp_2m"), sigmas, seed=5, disable_pbar=True)
+    (sampler,) = run_node("PreprintSamplerDPMSolverPP", solver="2M", lower_order_final=False)
+    ours = guider.sample(noise, latent, sampler, sigmas, seed=5, disable_pbar=True)
+    assert float((ours - core).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
+def test_dpmpp_runs_from_both_entry_points_on_every_family(family):
+    model = tiny_model(family)
+    pos, neg = make_conds(family)
+    cfg = 1.0 if family == "flux" else 5.0
+    out = run_sampling(model, family, "preprint_dpmpp_3m", "simple", steps=5, cfg=cfg, positive=pos, negative=neg)
+    assert torch.isfinite(out).all() and out.shape[1] == (16 if family == "flux" else 4)
+    (sampler,) = run_node("PreprintSamplerDPMSolverPP", solver="3M", lower_order_final=True)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 5)
+    out2 = run_custom_sampling(model, family, sampler, sigmas, cfg=cfg, positive=pos, negative=neg)
+    torch.testing.assert_close(out, out2)
+
+
+def test_quick_test_for_ci_logs_no_import_failure(comfy_host, tmp_path):
+    base = tmp_path / "base"
+    (base / "custom_nodes").mkdir(parents=True)
+    os.symlink(comfy_host.pack_module.__path__[0], base / "custom_nodes" / HYPHENATED_NAME)
+    proc = subprocess.run([sys.executable, "main.py", "--quick-test-for-ci", "--cpu", "--base-directory", str(base),
+                           "--database-url", "sqlite:///:memory:"],
+                          cwd=comfy_host.path, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    lines = [line for line in log.splitlines() if HYPHENATED_NAME in line and "seconds" in line]
+    assert lines, "ComfyUI did not report importing the pack:\n" + log[-3000:]
+    assert all("IMPORT FAILED" not in line for line in lines), lines

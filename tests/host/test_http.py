@@ -1,0 +1,94 @@
+"""A running ComfyUI server (its own process) serves the pack: /object_info, /prompt, the template list."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from preprint.runner.comfy_host import PACK_DIR
+
+from .conftest import HYPHENATED_NAME
+
+SMOKE = PACK_DIR / "workflows" / "api" / "Tiny test model smoke test (untrained).json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(comfy_host, tmp_path_factory):
+    base = tmp_path_factory.mktemp("server")
+    (base / "custom_nodes").mkdir()
+    os.symlink(PACK_DIR, base / "custom_nodes" / HYPHENATED_NAME)
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                             "--base-directory", str(base), "--database-url", "sqlite:///:memory:"],
+                            cwd=comfy_host.path, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("ComfyUI exited:\n" + (base / "server.log").read_text()[-3000:])
+        try:
+            _get(url + "/system_stats")
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("ComfyUI server did not start")
+    yield url, base
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def test_object_info_lists_nodes_with_description_and_tooltips(server):
+    url, _ = server
+    info = _get(url + "/object_info/PreprintSamplerDPMSolverPP")["PreprintSamplerDPMSolverPP"]
+    assert "arXiv:2211.01095" in info["description"]
+    assert info["input"]["required"]["solver"][1]["tooltip"]
+    assert info["output_tooltips"][0]
+
+
+def test_templates_are_listed(server):
+    url, _ = server
+    templates = _get(url + "/workflow_templates")
+    assert "DPM-Solver++ 2M, SD1.5" in templates[HYPHENATED_NAME]
+
+
+def test_example_runs_through_http_prompt_api(server):
+    url, base = server
+    prompt = json.loads(SMOKE.read_text())
+    body = json.dumps({"prompt": prompt, "client_id": "preprint-test"}).encode()
+    req = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        prompt_id = json.loads(r.read())["prompt_id"]
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        history = _get(f"{url}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+            entry = history[prompt_id]
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("prompt did not finish")
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert images and (base / "output" / images[0]["filename"]).is_file()

@@ -1,0 +1,99 @@
+"""Host tier: the Preprint solver nodes and KSampler names in real ComfyUI on tiny models."""
+
+from __future__ import annotations
+
+import comfy.samplers
+import pytest
+import torch
+
+from .harness import count_calls, run_custom_sampling, run_node, run_sampling, tiny_model
+
+FAMILIES = ["sd15", "sd15_v", "sdxl", "flux"]
+STEPS = 5
+
+NODE_SETTINGS = [
+    ("PreprintSamplerDPMSolverPP", {"solver": "2S", "lower_order_final": True}),
+    ("PreprintSamplerDPMSolverPP", {"solver": "3S", "lower_order_final": True, "flow_lambda": "log_snr"}),
+    ("PreprintSamplerDPMSolverPP", {"solver": "3M", "lower_order_final": True, "dynamic_thresholding": True}),
+    ("PreprintSamplerDEIS", {"order": 3, "poly_space": "t", "lower_order_final": True}),
+    ("PreprintSamplerDEIS", {"order": 3, "poly_space": "lambda", "lower_order_final": True}),
+    ("PreprintSamplerMomentum", {"solver": "plms", "momentum": "ghvb", "order": 4, "beta": 0.7}),
+    ("PreprintSamplerMomentum", {"solver": "dpmpp_3m", "momentum": "hb", "order": 2, "beta": 0.8}),
+    ("PreprintSamplerEVODiff", {"lower_order_final": True}),
+]
+KSAMPLER_NAMES = ["preprint_dpmpp_3m", "preprint_dpmpp_2s", "preprint_dpmpp_3s", "preprint_deis", "preprint_ghvb",
+                  "preprint_evodiff"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {f: tiny_model(f) for f in FAMILIES}
+
+
+def sigmas_for(model, steps=STEPS):
+    ms = model.get_model_object("model_sampling")
+    scheduler = "simple" if "flux" in str(type(ms)).lower() else "karras"
+    return comfy.samplers.calculate_sigmas(ms, scheduler, steps)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("node,inputs", NODE_SETTINGS, ids=lambda v: v if isinstance(v, str) else "-".join(
+    str(x) for x in v.values()))
+def test_node_samplers_run_from_sampler_custom_advanced(models, family, node, inputs):
+    model = models[family]
+    (sampler,) = run_node(node, **inputs)
+    out = run_custom_sampling(model, family, sampler, sigmas_for(model), cfg=4.0)
+    assert torch.isfinite(out).all()
+    again = run_custom_sampling(model, family, sampler, sigmas_for(model), cfg=4.0)
+    assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", KSAMPLER_NAMES)
+def test_registered_names_run_from_the_stock_ksampler(models, family, name):
+    assert name in comfy.samplers.KSampler.SAMPLERS
+    model = models[family]
+    scheduler = "simple" if family == "flux" else "karras"
+    out = run_sampling(model, family, sampler_name=name, scheduler=scheduler, steps=STEPS, cfg=4.0, batch=2)
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_model_calls_per_step(models, family):
+    """Singlestep 2S / 3S cost 2 / 3 calls per step (1 for the final jump to 0); the others 1 per step."""
+    model = models[family]
+    sig = sigmas_for(model)
+    expected = {"2S": 2 * (STEPS - 1) + 1, "3S": 3 * (STEPS - 1) + 1, "2M": STEPS}
+    for solver, calls in expected.items():
+        (sampler,) = run_node("PreprintSamplerDPMSolverPP", solver=solver, lower_order_final=True)
+        with count_calls(model) as counter:
+            run_custom_sampling(counter.model, family, sampler, sig, cfg=4.0)
+        assert counter.calls == calls, (solver, counter.calls)  # cond + uncond batched in one call
+    (sampler,) = run_node("PreprintSamplerEVODiff", lower_order_final=True)
+    with count_calls(model) as counter:
+        run_custom_sampling(counter.model, family, sampler, sig, cfg=4.0)
+    assert counter.calls == STEPS
+
+
+def test_momentum_beta_one_equals_the_plain_node_on_a_real_model(models):
+    model = models["sdxl"]
+    sig = sigmas_for(model, 8)
+    (plain,) = run_node("PreprintSamplerDPMSolverPP", solver="3M", lower_order_final=True)
+    (hb,) = run_node("PreprintSamplerMomentum", solver="dpmpp_3m", momentum="hb", order=3, beta=1.0)
+    assert torch.equal(run_custom_sampling(model, "sdxl", plain, sig), run_custom_sampling(model, "sdxl", hb, sig))
+
+
+def test_ghvb_with_dpmpp_is_refused_clearly():
+    with pytest.raises(ValueError, match="GHVB is defined for PLMS"):
+        run_node("PreprintSamplerMomentum", solver="dpmpp_2m", momentum="ghvb", order=2, beta=0.8)
+
+
+def test_deis_uses_the_models_own_timesteps(models):
+    """On a real SD model poly_space t must follow ModelSamplingDiscrete.timestep: it differs from rho."""
+    model = models["sd15"]
+    sig = sigmas_for(model, 8)
+    (t_space,) = run_node("PreprintSamplerDEIS", order=3, poly_space="t", lower_order_final=True)
+    (rho,) = run_node("PreprintSamplerDEIS", order=3, poly_space="rho", lower_order_final=True)
+    a = run_custom_sampling(model, "sd15", t_space, sig)
+    b = run_custom_sampling(model, "sd15", rho, sig)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)

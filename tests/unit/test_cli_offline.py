@@ -1,0 +1,42 @@
+"""The command line without any ComfyUI: clear one-line errors, right exit codes, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    env["HOME"] = str(tmp_path)  # no ~/ComfyUI there
+    return subprocess.run([sys.executable, "-m", "preprint", *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+
+
+@pytest.mark.skipif(ROOT.parent.name == "custom_nodes", reason="the enclosing ComfyUI is always found")
+def test_without_comfyui_run_says_so_and_exits_3(tmp_path):
+    proc = run_cli("run", str(ROOT / "workflows" / "DPM-Solver++ 2M, SD1.5.json"), tmp_path=tmp_path)
+    assert proc.returncode == 3
+    assert proc.stderr.strip().startswith("error: no ComfyUI checkout found")
+    assert "COMFYUI_PATH" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("content,message", [('{"nodes": [', "not valid JSON"), ("[1, 2]", "neither an editor")])
+def test_malformed_workflow_is_one_line_and_exit_2(tmp_path, content, message):
+    path = tmp_path / "w.json"
+    path.write_text(content)
+    proc = run_cli("run", str(path), tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_missing_file(tmp_path):
+    proc = run_cli("run", str(tmp_path / "nope.json"), tmp_path=tmp_path)
+    assert proc.returncode == 2 and "no such file" in proc.stderr
