@@ -72,7 +72,8 @@ class CallCounter:
         x = args[0]
         self.calls += 1
         self.rows.append(int(x.shape[0]))
-        topts = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+        # ComfyUI's BaseModel.apply_model passes transformer_options by keyword to every architecture
+        topts = kwargs.get("transformer_options") or {}
         self.chunks.append(list(topts.get("cond_or_uncond", [])))
         return executor(*args, **kwargs)
 
