@@ -1,0 +1,199 @@
+"""Time-Shift sampling: feed the network the timestep whose noise level matches the state's variance.
+
+Paper: Li, Qu, Yao, Sun and Moens, "Alleviating Exposure Bias in Diffusion Models through Sampling with
+Shifted Time Steps", arXiv:2305.15583 (ICLR 2024). During sampling the state ``x_t`` drifts away from the
+forward marginal at ``t`` (exposure bias). Before each network call the method searches a window of
+``window`` training timesteps around ``t`` for the ``t'`` whose forward marginal variance is closest to the
+variance of ``x_t`` (Algorithm 1: ``t' = argmin |Var(x_t) - (1 - abar_t')|``) and evaluates the network at
+``t'``; the solver keeps its own coefficients at ``t``. Shifting stops below the ``cutoff`` timestep.
+
+On ComfyUI's sigma axis (``x = alpha(sigma) x0 + sigma eps``):
+
+* A state at ``sigma`` is the variance-preserving state ``x / n(sigma)`` with ``n = sqrt(alpha^2 + sigma^2)``
+  (``sqrt(1 + sigma^2)`` for EPS models, ``sqrt((1-sigma)^2 + sigma^2)`` for flow models); the paper's
+  ``1 - abar_t'`` is ``sigma'^2 / n(sigma')^2``. With a data variance ``v`` (the paper's code uses 0), the
+  marginal variance at ``sigma'`` is ``(alpha'^2 v + sigma'^2) / n(sigma')^2``.
+* "Feed ``t'`` to the network only": the network sees the same VP state, so its input is
+  ``x n(sigma') / n(sigma)`` at ``sigma'``; its raw output ``r = (x_in - D') / sigma'`` (the noise for EPS models,
+  the velocity for flow models) is then read at the solver's own ``sigma`` as ``D = x - sigma r``.
+* Timesteps are ComfyUI's, normalised to ``[0, 1]`` (``model_sampling.timestep(sigma) / timestep(sigma_max)``),
+  so ``window`` and ``cutoff`` are fractions of the training schedule (the paper's 30 and 300 of 1000 steps are
+  0.03 and 0.3).
+
+This module also holds the small plumbing every sampler wrapper in this pack uses: a denoiser proxy that keeps
+the attributes ComfyUI's samplers read from the model (``inner_model``, ``sigmas``...), and a function that
+wraps any k-diffusion-signature sampler function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..utils.noise_schedule import Parameterisation, alpha, check_parameterisation
+
+DenoiseFn = Callable[..., torch.Tensor]
+
+
+class DenoiserProxy:
+    """A k-diffusion denoiser ``model(x, sigma, **kw)`` whose call is replaced by ``fn(inner, x, sigma, **kw)``.
+
+    Every other attribute is read from the wrapped denoiser, because ComfyUI's sampler functions reach through
+    the model they are given (``model.inner_model.model_patcher``, ``model.inner_model.inner_model.model_sampling``).
+    """
+
+    def __init__(self, inner: DenoiseFn, fn: Callable[..., torch.Tensor]) -> None:
+        self.__dict__["_inner"] = inner
+        self.__dict__["_fn"] = fn
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self._fn(self._inner, x, sigma, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_inner"], name)
+
+
+def wrap_sampler_function(sampler_fn: Callable, make_denoiser: Callable[..., DenoiserProxy],
+                          on_finish: Callable[[DenoiserProxy], None] | None = None) -> Callable:
+    """Wrap a sampler ``fn(model, x, sigmas, extra_args, callback, disable, **opts)`` so it samples through
+    ``make_denoiser(model, x, sigmas)``; state lives in that proxy, so every run starts clean."""
+
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        proxy = make_denoiser(model, x, sigmas)
+        try:
+            return sampler_fn(proxy, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
+        finally:
+            if on_finish is not None:
+                on_finish(proxy)
+
+    sampler.__name__ = getattr(sampler_fn, "__name__", "sampler")
+    sampler.__doc__ = getattr(sampler_fn, "__doc__", None)
+    return sampler
+
+
+def per_sample_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(sigma, device=x.device)
+    s = s.reshape(-1)
+    return s.expand(x.shape[0]) if s.numel() == 1 else s
+
+
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample vector ``[B]`` to broadcast against ``x``."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@dataclass(frozen=True)
+class TimeAxis:
+    """A model's training-time axis, normalised to ``[0, 1]`` (0 = clean, 1 = the noisiest trained step)."""
+
+    t_of_sigma: Callable[[torch.Tensor], torch.Tensor]
+    sigma_of_t: Callable[[torch.Tensor], torch.Tensor]
+
+
+def vp_discrete_axis(alphas_cumprod: torch.Tensor) -> TimeAxis:
+    """The axis of a discrete VP model (SD1.x / SDXL): ``sigma_k = sqrt((1 - abar_k) / abar_k)``, ``t = k/(N-1)``;
+    between steps log-sigma is interpolated linearly, as ComfyUI's ``ModelSamplingDiscrete`` does."""
+    log_sigmas = (0.5 * torch.log((1 - alphas_cumprod.double()) / alphas_cumprod.double()))
+    n = len(log_sigmas)
+
+    def sigma_of_t(t: torch.Tensor) -> torch.Tensor:
+        k = (t.double() * (n - 1)).clamp(0, n - 1)
+        lo = k.floor().long()
+        hi = (lo + 1).clamp(max=n - 1)
+        w = k - lo
+        return torch.exp((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).to(t.dtype)
+
+    def t_of_sigma(sigma: torch.Tensor) -> torch.Tensor:
+        ls = torch.log(sigma.double().clamp(min=1e-12))
+        idx = torch.searchsorted(log_sigmas, ls.reshape(-1).contiguous()).clamp(1, n - 1)
+        lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
+        frac = ((ls.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
+        return ((idx - 1 + frac) / (n - 1)).reshape(sigma.shape).to(sigma.dtype)
+
+    return TimeAxis(t_of_sigma, sigma_of_t)
+
+
+def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion's scaled-linear training schedule (for tests and model-free defaults)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def flow_axis() -> TimeAxis:
+    """Rectified-flow models train on ``t = sigma``."""
+    return TimeAxis(lambda s: s, lambda t: t)
+
+
+def vp_norm(sigma: torch.Tensor, kind: Parameterisation) -> torch.Tensor:
+    """``n(sigma) = sqrt(alpha^2 + sigma^2)``: dividing a state by it gives the variance-preserving state."""
+    return torch.sqrt(alpha(sigma, kind) ** 2 + sigma**2)
+
+
+@dataclass(frozen=True)
+class TimeShiftConfig:
+    window: float = 0.03  # width of the search window, fraction of the training schedule
+    cutoff: float = 0.3  # no shift at or below this normalised timestep
+    data_variance: float = 0.0  # v in the marginal variance; 0 is the paper's rule
+    resolution: int = 1000  # candidate timesteps per unit of t (the training steps of a discrete model)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.window <= 1.0:
+            raise ValueError(f"Time-Shift: window must be in [0, 1] (fraction of the schedule), got {self.window}")
+        if not 0.0 <= self.cutoff <= 1.0:
+            raise ValueError(f"Time-Shift: cutoff must be in [0, 1] (fraction of the schedule), got {self.cutoff}")
+        if self.data_variance < 0 or not math.isfinite(self.data_variance):
+            raise ValueError(f"Time-Shift: data_variance must be >= 0, got {self.data_variance}")
+
+
+def shifted_sigma(x: torch.Tensor, sigma: torch.Tensor, axis: TimeAxis, kind: Parameterisation,
+                  config: TimeShiftConfig) -> torch.Tensor:
+    """Per sample, the sigma in the window around ``sigma`` whose marginal variance best matches ``Var(x)``."""
+    sigma = per_sample_sigma(sigma, x).to(torch.float64)
+    if config.window == 0.0:
+        return sigma.to(x.dtype)
+    t = axis.t_of_sigma(sigma).to(torch.float64)
+    half = config.window / 2
+    n = max(2, round(config.window * config.resolution)) + 1
+    offsets = torch.linspace(-half, half, n, dtype=torch.float64, device=x.device)
+    cand_t = (t[:, None] + offsets[None]).clamp(0.0, 1.0)  # [B, n]
+    cand_s = axis.sigma_of_t(cand_t).to(torch.float64)
+    var_vp = x.double().flatten(1).var(dim=1) / vp_norm(sigma, kind) ** 2  # [B]
+    expected = (alpha(cand_s, kind) ** 2 * config.data_variance + cand_s**2) / vp_norm(cand_s, kind) ** 2
+    best = torch.argmin((var_vp[:, None] - expected) ** 2, dim=1)
+    chosen = cand_s.gather(1, best[:, None]).squeeze(1)
+    active = (t > config.cutoff) & (sigma > 0)
+    return torch.where(active, chosen, sigma).to(x.dtype)
+
+
+def time_shift_denoise(model: DenoiseFn, x: torch.Tensor, sigma: torch.Tensor, axis: TimeAxis,
+                       kind: Parameterisation, config: TimeShiftConfig, **kwargs) -> torch.Tensor:
+    """One denoiser call with the network evaluated at the shifted timestep (see the module docstring)."""
+    s = per_sample_sigma(sigma, x)
+    s_net = shifted_sigma(x, s, axis, kind, config)
+    if torch.equal(s_net, s.to(s_net.dtype)):
+        return model(x, sigma, **kwargs)
+    ratio = bcast(vp_norm(s_net, kind) / vp_norm(s.to(s_net.dtype), kind), x).to(x.dtype)
+    x_in = x * ratio
+    d_net = model(x_in, s_net, **kwargs)
+    raw = (x_in - d_net) / bcast(s_net, x)
+    return x - bcast(s.to(x.dtype), x) * raw
+
+
+def time_shift_sampler(sampler_fn: Callable, axis_of: Callable[[DenoiseFn], tuple[TimeAxis, Parameterisation]],
+                       config: TimeShiftConfig) -> Callable:
+    """Wrap any k-diffusion sampler function with Time-Shift. ``axis_of(model)`` gives the model's time axis
+    and parameterisation (read from ComfyUI's ``model_sampling`` in the node, given directly in tests)."""
+
+    def make(model, x, sigmas):
+        axis, kind = axis_of(model)
+        check_parameterisation(kind)
+
+        def call(inner, xx, sigma, **kw):
+            return time_shift_denoise(inner, xx, sigma, axis, kind, config, **kw)
+
+        return DenoiserProxy(model, call)
+
+    return wrap_sampler_function(sampler_fn, make)

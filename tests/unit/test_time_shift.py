@@ -1,0 +1,137 @@
+"""Time-Shift sampler wrapper: exact mechanics on the sigma axis, and neutrality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from preprint.samplers.dpm_solver_pp import sample_dpmpp_2m
+from preprint.samplers.time_shift import (
+    DenoiserProxy,
+    TimeShiftConfig,
+    flow_axis,
+    sd_alphas_cumprod,
+    shifted_sigma,
+    time_shift_denoise,
+    time_shift_sampler,
+    vp_discrete_axis,
+    vp_norm,
+)
+
+from .conftest import get_problem
+from .test_omegance import euler
+
+SD_AXIS = vp_discrete_axis(sd_alphas_cumprod())
+
+
+def axis_for(kind):
+    return SD_AXIS if kind == "eps" else flow_axis()
+
+
+def wrapped(fn, kind, **cfg):
+    return time_shift_sampler(fn, lambda _m: (axis_for(kind), kind), TimeShiftConfig(**cfg))
+
+
+def test_sd_axis_round_trip_and_range():
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    s = SD_AXIS.sigma_of_t(t)
+    assert float(s[0]) == pytest.approx(0.0292, abs=2e-4) and float(s[-1]) == pytest.approx(14.61, abs=0.01)
+    assert torch.allclose(SD_AXIS.t_of_sigma(s), t, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("base", [euler, sample_dpmpp_2m])
+def test_window_zero_or_full_cutoff_is_bit_identical(kind, base):
+    p = get_problem(kind, 7.5 if kind == "eps" else 3.5)
+    sig = p.sigmas(8)
+    plain = base(p.model, p.x_start.clone(), sig, disable=True)
+    for cfg in ({"window": 0.0}, {"window": 0.05, "cutoff": 1.0}):
+        out = wrapped(base, kind, **cfg)(p.model, p.x_start.clone(), sig, disable=True)
+        assert torch.equal(out, plain), cfg
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("v", [0.0, 0.8])
+def test_state_on_the_marginal_is_not_shifted(kind, v):
+    """A state whose variance is exactly the marginal's at sigma (data variance v) keeps sigma."""
+    axis, sigma = axis_for(kind), torch.tensor([3.0 if kind == "eps" else 0.7], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 64, 64, generator=g, dtype=torch.float64)
+    x0 = (x0 - x0.mean()) / x0.std() * v**0.5
+    eps = torch.randn(1, 4, 64, 64, generator=g, dtype=torch.float64)
+    a = 1.0 if kind == "eps" else 1.0 - float(sigma)
+    x = a * x0 + float(sigma) * eps
+    # rescale so that Var(x) is exactly the marginal variance a^2 v + sigma^2
+    x = (x - x.mean()) / x.std() * (a**2 * v + float(sigma) ** 2) ** 0.5
+    s = shifted_sigma(x, sigma, axis, kind, TimeShiftConfig(window=0.2, cutoff=0.0, data_variance=v))
+    assert float(axis.t_of_sigma(s)) == pytest.approx(float(axis.t_of_sigma(sigma)), abs=1.5e-3)
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_too_noisy_state_is_fed_a_later_timestep_within_the_window(kind):
+    axis, sigma = axis_for(kind), torch.tensor([2.0 if kind == "eps" else 0.5], dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    x = 1.3 * float(sigma) * torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
+    cfg = TimeShiftConfig(window=0.04, cutoff=0.1)
+    s = shifted_sigma(x, sigma, axis, kind, cfg)
+    t, t_new = float(axis.t_of_sigma(sigma)), axis.t_of_sigma(s)
+    assert (t_new > t).all() and (t_new <= t + cfg.window / 2 + 1e-9).all()
+    wide = shifted_sigma(x, sigma, axis, kind, TimeShiftConfig(window=0.6, cutoff=0.1))
+    assert (wide > s).all()  # a wider window reaches a better variance match further away
+    # below the cutoff nothing moves
+    low = torch.tensor([0.05], dtype=torch.float64)
+    assert torch.equal(shifted_sigma(x, low, axis, kind, TimeShiftConfig(window=0.2, cutoff=0.3)), low.expand(2))
+
+
+def test_network_sees_the_vp_state_at_the_new_sigma_and_solver_keeps_its_sigma():
+    """For Gaussian data N(0, v) the exact denoiser is linear, so the wrapped call has a closed form."""
+    v = 0.5
+    calls = []
+
+    def model(x, sigma, **_):
+        calls.append((x.clone(), sigma.clone()))
+        return x * (v / (v + sigma.reshape(-1, 1, 1, 1) ** 2))
+
+    x = 4.0 * torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([3.0], dtype=torch.float64)
+    cfg = TimeShiftConfig(window=0.1, cutoff=0.0)
+    out = time_shift_denoise(model, x, sigma, SD_AXIS, "eps", cfg)
+    x_in, s_net = calls[-1]
+    assert float(s_net) != 3.0
+    assert torch.allclose(x_in, x * vp_norm(s_net, "eps") / vp_norm(sigma, "eps"))
+    eps_net = (x_in - x_in * v / (v + s_net**2)) / s_net  # the network's noise prediction at s_net
+    assert torch.allclose(out, x - 3.0 * eps_net)
+
+
+def test_proxy_forwards_attributes_and_wrappers_stack():
+    p = get_problem("eps")
+    from preprint.samplers.omegance import OmeganceConfig, omegance_sampler
+
+    seen = {}
+
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        seen["mixture"] = model.mixture  # a sampler reaching through the model, as ComfyUI's do
+        return euler(model, x, sigmas)
+
+    inner = time_shift_sampler(sampler, lambda _m: (SD_AXIS, "eps"), TimeShiftConfig(window=0.03))
+    both = omegance_sampler(inner, lambda _m: "eps", OmeganceConfig(omega=5.0))
+    out = both(p.model, p.x_start.clone(), p.sigmas(6))
+    assert seen["mixture"] is p.model.mixture and torch.isfinite(out).all()
+    assert isinstance(DenoiserProxy(p.model, lambda m, x, s: m(x, s)).kind, str)
+
+
+def test_small_window_changes_the_result_only_a_little():
+    p = get_problem("eps", 7.5)
+    sig = p.sigmas(10)
+    plain = sample_dpmpp_2m(p.model, p.x_start.clone(), sig, disable=True)
+    shifted = wrapped(sample_dpmpp_2m, "eps", window=0.03, cutoff=0.3)(p.model, p.x_start.clone(), sig, disable=True)
+    assert not torch.equal(plain, shifted)
+    # the paper's window (30 of 1000 steps) nudges the trajectory; it must not derail it
+    assert float((shifted - plain).pow(2).mean().sqrt()) < 0.1 * float(plain.pow(2).mean().sqrt())
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="window"):
+        TimeShiftConfig(window=-0.1)
+    with pytest.raises(ValueError, match="cutoff"):
+        TimeShiftConfig(cutoff=2.0)
