@@ -1,0 +1,246 @@
+"""Per-run block-reuse policies for UNets (SD1.x / SD2.x / SDXL): DeepCache, encoder propagation, Block Caching.
+
+Each policy is a *run* object, created fresh when sampling starts and dropped when it ends, so a second run
+with other steps, resolution, batch size or dtype starts clean. For every model call it returns a plan for
+:func:`caching.unet_runner.run_unet` (or None: run the stock forward untouched). Cached features live in a
+:class:`caching.store.ChunkStore`, one entry per conditioning stream.
+
+- DeepCache (Ma et al., arXiv:2312.00858, Sec. 3.2): the skip branch at depth b (input blocks 0..b and the
+  mirrored output blocks) is recomputed every step; the main branch's high-level feature, i.e. the output of
+  the output block just before the shallow ones, is recomputed only on refresh steps and reused in between.
+- Encoder propagation (Li et al., "Faster Diffusion", arXiv:2312.09608, Sec. 3.3): on non-key steps the
+  encoder (input blocks and middle block) is not run; its features from the last key step feed the decoder.
+- Block Caching (Wimbauer et al., arXiv:2312.03209, Sec. 3.2): each block is reused while the change
+  predicted since it was last computed stays under a threshold, from a calibrated profile or online from
+  the block's own last measured rate of change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .block_profile import Calibrator, Profile, block_key, relative_l1_change
+from .clock import StepClock, in_window
+from .schedules import faster_diffusion_keys, refresh_steps
+from .store import ChunkKey, ChunkStore, chunk_keys
+from .unet_runner import REUSE, RUN, SKIP, BlockCounts, BlockName, block_names
+
+log = logging.getLogger("preprint.caching")
+
+
+def _tag(x: torch.Tensor, n_chunks: int) -> tuple:
+    # what a cached entry was made for: per-chunk input shape, dtype, device
+    return (x.shape[0] // n_chunks, *x.shape[1:]), x.dtype, x.device
+
+
+@dataclass(frozen=True)
+class Window:
+    """Sigma range in which a policy may reuse features (outside it every block runs)."""
+
+    sigma_start: float = float("inf")
+    sigma_end: float = 0.0
+
+    def __contains__(self, sigma: float) -> bool:
+        return in_window(sigma, self.sigma_start, self.sigma_end)
+
+
+class _Plan:
+    """A fixed per-call plan: actions by block name (default RUN), outputs to record."""
+
+    def __init__(self, run: UNetCacheRun, keys: list[ChunkKey], tag: tuple, actions: dict[BlockName, str],
+                 record: set[BlockName]):
+        self.run, self.keys, self.tag, self.actions, self.record = run, keys, tag, actions, record
+
+    def action(self, name: BlockName) -> str:
+        return self.actions.get(name, RUN)
+
+    def cached(self, name: BlockName) -> torch.Tensor:
+        return self.run.store.get(name, self.keys)
+
+    def computed(self, name: BlockName, out: torch.Tensor) -> None:
+        if name in self.record:
+            self.run.store.put(name, self.keys, out, self.tag)
+
+
+class UNetCacheRun:
+    """State of one sampling run for one UNet policy."""
+
+    name = "cache"
+
+    def __init__(self, unet: torch.nn.Module, sample_sigmas, window: Window = Window()):
+        self.clock = StepClock(sample_sigmas)
+        self.window = window
+        self.names = block_names(unet)
+        self.n_in = len(unet.input_blocks)
+        self.n_out = len(unet.output_blocks)
+        self.store = ChunkStore()
+        self.counts = BlockCounts()
+        self.calls = 0
+        self.reuse_calls = 0
+
+    def plan(self, x: torch.Tensor, transformer_options: dict):
+        raise NotImplementedError
+
+    def _call(self, x: torch.Tensor, transformer_options: dict) -> tuple[float, list[ChunkKey], tuple]:
+        self.calls += 1
+        keys = chunk_keys(transformer_options, x.shape[0])
+        sigma = StepClock.sigma_of(transformer_options["sigmas"])
+        return sigma, keys, _tag(x, len(keys))
+
+    def summary(self) -> str:
+        return (f"{self.name}: {self.reuse_calls}/{self.calls} model calls reused cached features; "
+                f"{100 * self.counts.skipped_fraction():.0f}% of block evaluations skipped")
+
+    def finish(self) -> None:
+        self.store.clear()
+
+
+class DeepCacheRun(UNetCacheRun):
+    name = "DeepCache"
+
+    def __init__(self, unet, sample_sigmas, interval: int, branch: int, schedule: str = "uniform",
+                 window: Window = Window(), center: float = 0.3, power: float = 1.4):
+        super().__init__(unet, sample_sigmas, window)
+        if self.n_in != self.n_out:
+            raise ValueError(f"DeepCache needs mirrored input/output blocks; this UNet has {self.n_in} input and "
+                             f"{self.n_out} output blocks.")
+        if not 0 <= branch <= self.n_out - 2:
+            raise ValueError(f"DeepCache branch depth {branch} is out of range for this UNet: choose 0 to "
+                             f"{self.n_out - 2} (it has {self.n_in} input blocks).")
+        self.branch = branch
+        self.refresh = refresh_steps(schedule, self.clock.steps, interval, center, power)
+        self.cache_name: BlockName = ("output", self.n_out - 2 - branch)
+        self.shallow_actions: dict[BlockName, str] = {}
+        for i in range(branch + 1, self.n_in):
+            self.shallow_actions[("input", i)] = SKIP
+        self.shallow_actions[("middle", 0)] = SKIP
+        for j in range(self.n_out - 2 - branch):
+            self.shallow_actions[("output", j)] = SKIP
+        self.shallow_actions[self.cache_name] = REUSE
+        # nothing is ever reused: leave the model alone (bitwise identical, no overhead)
+        self.inert = len(self.refresh) >= self.clock.steps
+
+    def plan(self, x, transformer_options):
+        if self.inert:
+            self.calls += 1
+            return None
+        sigma, keys, tag = self._call(x, transformer_options)
+        step = self.clock.step(sigma)
+        reuse = (sigma in self.window and step not in self.refresh
+                 and self.store.has(self.cache_name, keys, tag))
+        if reuse:
+            self.reuse_calls += 1
+            return _Plan(self, keys, tag, self.shallow_actions, set())
+        return _Plan(self, keys, tag, {}, {self.cache_name})
+
+
+class EncoderPropagationRun(UNetCacheRun):
+    name = "Encoder propagation"
+
+    def __init__(self, unet, sample_sigmas, interval: int | None = None, window: Window = Window()):
+        super().__init__(unet, sample_sigmas, window)
+        self.keys_steps = faster_diffusion_keys(self.clock.steps, interval)
+        # input block 0 is the stem convolution on the noisy latent: it is nearly free and carries the current
+        # x to the last decoder block, so it always runs.
+        self.encoder = [("input", i) for i in range(1, self.n_in)] + [("middle", 0)]
+        self.inert = len(self.keys_steps) >= self.clock.steps
+
+    def plan(self, x, transformer_options):
+        if self.inert:
+            self.calls += 1
+            return None
+        sigma, keys, tag = self._call(x, transformer_options)
+        step = self.clock.step(sigma)
+        reuse = (sigma in self.window and step not in self.keys_steps
+                 and all(self.store.has(n, keys, tag) for n in self.encoder))
+        if reuse:
+            self.reuse_calls += 1
+            return _Plan(self, keys, tag, dict.fromkeys(self.encoder, REUSE), set())
+        return _Plan(self, keys, tag, {}, set(self.encoder))
+
+
+class _BlockCachePlan:
+    def __init__(self, run: BlockCacheRun, keys, tag, p: float, active: bool):
+        self.run, self.keys, self.tag, self.p, self.active = run, keys, tag, p, active
+        self.reused_any = False
+
+    def action(self, name: BlockName) -> str:
+        r = self.run
+        if r.mode == "calibrate" or not self.active or name not in r.eligible:
+            return RUN
+        if not r.store.has(name, self.keys, self.tag):
+            return RUN
+        for k in self.keys:
+            last = r.last_p.get((name, k))
+            if last is None or r.predicted_change(name, k, last, self.p) >= r.threshold:
+                return RUN
+        self.reused_any = True
+        return REUSE
+
+    def cached(self, name: BlockName) -> torch.Tensor:
+        return self.run.store.get(name, self.keys)
+
+    def computed(self, name: BlockName, out: torch.Tensor) -> None:
+        r = self.run
+        if name not in r.eligible:
+            return
+        parts = out.chunk(len(self.keys), dim=0) if len(self.keys) > 1 else [out]
+        have_old = r.store.has(name, self.keys, self.tag)
+        for k, part in zip(self.keys, parts, strict=True):
+            last = r.last_p.get((name, k))
+            old = r.store.get_chunk(name, k) if have_old else None
+            if old is None or last is None or self.p <= last:
+                continue
+            change = relative_l1_change(part, old)
+            rate = change / (self.p - last)
+            r.rates[(name, k)] = rate
+            if r.calibrator is not None:
+                r.calibrator.add(block_key(name), last, self.p, change)
+        r.store.put(name, self.keys, out, self.tag)
+        for k in self.keys:
+            r.last_p[(name, k)] = self.p
+
+
+class BlockCacheRun(UNetCacheRun):
+    """Block Caching. ``mode``: "online" (rates measured as sampling goes), "profile" (rates from a calibrated
+    profile) or "calibrate" (run everything, measure, build a profile at the end)."""
+
+    name = "Block Caching"
+
+    def __init__(self, unet, sample_sigmas, mode: str, threshold: float, profile: Profile | None = None,
+                 window: Window = Window()):
+        super().__init__(unet, sample_sigmas, window)
+        if mode not in ("online", "profile", "calibrate"):
+            raise ValueError(f"unknown block-cache mode {mode!r}")
+        if mode == "profile" and profile is None:
+            raise ValueError("block-cache mode 'profile' needs a profile")
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.mode, self.threshold, self.profile = mode, threshold, profile
+        # the stem convolution reads x itself: reusing it would freeze the input
+        self.eligible = set(self.names) - {("input", 0)}
+        self.last_p: dict[tuple[BlockName, ChunkKey], float] = {}
+        self.rates: dict[tuple[BlockName, ChunkKey], float] = {}
+        self.calibrator = Calibrator() if mode == "calibrate" else None
+        self.inert = mode != "calibrate" and threshold == 0.0
+
+    def predicted_change(self, name: BlockName, key: ChunkKey, p0: float, p1: float) -> float:
+        if self.mode == "profile":
+            return self.profile.accumulated(block_key(name), p0, p1)
+        rate = self.rates.get((name, key))
+        return float("inf") if rate is None else rate * (p1 - p0)
+
+    def plan(self, x, transformer_options):
+        if self.inert:
+            self.calls += 1
+            return None
+        sigma, keys, tag = self._call(x, transformer_options)
+        plan = _BlockCachePlan(self, keys, tag, self.clock.progress(sigma), sigma in self.window)
+        return plan
+
+    def after_call(self, plan) -> None:
+        if isinstance(plan, _BlockCachePlan) and plan.reused_any:
+            self.reuse_calls += 1

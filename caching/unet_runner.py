@@ -1,0 +1,226 @@
+"""A UNet forward pass that can skip or reuse whole blocks, built from the model's own blocks.
+
+It follows ComfyUI's ``UNetModel._forward`` step for step (time embedding, ``emb_patch``, label embedding,
+input / middle / output blocks with ``input_block_patch``, ``input_block_patch_after_skip``,
+``output_block_patch``, ControlNet residuals, ``transformer_options["block"]`` and ``"transformer_index"``)
+and runs every block through the block's own ``forward`` (``forward_timestep_embed``), so attention patches,
+LoRA-patched weights and other per-block hooks behave as in the stock forward. With every block run it
+computes the same numbers, bit for bit.
+
+A *plan* decides, block by block and in execution order, one of three actions:
+
+- ``RUN``: compute the block (the plan may record its output);
+- ``REUSE``: take the block's output from the plan's cache instead of computing it; ControlNet residuals and
+  block patches after the block still apply, so a fresh control signal reaches a reused feature;
+- ``SKIP``: the block's output is not needed (DeepCache skips the whole deep branch); its ControlNet
+  residual is still popped so the following blocks receive theirs in order.
+
+The module imports nothing from ComfyUI: the timestep embedding function is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+RUN, REUSE, SKIP = "run", "reuse", "skip"
+BlockName = tuple[str, int]
+
+_TRANSFORMER_CLASSES = ("SpatialTransformer", "SpatialVideoTransformer")
+
+
+class UNetPlan(Protocol):
+    def action(self, name: BlockName) -> str: ...
+
+    def cached(self, name: BlockName) -> torch.Tensor: ...
+
+    def computed(self, name: BlockName, out: torch.Tensor) -> None: ...
+
+
+@dataclass
+class BlockCounts:
+    """Per-block tallies over a run: how often each block ran, was reused or skipped."""
+
+    run: dict[BlockName, int] = field(default_factory=dict)
+    not_run: dict[BlockName, int] = field(default_factory=dict)
+
+    def add(self, name: BlockName, ran: bool) -> None:
+        d = self.run if ran else self.not_run
+        d[name] = d.get(name, 0) + 1
+
+    def skipped_fraction(self, cost: dict[BlockName, float] | None = None) -> float:
+        """Fraction of block compute not run, weighted by ``cost`` per block (uniform when None)."""
+        names = set(self.run) | set(self.not_run)
+        w = (lambda n: cost.get(n, 0.0)) if cost else (lambda n: 1.0)
+        total = sum(w(n) * (self.run.get(n, 0) + self.not_run.get(n, 0)) for n in names)
+        return sum(w(n) * self.not_run.get(n, 0) for n in names) / total if total else 0.0
+
+
+def block_names(unet: torch.nn.Module) -> list[BlockName]:
+    names = [("input", i) for i in range(len(unet.input_blocks))]
+    if getattr(unet, "middle_block", None) is not None:
+        names.append(("middle", 0))
+    names += [("output", i) for i in range(len(unet.output_blocks))]
+    return names
+
+
+def _transformers_in(module: torch.nn.Module) -> int:
+    layers = module.children()  # TimestepEmbedSequential: its layers; a plain block: its submodules
+    return sum(1 for layer in layers if type(layer).__name__ in _TRANSFORMER_CLASSES)
+
+
+def _take_control(control: dict | None, name: str) -> torch.Tensor | None:
+    # ComfyUI's apply_control pops one residual per block from the end of the list; do the same, always.
+    if control is not None and name in control and len(control[name]) > 0:
+        return control[name].pop()
+    return None
+
+
+def _add_control(h: torch.Tensor, ctrl: torch.Tensor | None) -> torch.Tensor:
+    if ctrl is None:
+        return h
+    if h.shape != ctrl.shape and torch.broadcast_shapes(h.shape, ctrl.shape) != h.shape:
+        return h  # stock forward logs a warning and leaves h unchanged
+    # out of place: h may be a cached tensor (same values as the stock in-place add)
+    return h + ctrl
+
+
+def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable, x: torch.Tensor,
+             timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None,
+             y: torch.Tensor | None = None, control: dict | None = None, transformer_options: dict | None = None,
+             counts: BlockCounts | None = None, **kwargs) -> torch.Tensor:
+    to = {} if transformer_options is None else transformer_options
+    to["original_shape"] = list(x.shape)
+    to["transformer_index"] = 0
+    patches = to.get("patches", {})
+
+    num_video_frames = kwargs.get("num_video_frames", getattr(unet, "default_num_video_frames", None))
+    image_only_indicator = kwargs.get("image_only_indicator", None)
+    time_context = kwargs.get("time_context", None)
+    extra = {"time_context": time_context, "num_video_frames": num_video_frames,
+             "image_only_indicator": image_only_indicator}
+
+    if (y is not None) != (unet.num_classes is not None):
+        raise ValueError("must specify y if and only if the model is class-conditional")
+    t_emb = timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype)
+    emb = unet.time_embed(t_emb)
+    for p in patches.get("emb_patch", []):
+        emb = p(emb, unet.model_channels, to)
+    if unet.num_classes is not None:
+        emb = emb + unet.label_emb(y)
+
+    def note(name: BlockName, ran: bool) -> None:
+        if counts is not None:
+            counts.add(name, ran)
+
+    def advance(module: torch.nn.Module) -> None:
+        if "transformer_index" in to:
+            to["transformer_index"] += _transformers_in(module)
+
+    hs: list[torch.Tensor | None] = []
+    h: torch.Tensor | None = x
+    for i, module in enumerate(unet.input_blocks):
+        name = ("input", i)
+        to["block"] = name
+        act = plan.action(name)
+        ctrl = None
+        if act == SKIP:
+            _take_control(control, "input")
+            advance(module)
+            note(name, False)
+            hs.append(None)
+            h = None
+            continue
+        if act == REUSE:
+            h = plan.cached(name)
+            advance(module)
+            note(name, False)
+        else:
+            h = module(h, emb, context, to, **extra)
+            plan.computed(name, h)
+            note(name, True)
+        ctrl = _take_control(control, "input")
+        h = _add_control(h, ctrl)
+        for p in patches.get("input_block_patch", []):
+            h = p(h, to)
+        hs.append(h)
+        for p in patches.get("input_block_patch_after_skip", []):
+            h = p(h, to)
+
+    to["block"] = ("middle", 0)
+    if unet.middle_block is not None:
+        name = ("middle", 0)
+        act = plan.action(name)
+        if act == SKIP:
+            advance(unet.middle_block)
+            note(name, False)
+            h = None
+        elif act == REUSE:
+            h = plan.cached(name)
+            advance(unet.middle_block)
+            note(name, False)
+        else:
+            h = unet.middle_block(h, emb, context, to, **extra)
+            plan.computed(name, h)
+            note(name, True)
+    ctrl = _take_control(control, "middle")
+    if h is not None:
+        h = _add_control(h, ctrl)
+
+    for j, module in enumerate(unet.output_blocks):
+        name = ("output", j)
+        to["block"] = name
+        hsp = hs.pop()
+        ctrl = _take_control(control, "output")
+        act = plan.action(name)
+        if act == SKIP:
+            advance(module)
+            note(name, False)
+            h = None
+            continue
+        if act == REUSE:
+            # The block's output replaces h; its skip input is not needed (patches on it would be lost).
+            h = plan.cached(name)
+            advance(module)
+            note(name, False)
+            continue
+        if h is None or hsp is None:
+            raise RuntimeError(f"cache plan runs block {name} but skipped a block it depends on")
+        hsp = _add_control(hsp, ctrl)
+        for p in patches.get("output_block_patch", []):
+            h, hsp = p(h, hsp, to)
+        h = torch.cat([h, hsp], dim=1)
+        del hsp
+        output_shape = hs[-1].shape if len(hs) > 0 and hs[-1] is not None else None
+        if len(hs) > 0 and hs[-1] is None:
+            raise RuntimeError(f"cache plan runs block {name} but skipped the input block feeding the next one")
+        h = module(h, emb, context, to, output_shape, **extra)
+        plan.computed(name, h)
+        note(name, True)
+    if h is None:
+        raise RuntimeError("cache plan skipped the last output block")
+    h = h.type(x.dtype)
+    if unet.predict_codebook_ids:
+        return unet.id_predictor(h)
+    return unet.out(h)
+
+
+class RunAll:
+    """The trivial plan: every block runs; optionally records the outputs of ``record`` blocks."""
+
+    def __init__(self, record: set[BlockName] | None = None):
+        self.record = record or set()
+        self.outputs: dict[BlockName, torch.Tensor] = {}
+
+    def action(self, name: BlockName) -> str:
+        return RUN
+
+    def cached(self, name: BlockName) -> torch.Tensor:
+        raise KeyError(name)
+
+    def computed(self, name: BlockName, out: torch.Tensor) -> None:
+        if name in self.record:
+            self.outputs[name] = out

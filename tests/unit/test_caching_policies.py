@@ -1,0 +1,229 @@
+"""Caching policies on synthetic trajectories and small torch modules (no ComfyUI)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from preprint.caching.block_profile import Calibrator, Profile, ProfileError, model_fingerprint, relative_l1_change
+from preprint.caching.clock import StepClock
+from preprint.caching.dit import DiTCacheRun
+from preprint.caching.extrapolation import History, extrapolation_weights
+from preprint.caching.schedules import faster_diffusion_keys, nonuniform_refresh, uniform_refresh
+from preprint.caching.store import ChunkStore, chunk_keys
+
+SIGMAS = [14.6, 8.0, 4.0, 2.0, 1.0, 0.5, 0.0]
+
+
+# -- clock -----------------------------------------------------------------------------------------------------
+def test_clock_positions_are_keyed_by_sigma():
+    c = StepClock(torch.tensor(SIGMAS))
+    assert [c.position(s) for s in SIGMAS[:-1]] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert c.position(torch.tensor([6.0, 6.0])) == pytest.approx(1.5)  # a 2S midpoint of step 1
+    assert c.step(6.0) == 1
+    # Heun's corrector at sigma_{i+1} sits where step i+1 starts: same decision as that step
+    assert c.step(torch.tensor(SIGMAS[3], dtype=torch.float32)) == 3
+    assert c.step(20.0) == 0 and c.step(0.0) == 5  # clipped to the run
+    assert c.progress(SIGMAS[3]) == pytest.approx(0.5)
+
+
+def test_clock_rejects_bad_schedules():
+    with pytest.raises(ValueError, match="at least two"):
+        StepClock([1.0])
+    with pytest.raises(ValueError, match="must not increase"):
+        StepClock([1.0, 2.0, 0.0])
+
+
+# -- schedules -------------------------------------------------------------------------------------------------
+def test_uniform_refresh():
+    assert uniform_refresh(10, 3) == {0, 3, 6, 9}
+    assert uniform_refresh(5, 1) == set(range(5))
+    with pytest.raises(ValueError):
+        uniform_refresh(10, 0)
+
+
+@pytest.mark.parametrize("steps,interval", [(20, 3), (50, 5), (30, 2), (8, 3)])
+def test_nonuniform_refresh_same_budget_denser_near_center(steps, interval):
+    u, n = uniform_refresh(steps, interval), nonuniform_refresh(steps, interval, center=0.3, power=1.4)
+    assert len(n) == len(u) and 0 in n and max(n) < steps
+    if steps >= 20:
+        c = 0.3 * (steps - 1)
+        spread = lambda s: sum(abs(k - c) for k in s if k) / (len(s) - 1)  # noqa: E731
+        assert spread(n) < spread(u)
+
+
+def test_faster_diffusion_keys_match_paper_at_50_steps():
+    assert faster_diffusion_keys(50) == {0, 1, 2, 3, 5, 10, 15, 25, 35}
+    assert faster_diffusion_keys(10, interval=2) == {0, 2, 4, 6, 8}
+    k20 = faster_diffusion_keys(20)
+    assert 0 in k20 and len(k20) < 20
+
+
+# -- store -----------------------------------------------------------------------------------------------------
+def test_chunk_keys_keep_streams_apart():
+    to = {"uuids": ["c", "u", "c2"], "preprint_perturbed": {2}}
+    assert chunk_keys(to, 6) == [("c", False), ("u", False), ("c2", True)]
+    # a perturbed copy that shares the positive's uuid is still a stream of its own
+    assert len(set(chunk_keys({"uuids": ["c", "c"], "preprint_perturbed": {1}}, 2))) == 2
+    assert chunk_keys({}, 3) == [("__whole_batch__", False)]
+
+
+def test_store_reassembles_chunks_in_call_order_and_checks_tags():
+    s = ChunkStore()
+    t = torch.arange(4.0).reshape(4, 1)
+    s.put("b", [("c", False), ("u", False)], t, tag="8x8")
+    assert torch.equal(s.get("b", [("u", False), ("c", False)]), torch.tensor([[2.0], [3.0], [0.0], [1.0]]))
+    assert s.has("b", [("c", False)], tag="8x8")
+    assert not s.has("b", [("c", False)], tag="16x16")  # another resolution never reads this entry
+    assert not s.has("b", [("x", False)], tag="8x8")
+    t.add_(100)  # the caller's tensor changes in place: the cache must not
+    assert s.get("b", [("c", False)]).max() < 100
+
+
+# -- extrapolation ---------------------------------------------------------------------------------------------
+def test_ab_weights_match_the_paper_on_even_steps():
+    assert extrapolation_weights([1.0], 2.0) == [1.0]
+    assert extrapolation_weights([1.0, 2.0], 3.0) == pytest.approx([-1.0, 2.0])
+    assert extrapolation_weights([1.0, 2.0, 3.0], 4.0) == pytest.approx([1.0, -3.0, 3.0])
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_history_is_exact_on_polynomials_of_degree_below_order(order):
+    coeffs = torch.randn(order, 5, generator=torch.Generator().manual_seed(order))
+    f = lambda u: sum(coeffs[k] * u**k for k in range(order))  # noqa: E731
+    h = History(order)
+    for u in (0.0, 1.0, 2.5, 3.0):  # uneven positions, as after skipped steps
+        h.push(u, f(u))
+    torch.testing.assert_close(h.predict(4.7), f(4.7), rtol=1e-4, atol=1e-4)
+
+
+def test_history_replaces_a_second_value_at_the_same_position():
+    h = History(2)
+    h.push(1.0, torch.zeros(2))
+    h.push(2.0, torch.ones(2))
+    h.push(2.0, 2 * torch.ones(2))  # Heun's corrector and the next step share a position
+    assert len(h) == 2 and torch.equal(h.predict(2.0), 2 * torch.ones(2))
+
+
+# -- block profiles --------------------------------------------------------------------------------------------
+def test_relative_l1_change():
+    a = torch.tensor([1.0, -1.0])
+    assert relative_l1_change(a, a) == 0.0
+    assert relative_l1_change(a, torch.zeros(2)) == pytest.approx(1.0)
+    assert relative_l1_change(torch.zeros(2), torch.zeros(2)) == 0.0
+
+
+def _linear_profile() -> Profile:
+    return Profile("abc", "toy", [0.0, 1.0], {"input.1": [1.0, 3.0]}, steps=10)
+
+
+def test_profile_integral_is_independent_of_step_count():
+    p = _linear_profile()
+    assert p.accumulated("input.1", 0.0, 1.0) == pytest.approx(2.0)
+    # the same stretch of progress cut into 10 or 40 steps accumulates the same change
+    ten = sum(p.accumulated("input.1", k / 10, (k + 1) / 10) for k in range(10))
+    forty = sum(p.accumulated("input.1", k / 40, (k + 1) / 40) for k in range(40))
+    assert ten == pytest.approx(forty) == pytest.approx(2.0)
+    assert p.rate("missing", 0.5) == math.inf
+
+
+def test_profile_round_trip_and_model_check(tmp_path):
+    p = _linear_profile()
+    path = p.save(tmp_path / "x.json")
+    q = Profile.load(path)
+    assert q.rates == p.rates and q.fingerprint == "abc"
+    q.check_model("abc", "toy")
+    with pytest.raises(ProfileError, match="different model architecture"):
+        q.check_model("zzz", "another net")
+
+
+@pytest.mark.parametrize("content,match", [
+    ("not json", "could not be read"),
+    (json.dumps({"hello": 1}), "not a Preprint block-cache profile"),
+    (json.dumps({"format": "preprint-block-cache-profile", "version": 99}), "version"),
+    (json.dumps({"format": "preprint-block-cache-profile", "version": 1, "fingerprint": "a", "progress": [0, 1],
+                 "rates": {"b": [1.0]}}), "wrong length"),
+])
+def test_malformed_profiles_are_rejected_clearly(tmp_path, content, match):
+    f = tmp_path / "p.json"
+    f.write_text(content)
+    with pytest.raises(ProfileError, match=match):
+        Profile.load(f)
+    with pytest.raises(ProfileError, match="does not exist"):
+        Profile.load(tmp_path / "none.json")
+
+
+def test_calibrator_builds_rates_per_unit_progress():
+    cal = Calibrator()
+    for k in range(4):
+        cal.add("middle.0", k / 4, (k + 1) / 4, 0.05)  # 0.05 per quarter -> rate 0.2
+    prof = cal.profile("fp", "toy", 4)
+    assert prof.rates["middle.0"] == pytest.approx([0.2] * 4)
+    with pytest.raises(ProfileError):
+        Calibrator().profile("fp", "toy", 4)
+
+
+def test_fingerprint_depends_on_architecture_not_weights():
+    a, b = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4)
+    assert model_fingerprint(a) == model_fingerprint(b)
+    assert model_fingerprint(a) != model_fingerprint(torch.nn.Linear(3, 5))
+
+
+# -- DiT cache on synthetic blocks -----------------------------------------------------------------------------
+class _Block:
+    """A block whose residual is a smooth function of sigma (the trajectory a cache has to predict)."""
+
+    def __init__(self, k: int):
+        self.k, self.calls = k, 0
+
+    def __call__(self, args: dict) -> dict:
+        self.calls += 1
+        s = args["transformer_options"]["sigmas"][0].item()
+        # per-row scale: cond and uncond rows get different residuals
+        rows = torch.arange(1, args["img"].shape[0] + 1, dtype=torch.float32).reshape(-1, 1, 1)
+        return {"img": args["img"] + rows * (self.k + 1) * (1.0 + 0.5 * s), "txt": args["txt"]}
+
+
+def _dit_forward(run: DiTCacheRun, blocks, x, sigma, uuids):
+    to = {"sigmas": torch.tensor([sigma] * x.shape[0]), "uuids": uuids}
+    args = {"img": x, "txt": torch.zeros(x.shape[0], 2, 3), "transformer_options": to}
+    for i, b in enumerate(blocks):
+        out = run.block(("double_block", i), args, b)
+        args = {**args, **out}
+    return args["img"]
+
+
+def _dit_run(threshold, order, sigmas, batch_uuids=("c", "u")):
+    blocks = [_Block(k) for k in range(4)]
+    run = DiTCacheRun(sigmas, [("double_block", i) for i in range(4)], threshold, order, max_skips=10)
+    x = torch.zeros(len(batch_uuids), 5, 3)
+    outs = [_dit_forward(run, blocks, x, s, list(batch_uuids)) for s in sigmas[:-1]]
+    return outs, blocks, run
+
+
+def test_dit_threshold_zero_runs_every_block():
+    sig = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+    outs, blocks, run = _dit_run(0.0, 2, sig)
+    assert all(b.calls == 5 for b in blocks) and run.skipped_calls == 0
+
+
+def test_dit_ab2_extrapolation_is_exact_on_linear_residuals_and_reuse_is_not():
+    sig = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+    exact, _, _ = _dit_run(0.0, 1, sig)
+    ab2, blocks, run = _dit_run(10.0, 2, sig)  # threshold high: skip whenever allowed
+    reuse, _, _ = _dit_run(10.0, 1, sig)
+    assert run.skipped_calls > 0 and blocks[1].calls < 5
+    for e, a in zip(exact, ab2, strict=True):
+        torch.testing.assert_close(a, e)
+    assert max((r - e).abs().max().item() for r, e in zip(reuse, exact, strict=True)) > 0.05
+
+
+def test_dit_cond_and_uncond_keep_their_own_residuals():
+    sig = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+    out, _, _ = _dit_run(10.0, 1, sig)
+    # row 2 (uncond) has twice the residual of row 1 (cond) on every step, cached or not
+    for o in out:
+        torch.testing.assert_close(o[1], 2 * o[0])
