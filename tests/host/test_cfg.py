@@ -13,7 +13,7 @@ import pytest
 import torch
 from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 
-from preprint.guidance.annealing import SchedulerFileError, constant_scheduler, save_scheduler
+from preprint.guidance.annealing import constant_scheduler, save_scheduler
 
 from .harness import make_conds, make_latent, make_noise, run_custom_sampling, run_node, run_sampling
 from .harness import tiny_model as build
@@ -277,11 +277,12 @@ def test_constant_annealing_scheduler_reproduces_cfg(models, family, scheduler_d
 
 
 def test_annealing_scheduler_file_errors(scheduler_dir):
-    with pytest.raises(SchedulerFileError, match="not found"):
+    # the pack is loaded under its folder name, so its error class is not preprint's: match the base class
+    with pytest.raises(ValueError, match="not found.*annealing_convert"):
         run_node("PreprintSamplerAnnealingGuidance", scheduler_file="absent.safetensors", guidance_lambda=0.4,
                  renoise="unconditional (paper)")
     (scheduler_dir / "broken.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(SchedulerFileError, match="not a readable safetensors"):
+    with pytest.raises(ValueError, match="not a readable safetensors"):
         run_node("PreprintSamplerAnnealingGuidance", scheduler_file="broken.safetensors", guidance_lambda=0.4,
                  renoise="unconditional (paper)")
 
