@@ -310,3 +310,25 @@ def test_sd3_joint_blocks():
     assert torch.equal(run_sampling(pag(model, scale=0.0), latent_family, steps=STEPS, cfg=4.0, **kw), base)
     with pytest.raises(ValueError, match="joint:0-1"):
         pag(model, layers="joint:2")
+
+
+def test_perturbed_chunk_is_labelled_for_other_patches(models):
+    """The convention other families rely on: inside the model call, preprint_perturbed lists the chunk
+    positions of the perturbed copy, whose uuid is uuid5 of the positive's and never the positive's own."""
+    from preprint.guidance.pag_runtime import perturbed_uuid
+
+    seen = []
+
+    def spy(executor, *args, **kwargs):
+        topts = args[-1] if isinstance(args[-1], dict) else kwargs["transformer_options"]
+        seen.append((list(topts["cond_or_uncond"]), list(topts["uuids"]), set(topts.get("preprint_perturbed", ()))))
+        return executor(*args, **kwargs)
+
+    m = pag(models["sd15"])
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "preprint_test_spy", spy)
+    sample(m, "sd15")
+    assert len(seen) == STEPS
+    for cou, uuids, perturbed in seen:
+        assert perturbed == {cou.index(2)}
+        pos = uuids[cou.index(0)]
+        assert uuids[cou.index(2)] == perturbed_uuid(pos) != pos

@@ -81,3 +81,149 @@ def test_single_sigma_is_zero_steps():
     x = problem.x_start.clone()
     out = sample_dpmpp_2m(problem.model, x, torch.tensor([14.6], dtype=torch.float64), disable=True)
     assert torch.equal(out, x)
+
+
+# ---- singlestep 2S / 3S, dynamic thresholding, flow lambda choice ----
+
+from preprint.samplers.dpm_solver_pp import (  # noqa: E402
+    dynamic_threshold,
+    sample_dpmpp_singlestep,
+)
+
+
+def _run_single(problem, steps, order, **kw):
+    sig = problem.sigmas(steps)
+    x = sample_dpmpp_singlestep(problem.model, problem.x_start.clone(), sig, disable=True, order=order,
+                                parameterisation=problem.kind, **kw)
+    return problem.error(x, sig)
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("order,steps,min_order", [(2, [10, 20, 40], 1.9), (3, [20, 40, 80], 2.7)])
+def test_singlestep_convergence_order(kind, order, steps, min_order):
+    problem = get_problem(kind, schedule="uniform")
+    errors = [_run_single(problem, n, order) for n in steps]
+    orders = observed_order(errors, steps)
+    assert orders[-1] > min_order, (errors, orders)
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_3s_beats_2s_beats_ddim(kind):
+    problem = get_problem(kind, schedule="uniform")
+    e1, e2, e3 = (_run_single(problem, 12, o) for o in (1, 2, 3))
+    assert e3 < e2 < e1, (e1, e2, e3)
+
+
+def test_singlestep_model_calls_and_callback_once_per_step():
+    problem = get_problem("eps", 7.5)
+    for order in (2, 3):
+        seen: list[int] = []
+        problem.model.calls = 0
+        sample_dpmpp_singlestep(problem.model, problem.x_start.clone(), problem.sigmas(6), disable=True,
+                                order=order, callback=lambda d, seen=seen: seen.append(d["i"]))
+        assert seen == list(range(6))
+        # (order calls per step, 1 for the final jump to 0), each guided call uses 2 branches
+        assert problem.model.calls == 2 * (order * 5 + 1)
+
+
+def test_singlestep_batch_and_determinism():
+    problem = get_problem("flow", 3.5)
+    sig = problem.sigmas(5)
+    x1 = sample_dpmpp_singlestep(problem.model, problem.x_start.clone(), sig, disable=True, order=3,
+                                 parameterisation="flow")
+    x2 = sample_dpmpp_singlestep(problem.model, problem.x_start.clone(), sig, disable=True, order=3,
+                                 parameterisation="flow")
+    assert torch.equal(x1, x2)
+    one = sample_dpmpp_singlestep(problem.model, problem.x_start[2:3].clone(), sig, disable=True, order=3,
+                                  parameterisation="flow")
+    torch.testing.assert_close(one, x1[2:3])
+
+
+def test_flow_starting_at_sigma_one_is_finite_for_every_solver():
+    problem = get_problem("flow", 3.5)
+    sig = problem.sigmas(6)
+    assert float(sig[0]) == 1.0
+    for fn, kw in [(sample_dpmpp_multistep, {"order": 3}), (sample_dpmpp_singlestep, {"order": 3})]:
+        out = fn(problem.model, problem.x_start.clone(), sig, disable=True, parameterisation="flow", **kw)
+        assert torch.isfinite(out).all()
+        assert problem.error(out, sig) < 0.05
+
+
+def test_dynamic_threshold_imagen_rule():
+    x0 = torch.linspace(-3, 3, 1000, dtype=torch.float64).reshape(1, 10, 100).repeat(2, 1, 1)
+    x0[1] *= 0.5  # second sample already inside [-1.5, 1.5]
+    out = dynamic_threshold(x0, 0.995)
+    s = torch.quantile(x0.abs().flatten(1), 0.995, dim=1)
+    assert out.abs().max() <= 1.0 + 1e-12
+    torch.testing.assert_close(out[0], x0[0].clamp(-s[0], s[0]) / s[0])
+    # s never drops below 1: data already in [-1, 1] is left alone
+    small = 0.5 * torch.rand(1, 4, 4, dtype=torch.float64)
+    assert torch.equal(dynamic_threshold(small, 0.995), small)
+    # the max value caps s: max 1 is a static clip to [-1, 1]
+    torch.testing.assert_close(dynamic_threshold(x0, 0.995, 1.0), x0.clamp(-1, 1))
+    with pytest.raises(ValueError, match="percentile"):
+        dynamic_threshold(x0, 0.0)
+
+
+def test_thresholding_off_by_default_and_on_keeps_predictions_bounded():
+    problem = get_problem("eps", 7.5)
+    sig = problem.sigmas(8)
+    plain = sample_dpmpp_2m(problem.model, problem.x_start.clone(), sig, disable=True)
+    off = sample_dpmpp_multistep(problem.model, problem.x_start.clone(), sig, disable=True, order=2,
+                                 lower_order_final=False, threshold_percentile=0.0)
+    assert torch.equal(plain, off)
+    seen = []
+    on = sample_dpmpp_multistep(problem.model, problem.x_start.clone(), sig, disable=True, order=2,
+                                threshold_percentile=0.99, callback=lambda d: seen.append(d["denoised"]))
+    assert all(float(d.abs().max()) <= 1.0 + 1e-9 for d in seen)
+    assert on.abs().max() <= 1.0 + 1e-9  # the last step lands on a thresholded prediction
+
+
+def test_flow_lambda_sigma_is_the_ve_formula():
+    problem = get_problem("flow")
+    sig = problem.sigmas(8)
+    as_ve = sample_dpmpp_multistep(problem.model, problem.x_start.clone(), sig[1:], disable=True,
+                                   parameterisation="eps")
+    chosen = sample_dpmpp_multistep(problem.model, problem.x_start.clone(), sig[1:], disable=True,
+                                    parameterisation="flow", flow_lambda="sigma")
+    assert torch.equal(as_ve, chosen)
+    # auto: log_snr for multistep, sigma for singlestep
+    auto_ms = sample_dpmpp_multistep(problem.model, problem.x_start.clone(), sig, disable=True,
+                                     parameterisation="flow")
+    log_ms = sample_dpmpp_multistep(problem.model, problem.x_start.clone(), sig, disable=True,
+                                    parameterisation="flow", flow_lambda="log_snr")
+    assert torch.equal(auto_ms, log_ms)
+    auto_ss = sample_dpmpp_singlestep(problem.model, problem.x_start.clone(), sig, disable=True,
+                                      parameterisation="flow")
+    sig_ss = sample_dpmpp_singlestep(problem.model, problem.x_start.clone(), sig, disable=True,
+                                     parameterisation="flow", flow_lambda="sigma")
+    assert torch.equal(auto_ss, sig_ss)
+    with pytest.raises(ValueError, match="flow_lambda"):
+        sample_dpmpp_multistep(problem.model, problem.x_start.clone(), sig, disable=True,
+                               parameterisation="flow", flow_lambda="bogus")
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_singlestep_bad_sigmas_and_short_lists(order):
+    problem = get_problem("eps")
+    x = problem.x_start.clone()
+    for bad in ([14.6, 20.0, 0.0], [14.6, -1.0], [float("nan"), 0.0]):
+        with pytest.raises(SigmaError, match="sigmas"):
+            sample_dpmpp_singlestep(problem.model, x, torch.tensor(bad, dtype=torch.float64), disable=True,
+                                    order=order)
+    assert torch.equal(sample_dpmpp_singlestep(problem.model, x, torch.tensor([14.6], dtype=torch.float64),
+                                               disable=True, order=order), x)
+    # two sigmas ending at 0: one step, the denoised prediction at sigma_max
+    out = sample_dpmpp_singlestep(problem.model, x, torch.tensor([14.6, 0.0], dtype=torch.float64), disable=True,
+                                  order=order)
+    torch.testing.assert_close(out, problem.model(x, torch.tensor(14.6, dtype=torch.float64)))
+
+
+def test_nan_in_latent_propagates_visibly():
+    """Documented behaviour: a NaN in the input latent is not hidden; it stays NaN in the output."""
+    problem = get_problem("eps")
+    x = problem.x_start.clone()
+    x[0, 0, 0, 0] = float("nan")
+    out = sample_dpmpp_singlestep(problem.model, x, problem.sigmas(4), disable=True, order=2)
+    assert torch.isnan(out[0]).any()
+    assert torch.isfinite(out[1:]).all()

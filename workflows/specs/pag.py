@@ -1,0 +1,75 @@
+"""Example workflows for the perturbed-attention family: PAG alone (cfg 1), PAG + CFG on SDXL, PAG on Flux,
+SoftPAG with head selection on SD3, Smoothed Energy Guidance, and SAG."""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("preprint_workflow_common", Path(__file__).with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+FLUX_CHECKPOINT = "flux1-dev-fp8.safetensors"
+SD3_CHECKPOINT = "sd3_medium_incl_clips_t5xxlfp8.safetensors"
+SCHEDULE = {"adaptive_scale": 0.0, "sigma_start": -1.0, "sigma_end": -1.0, "rescale": 0.0}
+
+
+def pag(model: list, scale: float = 3.0, layers: str = "", joint: str = "image-to-image", **kw) -> dict:
+    return {"class_type": "PreprintPerturbedAttentionGuidance",
+            "inputs": {"model": model, "scale": scale, "layers": layers, **{**SCHEDULE, **kw},
+                       "joint_attention": joint}}
+
+
+def _graph(node: dict, title: str, checkpoint: str | None = None, size: int = 512, **ks) -> dict:
+    prompt = {**common.sd15_base(width=size, height=size), **common.ksampler(model=["11", 0], **ks)}
+    if checkpoint:
+        prompt["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}
+    prompt["11"] = {**node, "_meta": {"title": title}}
+    return prompt
+
+
+# 1. PAG alone: no negative pass at cfg 1; the official SD1.5 setting (scale 5, middle block).
+_alone = _graph(pag(["1", 0], 5.0), "PAG alone (scale 5, middle block) at cfg 1", steps=25, cfg=1.0)
+
+# 2. PAG + CFG on SDXL: the paper's CFG 4 / PAG 3, one model call per step, fading with the adaptive scale.
+_sdxl = _graph(pag(["1", 0], 3.0, "middle:0", adaptive_scale=0.001), "PAG 3 + CFG 4 (middle block, adaptive 0.001)",
+               SDXL_CHECKPOINT, 1024, steps=30, cfg=4.0, sampler_name="dpmpp_2m")
+
+# 3. PAG on Flux dev: cfg 1 (Flux's distilled guidance stays in the conditioning), middle of the block stack,
+#    guidance only in the first 80% of the noise range.
+_flux = _graph(pag(["1", 0], 2.0, "single:9", sigma_end=0.2), "PAG on Flux (single block 9, sigma >= 0.2)",
+               FLUX_CHECKPOINT, 1024, steps=28, cfg=1.0, scheduler="simple")
+_flux["3"]["inputs"]["text"] = ""
+
+# 4. SoftPAG with heads on SD3: two heads of joint block 12 and all of block 13, perturbed half way.
+_soft = _graph({"class_type": "PreprintSoftPAG", "inputs": {
+    "model": ["1", 0], "scale": 3.0, "layers": "joint:12[2,5], joint:13", **SCHEDULE, "softness": 0.6,
+    "joint_attention": "image-to-image"}}, "SoftPAG u=0.6 on joint:12 heads 2,5 and joint:13",
+    SD3_CHECKPOINT, 1024, steps=28, cfg=4.5, scheduler="sgm_uniform")
+
+# 5. Smoothed Energy Guidance on SD1.5 (infinite blur on the middle block, as the SEG paper's default).
+_seg = _graph({"class_type": "PreprintSmoothedEnergyGuidance", "inputs": {
+    "model": ["1", 0], "scale": 3.0, "layers": "middle:0", **SCHEDULE, "blur_sigma": 9999.0}},
+    "Smoothed Energy Guidance (infinite blur, middle block)", steps=25, cfg=3.0)
+
+# 6. SAG on SD1.5 at a size that is not a multiple of 64.
+_sag = _graph({"class_type": "PreprintSelfAttentionGuidance", "inputs": {
+    "model": ["1", 0], "scale": 0.75, "blur_sigma": 1.0, "threshold": 1.0, "layer": "", "sigma_start": -1.0,
+    "sigma_end": -1.0}}, "Self-Attention Guidance (scale 0.75, blur 1)", steps=25, cfg=7.0)
+_sag["4"]["inputs"].update({"width": 520, "height": 680})
+
+# 7. PAG + SAG together on SD1.5 (PAG rides in the CFG call; SAG adds its blurred pass).
+_both = _graph(pag(["12", 0], 3.0), "PAG (scale 3) on top of SAG", steps=25, cfg=5.0)
+_both["12"] = {"class_type": "PreprintSelfAttentionGuidance", "inputs": {
+    "model": ["1", 0], "scale": 0.5, "blur_sigma": 2.0, "threshold": 1.0, "layer": "", "sigma_start": -1.0,
+    "sigma_end": -1.0}, "_meta": {"title": "Self-Attention Guidance (scale 0.5)"}}
+
+WORKFLOWS: dict[str, dict] = {
+    "PAG alone (cfg 1), SD1.5": _alone,
+    "PAG + CFG, SDXL": _sdxl,
+    "PAG on Flux": _flux,
+    "SoftPAG with attention heads, SD3": _soft,
+    "Smoothed Energy Guidance, SD1.5": _seg,
+    "Self-Attention Guidance, SD1.5": _sag,
+    "PAG + SAG, SD1.5": _both,
+}
