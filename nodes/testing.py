@@ -19,15 +19,16 @@ class PreprintTinyTestModel(io.ComfyNode):
             display_name="Tiny Test Model (untrained, Preprint)",
             category="Preprint/testing",
             description=(
-                "Builds an UNTRAINED model with a real model family's block layout (SD1.5, SDXL or Flux), its text "
+                "Builds an UNTRAINED model with a real model family's block layout (SD1.5, SDXL, Flux or SD3), its text "
                 "encoders' layouts and a VAE, all at tiny widths with seeded random weights. Use it to check that a "
                 "graph runs (for example in CI or without downloaded checkpoints); the images it makes are noise."
             ),
             inputs=[
-                io.Combo.Input("architecture", options=["sd15", "sdxl", "flux"], default="sd15",
+                io.Combo.Input("architecture", options=["sd15", "sdxl", "flux", "sd3"], default="sd15",
                                tooltip="Block layout to imitate. sd15: SD1.x UNet, CLIP-L, 4-channel VAE. sdxl: SDXL "
                                        "UNet (shortened transformer stacks), CLIP-L + CLIP-G. flux: Flux-dev double "
-                                       "and single stream blocks, CLIP-L + T5, 16-channel VAE."),
+                                       "and single stream blocks, CLIP-L + T5, 16-channel VAE. sd3: SD3.5-style MMDiT "
+                                       "joint blocks, CLIP-L + CLIP-G, 16-channel VAE."),
                 io.Int.Input("weights_seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the random weights (the same seed always builds the same model)."),
             ],

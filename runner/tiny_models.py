@@ -15,7 +15,7 @@ import comfy.model_patcher
 import comfy.supported_models
 import torch
 
-FAMILIES = ("sd15", "sd15_v", "sdxl", "flux")
+FAMILIES = ("sd15", "sd15_v", "sdxl", "flux", "sd3")
 
 _UNET_COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
                 "legacy": False, "in_channels": 4, "use_temporal_attention": False, "use_temporal_resblock": False}
@@ -30,20 +30,28 @@ def _sd15_config() -> dict:
 
 
 def _sdxl_config() -> dict:
-    # SDXL block layout (3 levels, no attention on the first, deep transformers below) at width 32;
-    # transformer depths shortened from 2/10 to 2/3 so a step stays fast while multi-index layer lists work.
+    # SDXL block layout (3 levels, no attention on the first, 2 and 10 transformers below) at width 32.
     # adm input = pooled text embedding (CLIP-G width, 32 here instead of 1280) + 6 size embeddings of 256.
     return {**_UNET_COMMON, "num_classes": "sequential", "adm_in_channels": 32 + 1536, "model_channels": 32,
-            "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 3, 3], "channel_mult": [1, 2, 4],
-            "transformer_depth_middle": 3, "use_linear_in_transformer": True, "context_dim": 64,
-            "num_head_channels": 16, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 3, 3, 3]}
+            "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+            "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 64,
+            "num_head_channels": 16, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
 
 
 def _flux_config() -> dict:
-    # Flux-dev layout (double stream then single stream blocks, guidance embedding) at hidden size 64.
+    # Flux-dev layout (19 double stream then 38 single stream blocks, guidance embedding) at hidden size 64.
     return {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "patch_size": 2, "out_channels": 16,
             "vec_in_dim": 32, "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4,
-            "depth": 2, "depth_single_blocks": 3, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True}
+            "depth": 19, "depth_single_blocks": 38, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True}
+
+
+def _sd3_config() -> dict:
+    # SD3.5-style MMDiT (joint blocks, block 1 with the extra image-only self-attention) at hidden size 128.
+    # ComfyUI's SD3 text encoders always pad to 4096 features, so the context embedder keeps that input width.
+    return {"in_channels": 16, "pos_embed_scaling_factor": None, "pos_embed_offset": None, "pos_embed_max_size": 32,
+            "patch_size": 2, "out_channels": 16, "depth": 2, "num_patches": 1024, "adm_in_channels": 64,
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+            "qk_norm": "rms", "x_block_self_attn_layers": [1]}
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ SPECS = {
     "sd15_v": TinySpec("sd15_v", 64, 8, None, 4),
     "sdxl": TinySpec("sdxl", 64, 8, 32, 4),
     "flux": TinySpec("flux", 64, 8, 32, 16),
+    "sd3": TinySpec("sd3", 4096, 8, 64, 16),
 }
 
 
@@ -74,6 +83,8 @@ def _model_config(family: str):
         return comfy.supported_models.SDXL(_sdxl_config())
     if family == "flux":
         return comfy.supported_models.Flux(_flux_config())
+    if family == "sd3":
+        return comfy.supported_models.SD3(_sd3_config())
     raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")
 
 
@@ -145,6 +156,9 @@ _TEXT_ENCODERS = {
              "clip_g_model_config": {**_CLIP_LAYOUT, "hidden_size": 32, "projection_dim": 32}},
     "flux": {"clip_l_model_config": {**_CLIP_LAYOUT, "hidden_size": 32, "projection_dim": 32},
              "t5xxl_model_config": {"d_model": 64, "d_ff": 128, "num_heads": 2, "num_layers": 2, "d_kv": 32}},
+    # SD3 without T5 (a supported SD3 set-up): CLIP-L + CLIP-G, pooled 32 + 32 = the tiny MMDiT's adm width.
+    "sd3": {"clip_l_model_config": {**_CLIP_LAYOUT, "hidden_size": 32, "projection_dim": 32},
+            "clip_g_model_config": {**_CLIP_LAYOUT, "hidden_size": 32, "projection_dim": 32}},
 }
 TEXT_ENCODER_FAMILIES = tuple(_TEXT_ENCODERS)
 
@@ -162,6 +176,10 @@ def _clip_target(family: str):
     if family == "flux":
         return comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
                                                       comfy.text_encoders.flux.flux_clip(dtype_t5=torch.float32))
+    if family == "sd3":
+        import comfy.text_encoders.sd3_clip as sd3
+
+        return comfy.supported_models_base.ClipTarget(sd3.SD3Tokenizer, sd3.sd3_clip(clip_l=True, clip_g=True, t5=False))
     raise ValueError(f"no tiny text encoder for {family!r}; expected one of {TEXT_ENCODER_FAMILIES}")
 
 

@@ -24,7 +24,7 @@ LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 
 
 def guess_architecture(prompt: dict) -> str:
-    """The tiny architecture matching a workflow's loaders: flux, sdxl or sd15."""
+    """The tiny architecture matching a workflow's loaders: flux, sd3, sdxl or sd15."""
     for node in prompt.values():
         ctype, inputs = node.get("class_type"), node.get("inputs", {})
         if ctype == "UNETLoader" or (ctype in ("DualCLIPLoader", "CLIPLoader") and inputs.get("type") == "flux"):
@@ -33,6 +33,10 @@ def guess_architecture(prompt: dict) -> str:
             return "flux"
     for node in prompt.values():
         ckpt = str(node.get("inputs", {}).get("ckpt_name", "")).lower()
+        if node.get("class_type") == "CheckpointLoaderSimple" and "flux" in ckpt:
+            return "flux"
+        if node.get("class_type") == "CheckpointLoaderSimple" and "sd3" in ckpt:
+            return "sd3"
         if node.get("class_type") == "CheckpointLoaderSimple" and "xl" in ckpt:
             return "sdxl"
     return "sd15"

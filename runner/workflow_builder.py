@@ -29,11 +29,27 @@ def load_specs(workflows_dir: Path) -> dict[str, dict]:
     return specs
 
 
+def with_defaults(prompt: dict, defs) -> dict:
+    """Spell out every widget a spec leaves at its default, so both files state the full settings."""
+    out = {}
+    for nid, node in prompt.items():
+        d = defs.get(node["class_type"])
+        inputs = dict(node.get("inputs", {}))
+        if d is not None:
+            for w in d.widgets:
+                if w.name not in inputs and "default" in w.options:
+                    inputs[w.name] = w.options["default"]
+            inputs = {i.name: inputs[i.name] for i in d.inputs if i.name in inputs}  # schema order
+        out[nid] = {**node, "inputs": inputs}
+    return out
+
+
 def build_all(workflows_dir: Path) -> list[Path]:
     defs = node_defs()
     written: list[Path] = []
     (workflows_dir / "api").mkdir(parents=True, exist_ok=True)
     for title, prompt in load_specs(workflows_dir).items():
+        prompt = with_defaults(prompt, defs)
         problems = check_api(prompt, defs)
         if problems:
             raise WorkflowError(f"spec {title!r}: " + "; ".join(problems))

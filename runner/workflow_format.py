@@ -157,7 +157,7 @@ def types_match(output_type: str, input_type: str) -> bool:
 def check_widget_value(idef: InputDef, value: Any) -> list[str]:
     name = idef.name
     if idef.type == "COMBO":
-        if name in MODEL_FILE_INPUTS and isinstance(value, str) and value.lower().endswith(MODEL_FILE_SUFFIXES):
+        if _is_model_file_combo(idef) and isinstance(value, str) and value.lower().endswith(MODEL_FILE_SUFFIXES):
             return []  # a model file name: whether it is installed is the run command's concern
         if idef.choices is not None and value not in idef.choices:
             shown = ", ".join(map(str, idef.choices[:8])) + (" ..." if len(idef.choices) > 8 else "")
@@ -178,6 +178,14 @@ def check_widget_value(idef: InputDef, value: Any) -> list[str]:
         if hi is not None and value > hi:
             return [f"{name!r} = {value} is above its maximum {hi}"]
     return []
+
+
+def _is_model_file_combo(idef: InputDef) -> bool:
+    """A combo that lists files of a models folder (by its name, or because every listed option is a file)."""
+    if idef.name in MODEL_FILE_INPUTS:
+        return True
+    choices = idef.choices or ()
+    return all(isinstance(c, str) and c.lower().endswith(MODEL_FILE_SUFFIXES) for c in choices)
 
 
 def editor_to_api(wf: dict, defs: dict[str, NodeDef]) -> dict:

@@ -38,8 +38,30 @@ def test_editor_workflow_fits_schemas_and_matches_twin(path, defs):
     assert _strip_meta(editor_to_api(wf, defs)) == _strip_meta(twin)
 
 
+@pytest.fixture(scope="module")
+def constant_guidance_scheduler_files(comfy_host, tmp_path_factory):
+    """Annealing-guidance scheduler files the examples name, built as constant-w schedulers (the released
+    weights cannot be downloaded here), in a models folder registered with ComfyUI for this module."""
+    import folder_paths
+
+    from preprint.guidance.annealing import constant_scheduler, save_scheduler
+
+    folder = tmp_path_factory.mktemp("guidance_schedulers")
+    names = {n["inputs"]["scheduler_file"] for p in API_FILES for n in json.loads(p.read_text()).values()
+             if n["class_type"] == "PreprintSamplerAnnealingGuidance"}
+    for name in names:
+        save_scheduler(constant_scheduler(5.0), folder / name, source="constant w = 5 for tests")
+    paths = folder_paths.folder_names_and_paths["guidance_schedulers"][0]
+    paths.append(str(folder))
+    folder_paths.filename_list_cache.pop("guidance_schedulers", None)
+    yield folder
+    paths.remove(str(folder))
+    folder_paths.filename_list_cache.pop("guidance_schedulers", None)
+
+
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
-def test_api_twin_fits_schemas_and_executes_on_a_tiny_model(path, defs, comfy_host):
+def test_api_twin_fits_schemas_and_executes_on_a_tiny_model(path, defs, comfy_host,
+                                                            constant_guidance_scheduler_files):
     prompt = json.loads(path.read_text())
     assert check_api(prompt, defs) == []
     tiny, arch = substitute_tiny(prompt, max_side=64, max_steps=4)

@@ -1,5 +1,5 @@
 """Example workflows for the perturbed-attention family: PAG alone (cfg 1), PAG + CFG on SDXL, PAG on Flux,
-SoftPAG with head selection on SD3, Smoothed Energy Guidance, and SAG."""
+SoftPAG with head selection on Flux, Smoothed Energy Guidance, and SAG."""
 
 import importlib.util
 from pathlib import Path
@@ -10,7 +10,6 @@ _spec.loader.exec_module(common)
 
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 FLUX_CHECKPOINT = "flux1-dev-fp8.safetensors"
-SD3_CHECKPOINT = "sd3_medium_incl_clips_t5xxlfp8.safetensors"
 SCHEDULE = {"adaptive_scale": 0.0, "sigma_start": -1.0, "sigma_end": -1.0, "rescale": 0.0}
 
 
@@ -41,11 +40,13 @@ _flux = _graph(pag(["1", 0], 2.0, "single:9", sigma_end=0.2), "PAG on Flux (sing
                FLUX_CHECKPOINT, 1024, steps=28, cfg=1.0, scheduler="simple")
 _flux["3"]["inputs"]["text"] = ""
 
-# 4. SoftPAG with heads on SD3: two heads of joint block 12 and all of block 13, perturbed half way.
+# 4. SoftPAG with heads on Flux: two heads of single block 9 and all of single block 10, perturbed 60% of the
+#    way to identity (on SD3 the same node takes joint blocks, e.g. "joint:12[2,5], joint:13").
 _soft = _graph({"class_type": "PreprintSoftPAG", "inputs": {
-    "model": ["1", 0], "scale": 3.0, "layers": "joint:12[2,5], joint:13", **SCHEDULE, "softness": 0.6,
-    "joint_attention": "image-to-image"}}, "SoftPAG u=0.6 on joint:12 heads 2,5 and joint:13",
-    SD3_CHECKPOINT, 1024, steps=28, cfg=4.5, scheduler="sgm_uniform")
+    "model": ["1", 0], "scale": 3.0, "layers": "single:9[1,3], single:10", **SCHEDULE, "softness": 0.6,
+    "joint_attention": "image-to-image"}}, "SoftPAG u=0.6 on single:9 heads 1,3 and single:10",
+    FLUX_CHECKPOINT, 1024, steps=28, cfg=1.0, scheduler="simple")
+_soft["3"]["inputs"]["text"] = ""
 
 # 5. Smoothed Energy Guidance on SD1.5 (infinite blur on the middle block, as the SEG paper's default).
 _seg = _graph({"class_type": "PreprintSmoothedEnergyGuidance", "inputs": {
@@ -68,7 +69,7 @@ WORKFLOWS: dict[str, dict] = {
     "PAG alone (cfg 1), SD1.5": _alone,
     "PAG + CFG, SDXL": _sdxl,
     "PAG on Flux": _flux,
-    "SoftPAG with attention heads, SD3": _soft,
+    "SoftPAG with attention heads, Flux": _soft,
     "Smoothed Energy Guidance, SD1.5": _seg,
     "Self-Attention Guidance, SD1.5": _sag,
     "PAG + SAG, SD1.5": _both,
