@@ -188,8 +188,8 @@ def test_unet_layer_lists(models):
 @pytest.mark.parametrize(("family", "layers", "valid"), [
     ("sd15", "input:3", "middle:0"),
     ("sd15", "double:0", "input, middle, output"),
-    ("sdxl", "middle:0.7", "transformer indices 0-2"),
-    ("flux", "double:5", "double:0-1"),
+    ("sdxl", "middle:0.12", "transformer indices 0-9"),
+    ("flux", "double:25", "double:0-18"),
     ("flux", "middle:0", "double, single"),
 ])
 def test_bad_layer_list_lists_valid_layers(models, family, layers, valid):
