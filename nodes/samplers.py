@@ -1,31 +1,69 @@
-"""Sampler nodes.
+"""Sampler nodes: DPM-Solver++, DEIS, momentum solvers and EVODiff.
 
-DPM-Solver++ (Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
-arXiv:2211.01095).
+Papers:
+- Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", arXiv:2211.01095.
+- Zhang & Chen, "Fast Sampling of Diffusion Models with Exponential Integrator", arXiv:2204.13902.
+- Wizadwongsa et al., "Diffusion Sampling with Momentum for Mitigating Divergence Artifacts", arXiv:2307.11118.
+- Li, Chen & Zeng, "EVODiff: Entropy-aware Variance Optimized Diffusion Inference", arXiv:2509.26096.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import comfy.samplers
+import torch
 from comfy_api.latest import io
 
-from ..samplers import dpm_solver_pp
-from ._host import register_ksampler_name, with_model_parameterisation
+from ..samplers import deis, dpm_solver_pp, evodiff
+from ..samplers import momentum as momentum_solvers
+from ._host import model_sampling_of, parameterisation_of, register_ksampler_name, with_model_parameterisation
 
 CATEGORY = "Preprint/samplers"
 
 DPMPP_VARIANTS = {
     "2M": functools.partial(dpm_solver_pp.sample_dpmpp_multistep, order=2),
     "3M": functools.partial(dpm_solver_pp.sample_dpmpp_multistep, order=3),
+    "2S": functools.partial(dpm_solver_pp.sample_dpmpp_singlestep, order=2),
+    "3S": functools.partial(dpm_solver_pp.sample_dpmpp_singlestep, order=3),
 }
+
+
+def with_model_time(fn: Callable) -> Callable:
+    """Like ``with_model_parameterisation``, and also hand DEIS the model's own sigma -> timestep map."""
+
+    @functools.wraps(fn)
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        ms = model_sampling_of(model)
+        device = next((b.device for b in ms.buffers()), sigmas.device)
+
+        def time_fn(s: torch.Tensor) -> torch.Tensor:
+            return ms.timestep(s.to(device=device, dtype=torch.float32)).to(s.device, torch.float64)
+
+        return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                  parameterisation=parameterisation_of(ms), time_fn=time_fn, **options)
+
+    return sampler
+
 
 # Names added to the stock KSampler dropdown, with the defaults a user gets from there.
 KSAMPLER_ENTRIES = {
     "preprint_dpmpp_2m": functools.partial(dpm_solver_pp.sample_dpmpp_multistep, order=2, lower_order_final=False),
     "preprint_dpmpp_3m": functools.partial(dpm_solver_pp.sample_dpmpp_multistep, order=3, lower_order_final=True),
+    "preprint_dpmpp_2s": functools.partial(dpm_solver_pp.sample_dpmpp_singlestep, order=2),
+    "preprint_dpmpp_3s": functools.partial(dpm_solver_pp.sample_dpmpp_singlestep, order=3),
+    "preprint_ghvb": functools.partial(momentum_solvers.sample_plms_momentum, order=2.8, momentum="ghvb"),
+    "preprint_evodiff": evodiff.sample_evodiff,
 }
+KSAMPLER_TIME_ENTRIES = {
+    "preprint_deis": functools.partial(deis.sample_deis, order=3, poly_space="lambda"),
+}
+
+_FLOW_LAMBDA_TIP = ("Flow models (Flux, SD3) only. log_snr: step in the true log-SNR log((1-sigma)/sigma), the "
+                    "paper's variable; sigma: step in -log(sigma) like ComfyUI's own samplers. Both solve the same "
+                    "ODE. auto: log_snr for 2M / 3M, sigma for 2S / 3S (the more accurate of the two on the usual "
+                    "Flux / SD3 schedules in our benchmark). Ignored on EPS models.")
 
 
 class PreprintSamplerDPMSolverPP(io.ComfyNode):
@@ -38,29 +76,169 @@ class PreprintSamplerDPMSolverPP(io.ComfyNode):
             description=(
                 "DPM-Solver++ in data prediction (Lu et al., 'DPM-Solver++: Fast Solver for Guided Sampling of "
                 "Diffusion Probabilistic Models', arXiv:2211.01095). Deterministic ODE solver for 10-25 steps, "
-                "good with CFG. Steps in the model's true log-SNR, so flow models (Flux, SD3) are integrated "
-                "exactly as the paper intends; on EPS models 2M matches ComfyUI's dpmpp_2m."
+                "good with CFG: multistep 2M / 3M (one model call per step) and singlestep 2S / 3S (two / three "
+                "calls per step), optional dynamic thresholding for pixel-space models. Any sigma list, flow "
+                "models included; on EPS models 2M matches ComfyUI's dpmpp_2m."
             ),
             inputs=[
                 io.Combo.Input("solver", options=list(DPMPP_VARIANTS), default="2M",
                                tooltip="2M: second-order multistep (the paper's recommendation for guided "
-                                       "sampling). 3M: third-order multistep, better from about 15 steps."),
+                                       "sampling). 3M: third-order multistep, better from about 15 steps. 2S / 3S: "
+                                       "singlestep, 2 / 3 model calls per step (halve or third the step count "
+                                       "for the same cost)."),
                 io.Boolean.Input("lower_order_final", default=True,
-                                 tooltip="Use lower orders on the last steps when sampling with fewer than 10 "
-                                         "steps (the official default; it stabilises very short runs)."),
+                                 tooltip="Multistep only: use lower orders on the last steps when sampling with "
+                                         "fewer than 10 steps (the official default; it stabilises very short "
+                                         "runs)."),
+                io.Combo.Input("flow_lambda", options=list(dpm_solver_pp.FLOW_LAMBDAS), default="auto",
+                               optional=True, tooltip=_FLOW_LAMBDA_TIP),
+                io.Boolean.Input("dynamic_thresholding", default=False, optional=True,
+                                 tooltip="Imagen-style dynamic thresholding of every data prediction. Only for "
+                                         "pixel-space models (data in [-1, 1]); leave off for latent models such "
+                                         "as SD1.5, SDXL, Flux."),
+                io.Float.Input("threshold_percentile", default=0.995, min=0.5, max=1.0, step=0.001, optional=True,
+                               tooltip="Dynamic thresholding: the percentile of |x0| per sample used as the clip "
+                                       "level s (Imagen uses 0.995)."),
+                io.Float.Input("threshold_max", default=10.0, min=1.0, max=100.0, step=0.1, optional=True,
+                               tooltip="Dynamic thresholding: upper bound on s (s is at least 1). Large values "
+                                       "give Imagen's rule; 1 gives a static clip to [-1, 1]."),
             ],
             outputs=[io.Sampler.Output(tooltip="A SAMPLER for SamplerCustom / SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def execute(cls, solver: str, lower_order_final: bool) -> io.NodeOutput:
+    def execute(cls, solver: str, lower_order_final: bool, flow_lambda: str = "auto",
+                dynamic_thresholding: bool = False, threshold_percentile: float = 0.995,
+                threshold_max: float = 10.0) -> io.NodeOutput:
         fn = with_model_parameterisation(DPMPP_VARIANTS[solver])
+        options = {"lower_order_final": lower_order_final, "flow_lambda": flow_lambda,
+                   "threshold_percentile": threshold_percentile if dynamic_thresholding else 0.0,
+                   "threshold_max": threshold_max}
+        return io.NodeOutput(comfy.samplers.KSAMPLER(fn, extra_options=options))
+
+
+class PreprintSamplerDEIS(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PreprintSamplerDEIS",
+            display_name="DEIS (Preprint)",
+            category=CATEGORY,
+            description=(
+                "DEIS tAB multistep solver (Zhang & Chen, 'Fast Sampling of Diffusion Models with Exponential "
+                "Integrator', arXiv:2204.13902), with its coefficients integrated on this model's own noise "
+                "schedule and the actual sigma list (ComfyUI's deis assumes a fixed VP schedule with sigma "
+                "0.002..80). One model call per step; EPS, V-prediction and flow models."
+            ),
+            inputs=[
+                io.Int.Input("order", default=3, min=1, max=3,
+                             tooltip="Adams-Bashforth order: how many past model outputs each step uses "
+                                     "(1 = DDIM). 3 is the paper's default."),
+                io.Combo.Input("poly_space", options=list(deis.POLY_SPACES), default="lambda",
+                               tooltip="Variable the noise prediction is extrapolated in: t = the model's own "
+                                       "timestep (the paper's tAB), lambda = log-SNR, rho = the VE noise level "
+                                       "(the paper's rhoAB). lambda was the most accurate in our benchmark."),
+                io.Boolean.Input("lower_order_final", default=True,
+                                 tooltip="Lower the order on the last steps of runs shorter than 10 steps."),
+            ],
+            outputs=[io.Sampler.Output(tooltip="A SAMPLER for SamplerCustom / SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, order: int, poly_space: str, lower_order_final: bool) -> io.NodeOutput:
+        fn = with_model_time(deis.sample_deis)
+        return io.NodeOutput(comfy.samplers.KSAMPLER(fn, extra_options={
+            "order": order, "poly_space": poly_space, "lower_order_final": lower_order_final}))
+
+
+MOMENTUM_SOLVERS = ("plms", "dpmpp_2m", "dpmpp_3m")
+MOMENTUM_KINDS = ("ghvb", "hb")
+
+
+class PreprintSamplerMomentum(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PreprintSamplerMomentum",
+            display_name="Momentum Solver (GHVB / Heavy Ball, Preprint)",
+            category=CATEGORY,
+            description=(
+                "Multistep solvers with heavy-ball momentum (Wizadwongsa et al., 'Diffusion Sampling with "
+                "Momentum for Mitigating Divergence Artifacts', arXiv:2307.11118): damps the oscillation that "
+                "causes divergence artifacts at few steps and high CFG. GHVB applies to PLMS; HB to PLMS and "
+                "DPM-Solver++ 2M / 3M. beta = 1 is the plain solver. The paper's fractional order 3.7 is "
+                "order 4 with beta 0.7."
+            ),
+            inputs=[
+                io.Combo.Input("solver", options=list(MOMENTUM_SOLVERS), default="plms",
+                               tooltip="plms: Adams-Bashforth on the noise prediction (the paper's main setting). "
+                                       "dpmpp_2m / dpmpp_3m: DPM-Solver++ multistep (HB only)."),
+                io.Combo.Input("momentum", options=list(MOMENTUM_KINDS), default="ghvb",
+                               tooltip="ghvb: Generalised Heavy Ball, keeps the solver's order (PLMS only). hb: "
+                                       "Polyak heavy ball on the solver's update direction."),
+                io.Int.Input("order", default=3, min=1, max=4,
+                             tooltip="PLMS order (1-4). DPM-Solver++ takes its order from the solver name."),
+                io.Float.Input("beta", default=0.8, min=0.05, max=1.0, step=0.05,
+                               tooltip="Momentum coefficient: 1 = no momentum (the plain solver); smaller = "
+                                       "stronger damping. Paper notation: order 4 with beta 0.7 = 3.7."),
+            ],
+            outputs=[io.Sampler.Output(tooltip="A SAMPLER for SamplerCustom / SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, solver: str, momentum: str, **_) -> bool | str:
+        if momentum == "ghvb" and solver != "plms":
+            return ("Momentum Solver: GHVB is defined for PLMS (Adams-Bashforth weights); choose momentum 'hb' "
+                    f"for {solver}, or solver 'plms' for GHVB.")
+        return True
+
+    @classmethod
+    def execute(cls, solver: str, momentum: str, order: int, beta: float) -> io.NodeOutput:
+        checked = cls.validate_inputs(solver=solver, momentum=momentum)
+        if checked is not True:
+            raise ValueError(checked)
+        if solver == "plms":
+            fn = momentum_solvers.sample_plms_momentum
+            # the paper's fractional order: order k with beta b is k - 1 + b (beta 1 = plain order k)
+            options = {"order": float(order) if beta >= 1.0 else order - 1 + beta, "momentum": momentum}
+        else:
+            fn = momentum_solvers.sample_dpmpp_hb
+            options = {"order": 2 if solver == "dpmpp_2m" else 3, "beta": beta}
+        return io.NodeOutput(comfy.samplers.KSAMPLER(with_model_parameterisation(fn), extra_options=options))
+
+
+class PreprintSamplerEVODiff(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PreprintSamplerEVODiff",
+            display_name="EVODiff (Preprint)",
+            category=CATEGORY,
+            description=(
+                "EVODiff (Li, Chen & Zeng, 'EVODiff: Entropy-aware Variance Optimized Diffusion Inference', "
+                "arXiv:2509.26096): a reference-free second-order multistep solver that picks its difference "
+                "weights per step and channel to minimise the conditional variance of the update, with a "
+                "corrector that costs no extra model call. One model call per step."
+            ),
+            inputs=[
+                io.Boolean.Input("lower_order_final", default=True,
+                                 tooltip="Take a first-order step as the last step when the list does not end "
+                                         "at sigma 0 (a list ending at 0 always ends with the denoised state)."),
+            ],
+            outputs=[io.Sampler.Output(tooltip="A SAMPLER for SamplerCustom / SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, lower_order_final: bool) -> io.NodeOutput:
+        fn = with_model_parameterisation(evodiff.sample_evodiff)
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn, extra_options={"lower_order_final": lower_order_final}))
 
 
-NODES = [PreprintSamplerDPMSolverPP]
+NODES = [PreprintSamplerDPMSolverPP, PreprintSamplerDEIS, PreprintSamplerMomentum, PreprintSamplerEVODiff]
 
 
 def on_load() -> None:
     for name, fn in KSAMPLER_ENTRIES.items():
         register_ksampler_name(name, with_model_parameterisation(fn))
+    for name, fn in KSAMPLER_TIME_ENTRIES.items():
+        register_ksampler_name(name, with_model_time(fn))

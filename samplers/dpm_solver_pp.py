@@ -1,18 +1,73 @@
-"""DPM-Solver++ multistep solvers in data prediction.
+"""DPM-Solver++ in data prediction: multistep 2M / 3M, singlestep 2S / 3S, dynamic thresholding.
 
 Paper: Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
-arXiv:2211.01095. The update rules are Algorithm 2 (2M) and the third-order multistep rule of the official
-implementation, written for ``x = alpha(sigma) x0 + sigma eps`` so that flow (CONST) models, where
-``alpha = 1 - sigma``, are integrated in their true half log-SNR ``lambda = log(alpha / sigma)``.
+arXiv:2211.01095. The update rules are Algorithm 2 (2M), the third-order multistep rule of the official
+implementation, Algorithm 1 (2S, r1 = 1/2) and the third-order singlestep rule (3S, r1 = 1/3, r2 = 2/3),
+written for ``x = alpha(sigma) x0 + sigma eps`` so that flow (CONST) models, where ``alpha = 1 - sigma``,
+can be integrated in their true half log-SNR ``lambda = log(alpha / sigma)``.
 For EPS models (``alpha = 1``) the 2M update is the same arithmetic as ComfyUI's ``dpmpp_2m``.
+
+``flow_lambda`` chooses the variable a flow model is integrated in: ``"log_snr"`` (the paper's
+lambda = log((1 - sigma) / sigma)) or ``"sigma"`` (lambda = -log sigma with alpha = 1, the formula ComfyUI's
+core samplers apply to every model; it integrates the same ODE ``dx/dsigma = (x - D) / sigma`` and differs
+only in which variable the data prediction is treated as polynomial in). ``"auto"`` (the default) takes what
+benchmarks/samplers_accuracy.py measured as more accurate on the shifted-linear flow schedules users run:
+log_snr for multistep, sigma for singlestep. A schedule that starts at sigma = 1 has lambda = -inf there, so
+with log_snr the first interval cannot inform a derivative estimate and multistep warm-up lasts a step
+longer, while singlestep cannot place its intermediate points in that interval at all.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 
-from ..utils.noise_schedule import Parameterisation, alpha, check_parameterisation, half_log_snr
+from ..utils.noise_schedule import (
+    Parameterisation,
+    alpha,
+    check_parameterisation,
+    half_log_snr,
+    sigma_from_half_log_snr,
+)
 from .common import check_sigmas, progress, step_callback
+
+FlowLambda = Literal["auto", "log_snr", "sigma"]
+FLOW_LAMBDAS: tuple[str, ...] = ("auto", "log_snr", "sigma")
+
+
+def integration_kind(kind: Parameterisation, flow_lambda: str, singlestep: bool = False) -> Parameterisation:
+    """The alpha / lambda convention a solver steps in; ``"sigma"`` treats a flow model with the VE formula."""
+    if flow_lambda not in FLOW_LAMBDAS:
+        raise ValueError(f"flow_lambda must be one of {FLOW_LAMBDAS}, got {flow_lambda!r}")
+    if flow_lambda == "auto":
+        flow_lambda = "sigma" if singlestep else "log_snr"
+    return "eps" if (kind == "flow" and flow_lambda == "sigma") else kind
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float, max_value: float = math.inf) -> torch.Tensor:
+    """Imagen-style dynamic thresholding of a data prediction (Saharia et al., arXiv:2205.11487, Sec. 2.3).
+
+    Per sample, ``s = clamp(quantile_p(|x0|), 1, max_value)``; ``x0`` is clipped to ``[-s, s]`` and divided by
+    ``s``, so pixels are pulled back into [-1, 1] without the saturation of a hard clip. Meant for
+    pixel-space models whose data lives in [-1, 1]; latent-space models should leave it off.
+    """
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"dynamic thresholding percentile must be in (0, 1], got {percentile}")
+    if max_value < 1.0:
+        raise ValueError(f"dynamic thresholding max value must be >= 1, got {max_value}")
+    flat = x0.abs().flatten(1).float()
+    s = torch.quantile(flat, percentile, dim=1).to(x0.dtype).clamp(min=1.0, max=max_value)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def _data_model(model, extra_args: dict, threshold_percentile: float, threshold_max: float):
+    """``model`` with optional dynamic thresholding of every data prediction (the paper's Sec. 4 setting)."""
+    if threshold_percentile <= 0.0:
+        return lambda x, sigma: model(x, sigma, **extra_args)
+    return lambda x, sigma: dynamic_threshold(model(x, sigma, **extra_args), threshold_percentile, threshold_max)
 
 
 def _multistep_update(
@@ -70,20 +125,22 @@ def effective_order(step: int, total_steps: int, order: int, history: int, lower
 
 @torch.no_grad()
 def sample_dpmpp_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, order: int = 2,
-                           parameterisation: Parameterisation = "eps", lower_order_final: bool = True):
+                           parameterisation: Parameterisation = "eps", lower_order_final: bool = True,
+                           flow_lambda: FlowLambda = "auto", threshold_percentile: float = 0.0,
+                           threshold_max: float = math.inf):
     """DPM-Solver++ multistep (2M / 3M) in data prediction (Lu et al., arXiv:2211.01095)."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3, got {order}")
-    kind = check_parameterisation(parameterisation)
+    kind = integration_kind(check_parameterisation(parameterisation), flow_lambda)
     sigmas = check_sigmas(sigmas, "DPM-Solver++ multistep")
-    extra_args = {} if extra_args is None else extra_args
+    data = _data_model(model, {} if extra_args is None else extra_args, threshold_percentile, threshold_max)
     s_in = x.new_ones([x.shape[0]])
     total = len(sigmas) - 1
     hist_x0: list[torch.Tensor] = []
     hist_lam: list[torch.Tensor] = []
     for i in progress(total, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
+        denoised = data(x, sigma * s_in)
         step_callback(callback, x, i, sigma, denoised)
         hist_x0 = (hist_x0 + [denoised])[-order:]
         hist_lam = (hist_lam + [half_log_snr(sigma, kind)])[-order:]
@@ -95,15 +152,80 @@ def sample_dpmpp_multistep(model, x, sigmas, extra_args=None, callback=None, dis
 
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                    parameterisation: Parameterisation = "eps", lower_order_final: bool = False):
+                    parameterisation: Parameterisation = "eps", lower_order_final: bool = False, **options):
     """DPM-Solver++(2M) (Lu et al., arXiv:2211.01095, Algorithm 2)."""
     return sample_dpmpp_multistep(model, x, sigmas, extra_args, callback, disable, order=2,
-                                  parameterisation=parameterisation, lower_order_final=lower_order_final)
+                                  parameterisation=parameterisation, lower_order_final=lower_order_final, **options)
 
 
 @torch.no_grad()
 def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                    parameterisation: Parameterisation = "eps", lower_order_final: bool = True):
+                    parameterisation: Parameterisation = "eps", lower_order_final: bool = True, **options):
     """DPM-Solver++(3M) (Lu et al., arXiv:2211.01095, third-order multistep)."""
     return sample_dpmpp_multistep(model, x, sigmas, extra_args, callback, disable, order=3,
-                                  parameterisation=parameterisation, lower_order_final=lower_order_final)
+                                  parameterisation=parameterisation, lower_order_final=lower_order_final, **options)
+
+
+def _first_order(x: torch.Tensor, m0: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor, sigma_next: torch.Tensor,
+                 lam_next: torch.Tensor, kind: Parameterisation) -> torch.Tensor:
+    """DDIM in data prediction (Eq. 9 with k = 1); valid from alpha = 0 (flow at sigma = 1) as well."""
+    if sigma_next == 0:
+        return m0
+    return (sigma_next / sigma) * x - alpha(sigma_next, kind) * torch.expm1(lam - lam_next) * m0
+
+
+def singlestep_update(data, x: torch.Tensor, m0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                      kind: Parameterisation, order: int, s_in: torch.Tensor) -> torch.Tensor:
+    """One DPM-Solver++ singlestep update (order 2: Algorithm 1 with r1 = 1/2; order 3: r1 = 1/3, r2 = 2/3).
+
+    ``m0`` is the data prediction at ``(x, sigma)``; the intermediate points sit at fractions of the step in
+    lambda and cost ``order - 1`` further model calls. Steps whose lambda is not finite (``sigma_next = 0``,
+    or a flow model at ``sigma = 1``) are first order: no intermediate point can be placed there.
+    """
+    lam, lam_next = half_log_snr(sigma, kind), half_log_snr(sigma_next, kind)
+    if order == 1 or not (torch.isfinite(lam) and torch.isfinite(lam_next)):
+        return _first_order(x, m0, sigma, lam, sigma_next, lam_next, kind)
+    h = lam_next - lam
+    a_t = alpha(sigma_next, kind)
+    phi_1 = torch.expm1(-h)
+    r1 = 0.5 if order == 2 else 1.0 / 3.0
+    lam_1 = lam + r1 * h
+    s_1 = sigma_from_half_log_snr(lam_1, kind)
+    u1 = (s_1 / sigma) * x - alpha(s_1, kind) * torch.expm1(-r1 * h) * m0
+    m1 = data(u1, s_1 * s_in)
+    if order == 2:
+        # Algorithm 1: x0 is linear in lambda through (lambda, m0) and (lambda + h / 2, m1)
+        return (sigma_next / sigma) * x - a_t * phi_1 * m0 - (0.5 / r1) * a_t * phi_1 * (m1 - m0)
+    r2 = 2.0 / 3.0
+    s_2 = sigma_from_half_log_snr(lam + r2 * h, kind)
+    phi_22 = torch.expm1(-r2 * h) / (r2 * h) + 1.0
+    # second intermediate: first-order Taylor term of x0 estimated from (m1 - m0) / (r1 h)
+    u2 = (s_2 / sigma) * x - alpha(s_2, kind) * torch.expm1(-r2 * h) * m0 \
+        + (r2 / r1) * alpha(s_2, kind) * phi_22 * (m1 - m0)
+    m2 = data(u2, s_2 * s_in)
+    phi_2 = phi_1 / h + 1.0
+    # sigma_t int e^lambda (lambda - lambda_s) dlambda = alpha_t h phi_2; slope from (m2 - m0) / (r2 h)
+    return (sigma_next / sigma) * x - a_t * phi_1 * m0 + (1.0 / r2) * a_t * phi_2 * (m2 - m0)
+
+
+@torch.no_grad()
+def sample_dpmpp_singlestep(model, x, sigmas, extra_args=None, callback=None, disable=None, order: int = 2,
+                            parameterisation: Parameterisation = "eps", flow_lambda: FlowLambda = "auto",
+                            threshold_percentile: float = 0.0, threshold_max: float = math.inf, **_ignored):
+    """DPM-Solver++ singlestep (2S / 3S) in data prediction (Lu et al., arXiv:2211.01095, Algorithm 1).
+
+    Every interval of the sigma list is one step of ``order`` model calls (the last step to sigma = 0 is a
+    single call), so 2S costs about twice the model calls of 2M for the same list.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver++ singlestep order must be 1, 2 or 3, got {order}")
+    kind = integration_kind(check_parameterisation(parameterisation), flow_lambda, singlestep=True)
+    sigmas = check_sigmas(sigmas, "DPM-Solver++ singlestep")
+    data = _data_model(model, {} if extra_args is None else extra_args, threshold_percentile, threshold_max)
+    s_in = x.new_ones([x.shape[0]])
+    for i in progress(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = data(x, sigma * s_in)
+        step_callback(callback, x, i, sigma, denoised)
+        x = singlestep_update(data, x, denoised, sigma, sigma_next, kind, order, s_in)
+    return x
