@@ -50,7 +50,8 @@ def _sd3_config() -> dict:
     # ComfyUI's SD3 text encoders always pad to 4096 features, so the context embedder keeps that input width.
     return {"in_channels": 16, "pos_embed_scaling_factor": None, "pos_embed_offset": None, "pos_embed_max_size": 32,
             "patch_size": 2, "out_channels": 16, "depth": 2, "num_patches": 1024, "adm_in_channels": 64,
-            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": 4096, "out_features": 128}},
             "qk_norm": "rms", "x_block_self_attn_layers": [1]}
 
 
@@ -179,7 +180,8 @@ def _clip_target(family: str):
     if family == "sd3":
         import comfy.text_encoders.sd3_clip as sd3
 
-        return comfy.supported_models_base.ClipTarget(sd3.SD3Tokenizer, sd3.sd3_clip(clip_l=True, clip_g=True, t5=False))
+        encoder = sd3.sd3_clip(clip_l=True, clip_g=True, t5=False)
+        return comfy.supported_models_base.ClipTarget(sd3.SD3Tokenizer, encoder)
     raise ValueError(f"no tiny text encoder for {family!r}; expected one of {TEXT_ENCODER_FAMILIES}")
 
 
