@@ -21,7 +21,8 @@ class PreprintTinyTestModel(io.ComfyNode):
             description=(
                 "Builds an UNTRAINED model with a real model family's block layout (SD1.5, SDXL, Flux or SD3), "
                 "its text encoders' layouts and a VAE, all at tiny widths with seeded random weights. Use it to "
-                "check that a graph runs (for example in CI or without downloaded checkpoints); the images it makes are noise."
+                "check that a graph runs (for example in CI or without downloaded checkpoints); the images it "
+                "makes are noise."
             ),
             inputs=[
                 io.Combo.Input("architecture", options=["sd15", "sdxl", "flux", "sd3"], default="sd15",
