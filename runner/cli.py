@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         import os
 
-        args.output = os.path.abspath(args.output)  # before the host boot changes directory
+        # before the host boot changes directory to ComfyUI's
+        args.output = os.path.abspath(args.output)
+        args.workflow = os.path.abspath(args.workflow)
+    if args.command == "check":
+        args.workflows = [os.path.abspath(w) for w in args.workflows]
     try:
         return args.func(args)
     except WorkflowError as e:

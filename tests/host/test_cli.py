@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,7 +25,8 @@ def test_run_falls_back_to_tiny_model_and_writes_images(comfy_host, tmp_path):
     if folder_paths.get_filename_list("checkpoints"):
         pytest.skip("this ComfyUI has checkpoints installed; the fallback applies only when none is")
     out = tmp_path / "out"
-    proc = cli("run", str(WORKFLOW), "--output", str(out), "--no-user-nodes")
+    # paths relative to the caller's directory, as users type them
+    proc = cli("run", os.path.relpath(WORKFLOW, tmp_path), "--output", "out", "--no-user-nodes", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "UNTRAINED" in proc.stderr
     assert list(out.glob("*.png"))
