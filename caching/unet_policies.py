@@ -98,7 +98,27 @@ class UNetCacheRun:
         self.store.clear()
 
 
-class DeepCacheRun(UNetCacheRun):
+class _KeyStepRun(UNetCacheRun):
+    """Caches that refresh on a fixed set of key steps and reuse ``cached_blocks`` on the others."""
+
+    refresh: set[int]
+    cached_blocks: list[BlockName]
+    reuse_actions: dict[BlockName, str]
+
+    def plan(self, x, transformer_options):
+        if self.inert:
+            self.calls += 1
+            return None
+        sigma, keys, tag = self._call(x, transformer_options)
+        reuse = (sigma in self.window and self.clock.step(sigma) not in self.refresh
+                 and all(self.store.has(n, keys, tag) for n in self.cached_blocks))
+        if reuse:
+            self.reuse_calls += 1
+            return _Plan(self, keys, tag, self.reuse_actions, set())
+        return _Plan(self, keys, tag, {}, set(self.cached_blocks))
+
+
+class DeepCacheRun(_KeyStepRun):
     name = "DeepCache"
 
     def __init__(self, unet, sample_sigmas, interval: int, branch: int, schedule: str = "uniform",
@@ -120,46 +140,25 @@ class DeepCacheRun(UNetCacheRun):
         for j in range(self.n_out - 2 - branch):
             self.shallow_actions[("output", j)] = SKIP
         self.shallow_actions[self.cache_name] = REUSE
+        self.cached_blocks = [self.cache_name]
+        self.reuse_actions = self.shallow_actions
         # nothing is ever reused: leave the model alone (bitwise identical, no overhead)
         self.inert = len(self.refresh) >= self.clock.steps
 
-    def plan(self, x, transformer_options):
-        if self.inert:
-            self.calls += 1
-            return None
-        sigma, keys, tag = self._call(x, transformer_options)
-        step = self.clock.step(sigma)
-        reuse = (sigma in self.window and step not in self.refresh
-                 and self.store.has(self.cache_name, keys, tag))
-        if reuse:
-            self.reuse_calls += 1
-            return _Plan(self, keys, tag, self.shallow_actions, set())
-        return _Plan(self, keys, tag, {}, {self.cache_name})
 
 
-class EncoderPropagationRun(UNetCacheRun):
+class EncoderPropagationRun(_KeyStepRun):
     name = "Encoder propagation"
 
     def __init__(self, unet, sample_sigmas, interval: int | None = None, window: Window = Window()):
         super().__init__(unet, sample_sigmas, window)
-        self.keys_steps = faster_diffusion_keys(self.clock.steps, interval)
+        self.refresh = faster_diffusion_keys(self.clock.steps, interval)
         # input block 0 is the stem convolution on the noisy latent: it is nearly free and carries the current
         # x to the last decoder block, so it always runs.
-        self.encoder = [("input", i) for i in range(1, self.n_in)] + [("middle", 0)]
-        self.inert = len(self.keys_steps) >= self.clock.steps
+        self.cached_blocks = [("input", i) for i in range(1, self.n_in)] + [("middle", 0)]
+        self.reuse_actions = dict.fromkeys(self.cached_blocks, REUSE)
+        self.inert = len(self.refresh) >= self.clock.steps
 
-    def plan(self, x, transformer_options):
-        if self.inert:
-            self.calls += 1
-            return None
-        sigma, keys, tag = self._call(x, transformer_options)
-        step = self.clock.step(sigma)
-        reuse = (sigma in self.window and step not in self.keys_steps
-                 and all(self.store.has(n, keys, tag) for n in self.encoder))
-        if reuse:
-            self.reuse_calls += 1
-            return _Plan(self, keys, tag, dict.fromkeys(self.encoder, REUSE), set())
-        return _Plan(self, keys, tag, {}, set(self.encoder))
 
 
 class _BlockCachePlan:
