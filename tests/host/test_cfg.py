@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.patcher_extension as pe
 import comfy.samplers
 import folder_paths
@@ -62,9 +63,9 @@ def adaptive(m, threshold):
     return run_node("PreprintAdaptiveGuidance", model=m, threshold=threshold)[0]
 
 
-def cads(m, tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, noise_pooled=True):
+def cads(m, tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, noise_pooled=True, anneal="positive and negative"):
     return run_node("PreprintCADS", model=m, tau1=tau1, tau2=tau2, noise_scale=noise_scale, psi=psi,
-                    noise_pooled=noise_pooled)[0]
+                    noise_pooled=noise_pooled, anneal=anneal)[0]
 
 
 def sigmas_of(m, steps=STEPS, scheduler="karras"):
@@ -115,14 +116,21 @@ def test_scale_one_steps_skip_the_negative_pass(models):
 
 
 class CosineProbe:
-    """Records the cosine of the two predictions per evaluation from a plain CFG run (post-CFG hook)."""
+    """Records the cosine of the two flow velocities eps - x0 per evaluation from a plain CFG run (post-CFG
+    hook): for EPS models eps = (x - D) / sigma, for flow models (x - alpha D) / sigma with alpha = 1 - sigma."""
 
-    def __init__(self):
+    def __init__(self, flow: bool):
+        self.flow = flow
         self.cos: list[float] = []
 
+    def velocity(self, x, d, sigma):
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).double()
+        a = 1.0 - s if self.flow else 1.0
+        return ((x.double() - a * d.double()) / s - d.double()).flatten(1)
+
     def __call__(self, args):
-        x = args["input"]
-        a, b = (x - args["cond_denoised"]).flatten(1).double(), (x - args["uncond_denoised"]).flatten(1).double()
+        x, s = args["input"], args["sigma"]
+        a, b = self.velocity(x, args["cond_denoised"], s), self.velocity(x, args["uncond_denoised"], s)
         self.cos.append(float(torch.nn.functional.cosine_similarity(a, b, dim=1).min()))
         return args["denoised"]
 
@@ -130,7 +138,7 @@ class CosineProbe:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adaptive_guidance_calls_uncond_the_counted_number_of_times(models, family, caplog):
     m = models[family]
-    probe = CosineProbe()
+    probe = CosineProbe(isinstance(m.get_model_object("model_sampling"), comfy.model_sampling.CONST))
     pm = m.clone()
     pm.set_model_sampler_post_cfg_function(probe)
     plain = run_sampling(pm, family, steps=STEPS, cfg=CFG)
@@ -166,6 +174,44 @@ def test_cads_runs_is_reproducible_and_off_is_identity(models, family):
     if family in ("sdxl", "flux"):
         no_pooled = run_sampling(cads(m, noise_scale=0.5, noise_pooled=False), family, steps=STEPS, cfg=CFG, seed=3)
         assert not torch.equal(no_pooled, a)
+
+
+class ContextProbe:
+    """Records, per diffusion-model call, the text conditioning each chunk (0 = positive, 1 = negative) saw."""
+
+    def __init__(self):
+        self.seen: list[dict[int, torch.Tensor]] = []
+
+    def __call__(self, executor, *args, **kwargs):
+        context = kwargs["context"] if "context" in kwargs else args[2]
+        # positional on the UNet and Flux forwards, at different places
+        topts = kwargs.get("transformer_options") or next(a for a in args if isinstance(a, dict) and "uuids" in a)
+        kinds = list(topts["cond_or_uncond"])
+        self.seen.append({k: c.clone() for k, c in zip(kinds, context.chunk(len(kinds)), strict=True)})
+        return executor(*args, **kwargs)
+
+
+def contexts(m, family):
+    probe = ContextProbe()
+    pm = m.clone()
+    pm.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_context_probe", probe)
+    run_sampling(pm, family, steps=STEPS, cfg=CFG, seed=3)
+    return probe.seen
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_cads_positive_only_leaves_the_negative_prompt_alone(models, family):
+    m = models[family]
+    plain = contexts(m, family)
+    both = contexts(cads(m, noise_scale=0.5), family)
+    positive = contexts(cads(m, noise_scale=0.5, anneal="positive only"), family)
+    assert len(plain) == len(both) == len(positive) == STEPS
+    # the first step is at pure noise (t >= tau2): the positive prompt is annealed in both modes
+    assert not torch.equal(both[0][0], plain[0][0]) and not torch.equal(positive[0][0], plain[0][0])
+    torch.testing.assert_close(positive[0][0], both[0][0], rtol=0, atol=0)
+    # the negative prompt: annealed in "positive and negative", untouched at every step in "positive only"
+    assert not torch.equal(both[0][1], plain[0][1])
+    assert all(torch.equal(p[1], q[1]) for p, q in zip(positive, plain, strict=True))
 
 
 def test_cads_with_dual_cfg_guider_and_scheduled_cfg_refuses_it_clearly(models):

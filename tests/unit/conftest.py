@@ -46,8 +46,9 @@ class Problem:
     ``schedule="uniform"``: uniform in log-SNR, for convergence orders.
     """
 
-    def __init__(self, kind: str, cfg: float, batch: int = 4, seed: int = 0, schedule: str = "practical"):
-        mixture = make_mixture(EVENT_SHAPE, components=6, seed=seed)
+    def __init__(self, kind: str, cfg: float, batch: int = 4, seed: int = 0, schedule: str = "practical",
+                 std_range: tuple[float, float] = (0.05, 0.3)):
+        mixture = make_mixture(EVENT_SHAPE, components=6, seed=seed, std_range=std_range)
         cond_w = torch.tensor([4.0, 2.0, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
         self.kind = kind
         self.cfg = cfg

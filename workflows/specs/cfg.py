@@ -24,22 +24,24 @@ def scheduled_cfg(model: list, schedule: str = "cosine", cfg_start: float = -1.0
 
 def cads(model: list) -> dict:
     return {"class_type": "PreprintCADS", "inputs": {"model": model, "tau1": 0.6, "tau2": 0.9, "noise_scale": 0.25,
-                                                     "psi": 1.0, "noise_pooled": True}}
+                                                     "psi": 1.0, "noise_pooled": True,
+                                                     "anneal": "positive and negative"}}
 
 
-def adaptive(model: list, threshold: float = 0.99) -> dict:
-    return {"class_type": "PreprintAdaptiveGuidance", "inputs": {"model": model, "threshold": threshold}}
+def adaptive(model: list, threshold: float = 0.999) -> dict:
+    return {"class_type": "PreprintAdaptiveGuidance", "inputs": {"model": model, "threshold": threshold,
+                                                                 "criterion": "velocity"}}
 
 
 # 1. Scheduled CFG: cosine from the KSampler's 7.5 down to 3, guidance only for sigma in [0.28, 5.42]
-#    (the interval Kynkaenniemi et al. report for EDM2-style models; outside it no negative pass is run).
+#    (the interval Kynkaenniemi et al. report for SD-XL, with CFG 16 there; outside it no negative pass is run).
 _scheduled = {**common.sd15_base(), **common.ksampler(model=["11", 0], steps=25, cfg=7.5)}
 _scheduled["11"] = _titled(scheduled_cfg(["1", 0], "cosine", -1.0, 3.0, 5.42, 0.28),
                            "Scheduled CFG: cosine 7.5 -> 3, interval sigma 0.28..5.42")
 
 # 2. Adaptive Guidance: stop the negative pass once guidance has converged.
 _adaptive = {**common.sd15_base(), **common.ksampler(model=["11", 0], steps=25, cfg=7.5)}
-_adaptive["11"] = _titled(adaptive(["1", 0], 0.99), "Adaptive Guidance (threshold 0.99)")
+_adaptive["11"] = _titled(adaptive(["1", 0], 0.999), "Adaptive Guidance (threshold 0.999)")
 
 # 3. CADS on SDXL, a batch of 4 so the extra diversity is visible.
 _cads = {**common.sd15_base(width=1024, height=1024), **common.ksampler(model=["11", 0], steps=30, cfg=9.0)}
@@ -68,7 +70,7 @@ _nlg["7"]["inputs"]["noise"] = ["11", 0]
 _stack = {**common.sd15_base(), **common.ksampler(model=["15", 0], steps=25, cfg=6.0)}
 _stack["11"] = _titled(cads(["1", 0]), "CADS")
 _stack["12"] = _titled(scheduled_cfg(["11", 0], "linear", -1.0, 3.0, 10.0, 0.3), "Scheduled CFG 6 -> 3, sigma 0.3..10")
-_stack["13"] = _titled(adaptive(["12", 0], 0.995), "Adaptive Guidance (0.995)")
+_stack["13"] = _titled(adaptive(["12", 0], 0.999), "Adaptive Guidance (0.999)")
 _stack["14"] = _titled({"class_type": "PreprintPerturbedAttentionGuidance", "inputs": {
     "model": ["13", 0], "scale": 2.0, "layers": "", "adaptive_scale": 0.0, "sigma_start": -1.0, "sigma_end": -1.0,
     "rescale": 0.0, "joint_attention": "image-to-image"}}, "Perturbed-Attention Guidance (scale 2)")
