@@ -53,7 +53,12 @@ def _boot(args, user_custom_nodes: bool):
     output = Path(args.output).resolve() if getattr(args, "output", None) else None
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-    return comfy_host.boot(path, cpu=not args.gpu, user_custom_nodes=user_custom_nodes, output_dir=output)
+    models = Path(args.models).resolve() if getattr(args, "models", None) else None
+    if models is not None and not models.is_dir():
+        raise CliError(f"--models {args.models}: no such folder; pass a folder that holds checkpoints/, vae/ ...",
+                       EXIT_NO_HOST)
+    return comfy_host.boot(path, cpu=not args.gpu, user_custom_nodes=user_custom_nodes, output_dir=output,
+                           models_dir=models)
 
 
 def load_prompt(path: Path, defs) -> dict:
@@ -108,7 +113,7 @@ def cmd_run(args) -> int:
     if tiny:
         print(TINY_NOTICE, file=sys.stderr)
     start = time.perf_counter()
-    outputs = host.execute(prompt)
+    outputs = _execute_quietly(host, prompt, verbose=args.verbose)
     images = [img for out in outputs.values() for img in (out.get("images", []) if isinstance(out, dict) else [])]
     import folder_paths
 
@@ -118,6 +123,23 @@ def cmd_run(args) -> int:
     print(f"done: {len(images)} image(s) in {time.perf_counter() - start:.1f} s"
           + (" (tiny untrained model)" if tiny else ""), file=sys.stderr)
     return 0
+
+
+def _execute_quietly(host, prompt: dict, verbose: bool) -> dict:
+    """Execute; unless verbose, ComfyUI's own traceback of a failing node is held back (the one-line error
+    says what failed, and -v shows the traceback)."""
+    root = logging.getLogger()
+    level = root.level
+    if not verbose:
+        root.setLevel(logging.CRITICAL)
+    try:
+        return host.execute(prompt)
+    except PromptInvalid:
+        raise
+    except HostError as e:
+        raise HostError(f"{e}{'' if verbose else ' (run with -v for the traceback)'}") from e
+    finally:
+        root.setLevel(level)
 
 
 def workflow_files(paths: list[str]) -> list[Path]:
@@ -175,6 +197,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--output", default="output", help="folder for the images (default: ./output)")
     r.add_argument("--no-tiny", action="store_true", help="never fall back to the tiny untrained model")
     r.add_argument("--no-user-nodes", action="store_true", help="do not load the other packs in custom_nodes")
+    r.add_argument("--models", metavar="DIR",
+                   help="read model files from DIR (its checkpoints/, vae/, loras/ ...) instead of ComfyUI/models")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("check", help="validate workflows (default: every example) against the live schemas")
     c.add_argument("workflows", nargs="*")
@@ -193,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         # before the host boot changes directory to ComfyUI's
         args.output = os.path.abspath(args.output)
         args.workflow = os.path.abspath(args.workflow)
+        if args.models:
+            args.models = os.path.abspath(args.models)
     if args.command == "check":
         args.workflows = [os.path.abspath(w) for w in args.workflows]
     try:

@@ -111,8 +111,10 @@ _HOST: Host | None = None
 
 
 def boot(comfy_path: Path, *, cpu: bool = True, user_custom_nodes: bool = False,
-         pack_dir: Path = PACK_DIR, output_dir: Path | None = None) -> Host:
-    """Boot ComfyUI in this process once and load this pack from ``pack_dir`` as a custom-node folder."""
+         pack_dir: Path = PACK_DIR, output_dir: Path | None = None, models_dir: Path | None = None) -> Host:
+    """Boot ComfyUI in this process once and load this pack from ``pack_dir`` as a custom-node folder.
+
+    ``models_dir`` replaces ComfyUI/models as the root of every model folder (checkpoints, vae, loras ...)."""
     global _HOST
     if _HOST is not None:
         return _HOST
@@ -132,6 +134,8 @@ def boot(comfy_path: Path, *, cpu: bool = True, user_custom_nodes: bool = False,
 
     if output_dir is not None:
         folder_paths.set_output_directory(str(output_dir))
+    if models_dir is not None:
+        _use_models_dir(folder_paths, Path(models_dir))
     import server
 
     loop = asyncio.new_event_loop()
@@ -144,6 +148,23 @@ def boot(comfy_path: Path, *, cpu: bool = True, user_custom_nodes: bool = False,
     host.pack_module, host.pack_node_ids = load_pack(pack_dir, loop)
     _HOST = host
     return host
+
+
+def _use_models_dir(folder_paths, models_dir: Path) -> None:
+    """Point every folder under ComfyUI's models directory at the same name under ``models_dir``."""
+    old_root = Path(folder_paths.models_dir).resolve()
+    for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
+        moved = []
+        for p in paths:
+            try:
+                rel = Path(p).resolve().relative_to(old_root)
+            except ValueError:
+                continue  # a folder outside ComfyUI/models (custom_nodes, extra paths): not a model folder
+            moved.append(str(models_dir / rel))
+        if moved:
+            folder_paths.folder_names_and_paths[name] = (moved, exts)
+    folder_paths.models_dir = str(models_dir)
+    folder_paths.filename_list_cache.clear()
 
 
 def load_pack(pack_dir: Path, loop: asyncio.AbstractEventLoop) -> tuple[object, list[str]]:

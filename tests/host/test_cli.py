@@ -20,13 +20,11 @@ def cli(*args, cwd=None):
 
 
 def test_run_falls_back_to_tiny_model_and_writes_images(comfy_host, tmp_path):
-    import folder_paths
-
-    if folder_paths.get_filename_list("checkpoints"):
-        pytest.skip("this ComfyUI has checkpoints installed; the fallback applies only when none is")
     out = tmp_path / "out"
+    (tmp_path / "models").mkdir()  # an empty models folder, whatever the ComfyUI checkout has installed
     # paths relative to the caller's directory, as users type them
-    proc = cli("run", os.path.relpath(WORKFLOW, tmp_path), "--output", "out", "--no-user-nodes", cwd=tmp_path)
+    proc = cli("run", os.path.relpath(WORKFLOW, tmp_path), "--output", "out", "--no-user-nodes", "--models",
+               "models", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "UNTRAINED" in proc.stderr
     assert list(out.glob("*.png"))
@@ -39,22 +37,64 @@ def test_check_prints_a_table_of_every_example(comfy_host):
     assert "fit the live node schemas" in proc.stdout.splitlines()[-1]
 
 
-@pytest.mark.parametrize("case", ["malformed", "unknown_node", "missing_checkpoint"])
-def test_bad_input_gives_one_line_error_and_non_zero_exit(case, tmp_path, comfy_host):
+def _fails_while_sampling() -> dict:
+    """A valid graph that fails during execution: Scheduled CFG needs a positive / negative pair, which
+    DualCFGGuider does not give it (the node says so when sampling starts)."""
+    return {
+        "1": {"class_type": "PreprintTinyTestModel", "inputs": {"architecture": "sd15", "weights_seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red circle"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "PreprintScheduledCFG", "inputs": {
+            "model": ["1", 0], "schedule": "constant", "cfg_start": -1.0, "cfg_end": -1.0, "exponent": 2.0,
+            "custom_scales": "", "sigma_start": 5.0, "sigma_end": -1.0}},
+        "5": {"class_type": "DualCFGGuider", "inputs": {"model": ["4", 0], "cond1": ["2", 0], "cond2": ["2", 0],
+                                                        "negative": ["3", 0], "cfg_conds": 3.0,
+                                                        "cfg_cond2_negative": 2.0, "style": "regular"}},
+        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 2,
+                                                         "denoise": 1.0}},
+        "8": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["8", 0], "guider": ["5", 0],
+                                                                 "sampler": ["6", 0], "sigmas": ["7", 0],
+                                                                 "latent_image": ["9", 0]}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "fail"}},
+    }
+
+
+# exit codes: 2 a bad workflow, 3 a missing host or model file, 4 a failure while the graph executes
+CASES = {"malformed": (2, "not valid JSON"), "unknown_node": (2, "NoSuchNode"), "invalid_input": (2, "invalid"),
+         "missing_checkpoint": (3, "not in"), "missing_models_folder": (3, "no such folder"),
+         "execution_fails": (4, "combines its conditionings itself")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_line_error_and_its_exit_code(case, tmp_path, comfy_host):
     args = ["run"]
+    path = tmp_path / f"{case}.json"
     if case == "malformed":
-        path = tmp_path / "bad.json"
         path.write_text('{"nodes": [')
     elif case == "unknown_node":
-        path = tmp_path / "unknown.json"
         path.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {}}}))
+    elif case == "invalid_input":
+        prompt = _fails_while_sampling()
+        prompt["7"]["inputs"]["steps"] = -3  # below the widget's minimum: ComfyUI's validator refuses it
+        path.write_text(json.dumps(prompt))
+    elif case == "execution_fails":
+        path.write_text(json.dumps(_fails_while_sampling()))
+    elif case == "missing_models_folder":
+        path = WORKFLOW
+        args += ["--models", str(tmp_path / "nowhere")]
     else:
         path = WORKFLOW
-        args.append("--no-tiny")
-    proc = cli(*args, str(path), "--no-user-nodes")
-    assert proc.returncode in (2, 3), proc.stderr
+        (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "models" / "checkpoints" / "other.safetensors").write_bytes(b"")
+        args += ["--no-tiny", "--models", str(tmp_path / "models")]
+    proc = cli(*args, str(path), "--no-user-nodes", "--output", str(tmp_path / "out"))
+    code, expected = CASES[case]
+    assert proc.returncode == code, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    expected = {"malformed": "not valid JSON", "unknown_node": "NoSuchNode", "missing_checkpoint": "not in"}[case]
-    assert expected in errors[0]
+    assert expected in errors[0], errors[0]

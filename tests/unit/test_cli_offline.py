@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``python -m preprint`` from a copy of the pack's code outside any ComfyUI (a pack cloned into
+    custom_nodes would otherwise always find the ComfyUI around it), with no ~/ComfyUI and no COMFYUI_PATH."""
+    copy = tmp_path / "outside" / "preprint"
+    if not copy.exists():
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".*", "__pycache__", "benchmarks", "tests",
+                                                                  "workflows", "docs", "output", "*.egg-info"))
     env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
     env["HOME"] = str(tmp_path)  # no ~/ComfyUI there
+    env["PYTHONPATH"] = str(copy.parent)
     return subprocess.run([sys.executable, "-m", "preprint", *args], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)
 
 
-@pytest.mark.skipif(ROOT.parent.name == "custom_nodes", reason="the enclosing ComfyUI is always found")
+def test_the_copy_is_what_runs(tmp_path):
+    run_cli("--help", tmp_path=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", "import preprint; print(preprint.__file__)"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "outside")}, cwd=tmp_path,
+                          timeout=60)
+    assert proc.stdout.strip().startswith(str(tmp_path / "outside" / "preprint")), proc.stdout + proc.stderr
+
+
 def test_without_comfyui_run_says_so_and_exits_3(tmp_path):
     proc = run_cli("run", str(ROOT / "workflows" / "DPM-Solver++ 2M, SD1.5.json"), tmp_path=tmp_path)
     assert proc.returncode == 3
