@@ -73,9 +73,10 @@ class DiTCacheRun:
         if self._skip and self._can_predict(key, args):
             self.counts.add(key, False)
             return self._predict(key, args)
+        before = self._inputs(args)
         out = run_block(args)
         self.counts.add(key, True)
-        self._record(key, args, out)
+        self._record(key, before, out)
         return out
 
     def _first_block(self, args: dict, run_block: Callable[[dict], dict]) -> dict:
@@ -92,11 +93,12 @@ class DiTCacheRun:
         ready = all(len(h) >= self.order and self.history_tag.get((self.first, "img", k)) == self._tag
                     for k in self._keys if (h := self.history.get((self.first, "img", k))) is not None) and all(
             (self.first, "img", k) in self.history for k in self._keys)
+        before = self._inputs(args)
         out = run_block(args)
         self.counts.add(self.first, True)
-        self._record(self.first, args, out)
+        self._record(self.first, before, out)
 
-        residual = out["img"] - img
+        residual = out["img"] - before["img"]
         active = self.sigma_end <= sigma <= self.sigma_start
         skip = active and ready
         for k, r in zip(self._keys, split_chunks(residual, len(self._keys)), strict=True):
@@ -121,16 +123,27 @@ class DiTCacheRun:
 
     # -- residual histories ----------------------------------------------------------------------------------
     @staticmethod
+    def _inputs(args: dict) -> dict[str, torch.Tensor]:
+        """Copies of the block's input streams, taken before it runs.
+
+        Many ComfyUI blocks add to their input in place and return that same tensor (Flux's single blocks and
+        text stream, Chroma, LTXV, HunyuanVideo): after the call the input reads as the output, and a residual
+        taken against it would be zero, so a skipped block would act as the identity.
+        """
+        return {s: args[s].detach().clone() for s in ("img", "txt") if torch.is_tensor(args.get(s))}
+
+    @staticmethod
     def _streams(args: dict, out: dict) -> list[str]:
         return [s for s in ("img", "txt") if torch.is_tensor(args.get(s)) and torch.is_tensor(out.get(s))
                 and args[s].shape == out[s].shape]
 
-    def _record(self, key: BlockKey, args: dict, out: dict) -> None:
+    def _record(self, key: BlockKey, before: dict[str, torch.Tensor], out: dict) -> None:
+        """Push each stream's residual, ``out`` minus the input copy ``before`` (see :meth:`_inputs`)."""
         for s in ("img", "txt"):
-            if torch.is_tensor(args.get(s)) and out.get(s) is None and s in out:
+            if s in before and out.get(s) is None and s in out:
                 self.none_streams.setdefault(key, set()).add(s)  # e.g. SD3's last block drops the context
-        for s in self._streams(args, out):
-            res = out[s] - args[s]
+        for s in self._streams(before, out):
+            res = out[s] - before[s]
             for k, r in zip(self._keys, split_chunks(res, len(self._keys)), strict=True):
                 h = self.history.get((key, s, k))
                 if h is None or self.history_tag.get((key, s, k)) != self._tag:

@@ -10,7 +10,10 @@ features change most (Sec. 3.3; their 50-step DDIM key set is {0,1,2,3,5,10,15,2
 
 from __future__ import annotations
 
+import logging
 import math
+
+log = logging.getLogger("preprint.caching")
 
 SCHEDULES = ("uniform", "non-uniform")
 
@@ -25,12 +28,38 @@ def uniform_refresh(steps: int, interval: int) -> frozenset[int]:
     return frozenset(range(0, steps, interval))
 
 
+def _quad_center_keys(steps: int, n: int, center: int, power: float) -> list[int]:
+    """Key steps for one power: n + 1 points evenly spaced between -center^(1/p) and (steps - center)^(1/p),
+    raised to p and truncated to integers, duplicates merged, the two end points dropped, step 0 added.
+
+    The lower end is the principal complex root of -center, as in the reference implementation (a negative
+    base to a fractional power is complex in Python); the real part of its power is what the schedule keeps,
+    so the points below the centre thin out more gently than a mirror image of those above it would.
+    """
+    start = complex(-center) ** (1.0 / power)
+    stop = complex((steps - center) ** (1.0 / power))
+    delta = (stop - start) / n
+    points = [start + k * delta for k in range(n)] + [stop]
+    values = {int(_real_power(z, power)) for z in points}
+    return [0] + [v + center for v in sorted(values)[1:-1]]
+
+
+def _real_power(z: complex, power: float) -> float:
+    """Real part of the principal value of z ** power, computed as exp(p log|z|) cos(p arg z)."""
+    r = abs(z)
+    if r == 0.0:
+        return 0.0
+    return math.exp(power * math.log(r)) * math.cos(power * math.atan2(z.imag, z.real))
+
+
 def nonuniform_refresh(steps: int, interval: int, center: float = 0.3, power: float = 1.4) -> frozenset[int]:
     """As many refreshes as the uniform schedule, packed around ``center`` (a fraction of the run).
 
-    The refresh steps are c + sign(v) |v|^p for v evenly spaced in [-c^(1/p), (steps - c)^(1/p)]: with p > 1
-    this warps an even grid so points crowd near c, where the paper measured the largest feature change.
-    When rounding merges points the power is relaxed towards 1 (the uniform grid) until the count is met.
+    The placement of the reference DeepCache implementation (``sample_from_quad_center``): the centre step is
+    round(center * steps); the keys are the integer parts of an evenly spaced grid in |u|^(1/p) around it
+    (see :func:`_quad_center_keys`), so they crowd near the centre, where the paper measured the largest
+    feature change, and the last step is never spent on a refresh. When merged duplicates leave fewer keys
+    than the budget, the power is lowered by 0.02 at a time towards the uniform grid until the count is met.
     """
     if interval < 1:
         raise ValueError(f"cache interval must be at least 1, got {interval}")
@@ -38,24 +67,20 @@ def nonuniform_refresh(steps: int, interval: int, center: float = 0.3, power: fl
         raise ValueError(f"center must be a fraction of the run in [0, 1], got {center}")
     if power < 1.0:
         raise ValueError(f"power must be at least 1 (1 is the uniform grid), got {power}")
-    want = len(uniform_refresh(steps, interval))
+    uniform = uniform_refresh(steps, interval)
+    want = len(uniform)
     if want >= steps:
         return frozenset(range(steps))
-    c = center * (steps - 1)
+    c = round(center * steps)
     p = power
-    best: set[int] = set()
-    while True:
-        lo, hi = -(c ** (1.0 / p)), (steps - 1 - c) ** (1.0 / p)
-        pts = {0}
-        for k in range(want):
-            v = lo + (hi - lo) * k / max(want - 1, 1)
-            pts.add(min(steps - 1, max(0, int(round(c + math.copysign(abs(v) ** p, v))))))
-        if len(pts) > len(best):
-            best = pts
-        if len(pts) >= want or p <= 1.0:
-            break
-        p = max(1.0, p - 0.02)
-    return frozenset(sorted(best)[:want] if len(best) > want else best)
+    while p > 1.0:
+        keys = _quad_center_keys(steps, want, c, p)
+        if len(keys) == want:
+            return frozenset(keys)
+        p -= 0.02
+    log.warning("non-uniform refresh: no power in (1, %s] places %d refreshes in %d steps around step %d; "
+                "using the uniform schedule", power, want, steps, c)
+    return uniform
 
 
 def refresh_steps(schedule: str, steps: int, interval: int, center: float = 0.3, power: float = 1.4) -> frozenset[int]:

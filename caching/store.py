@@ -11,23 +11,27 @@ the chunks present, in their current order.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 
-ChunkKey = tuple[Hashable, bool]
+ChunkKey = tuple[Hashable, Hashable]
 
 
 def chunk_keys(transformer_options: dict, batch: int) -> list[ChunkKey]:
-    """One key per chunk of the batch: (uuid, perturbed).
+    """One key per chunk of the batch: (uuid, marker).
 
-    A chunk listed in ``transformer_options["preprint_perturbed"]`` (perturbed-attention guidance riding in
-    the same call) is its own stream even if it shared a uuid with an unperturbed one.
+    A chunk listed in ``transformer_options["preprint_perturbed"]`` (a guidance pass with a perturbed network
+    or input riding in the same call) is its own stream even if it shared a uuid with an unperturbed one. The
+    entry is a collection of chunk positions (marker True), or a mapping position -> marker when several kinds
+    of perturbed pass must also be kept apart from one another.
     """
     uuids = transformer_options.get("uuids") or []
     if not uuids or batch % len(uuids) != 0:
         return [("__whole_batch__", False)]
     perturbed = transformer_options.get("preprint_perturbed") or ()
+    if isinstance(perturbed, Mapping):
+        return [(u, perturbed.get(i, False)) for i, u in enumerate(uuids)]
     return [(u, i in perturbed) for i, u in enumerate(uuids)]
 
 
@@ -79,3 +83,43 @@ class ChunkStore:
     def get(self, name: Hashable, keys: Sequence[ChunkKey]) -> torch.Tensor:
         parts = [self._data[(name, k)] for k in keys]
         return parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+# How a call's input relates to the reference call of its stream (see ReferenceInputs).
+NEW, SAME, OTHER = "new", "same", "other"
+
+
+class ReferenceInputs:
+    """Per stream, the input of the *reference* call at the noise level the stream is at: the first call there.
+
+    Several calls can share a noise level: Heun's corrector and the next step's first call, a self-attention
+    guidance pass on a degraded input, restart samplers, noise-refinement passes at sigma_max. Features stored
+    at a noise level are valid only for the input they were computed from, so a cache must know whether a call
+    repeats that input, brings another one, or moves to a new noise level.
+    """
+
+    def __init__(self):
+        self._ref: dict[ChunkKey, tuple[float, torch.Tensor]] = {}
+
+    def classify(self, keys: Sequence[ChunkKey], x: torch.Tensor, position: float) -> dict[ChunkKey, str]:
+        """NEW (another position: this call becomes the reference), SAME (the reference's position and input)
+        or OTHER (the reference's position, another input), per chunk."""
+        kinds: dict[ChunkKey, str] = {}
+        for k, part in zip(keys, split_chunks(x, len(keys)), strict=True):
+            ref = self._ref.get(k)
+            if ref is None or ref[0] != position:
+                # forward to a new noise level, or back up to a higher one (a restart): a new reference
+                self._ref[k] = (position, part.detach().clone())
+                kinds[k] = NEW
+            elif _same_tensor(ref[1], part):
+                kinds[k] = SAME
+            else:
+                kinds[k] = OTHER
+        return kinds
+
+    def clear(self) -> None:
+        self._ref.clear()
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)

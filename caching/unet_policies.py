@@ -12,7 +12,9 @@ with other steps, resolution, batch size or dtype starts clean. For every model 
   encoder (input blocks and middle block) is not run; its features from the last key step feed the decoder.
 - Block Caching (Wimbauer et al., arXiv:2312.03209, Sec. 3.2): each block is reused while the change
   predicted since it was last computed stays under a threshold, from a calibrated profile or online from
-  the block's own last measured rate of change.
+  the block's own last measured rate of change. A block computed at the call's own noise level has no
+  predicted change at all; it is reused only for the input it was computed from (see
+  :class:`caching.store.ReferenceInputs`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from .block_profile import Calibrator, Profile, block_key, relative_l1_change
 from .clock import StepClock, in_window
 from .schedules import faster_diffusion_keys, refresh_steps
-from .store import ChunkKey, ChunkStore, chunk_keys
+from .store import OTHER, SAME, ChunkKey, ChunkStore, ReferenceInputs, chunk_keys
 from .unet_runner import REUSE, RUN, SKIP, BlockCounts, BlockName, block_names
 
 log = logging.getLogger("preprint.caching")
@@ -162,8 +164,8 @@ class EncoderPropagationRun(_KeyStepRun):
 
 
 class _BlockCachePlan:
-    def __init__(self, run: BlockCacheRun, keys, tag, p: float, active: bool):
-        self.run, self.keys, self.tag, self.p, self.active = run, keys, tag, p, active
+    def __init__(self, run: BlockCacheRun, keys, tag, p: float, active: bool, kinds: dict[ChunkKey, str]):
+        self.run, self.keys, self.tag, self.p, self.active, self.kinds = run, keys, tag, p, active, kinds
         self.reused_any = False
 
     def action(self, name: BlockName) -> str:
@@ -172,12 +174,20 @@ class _BlockCachePlan:
             return RUN
         if not r.store.has(name, self.keys, self.tag):
             return RUN
-        for k in self.keys:
-            last = r.last_p.get((name, k))
-            if last is None or r.predicted_change(name, k, last, self.p) >= r.threshold:
-                return RUN
+        if not all(self._reusable(name, k) for k in self.keys):
+            return RUN
         self.reused_any = True
         return REUSE
+
+    def _reusable(self, name: BlockName, key: ChunkKey) -> bool:
+        last = self.run.last_p.get((name, key))
+        if last is None or last > self.p:
+            return False  # nothing stored, or stored further down the run (a restart went back up)
+        if last == self.p:
+            # no progress, so no predicted change: the stored output is exact for the input it was computed
+            # from (the reference call at this noise level) and says nothing about any other input
+            return self.kinds[key] == SAME
+        return self.run.predicted_change(name, key, last, self.p) < self.run.threshold
 
     def cached(self, name: BlockName) -> torch.Tensor:
         return self.run.store.get(name, self.keys)
@@ -189,17 +199,18 @@ class _BlockCachePlan:
         parts = out.chunk(len(self.keys), dim=0) if len(self.keys) > 1 else [out]
         have_old = r.store.has(name, self.keys, self.tag)
         for k, part in zip(self.keys, parts, strict=True):
+            if self.kinds[k] == OTHER:
+                # another input at the reference's noise level (Heun's step after its corrector, a degraded
+                # guidance pass): its features must neither replace the reference's nor enter its rates
+                continue
             last = r.last_p.get((name, k))
             old = r.store.get_chunk(name, k) if have_old else None
-            if old is None or last is None or self.p <= last:
-                continue
-            change = relative_l1_change(part, old)
-            rate = change / (self.p - last)
-            r.rates[(name, k)] = rate
-            if r.calibrator is not None:
-                r.calibrator.add(block_key(name), last, self.p, change)
-        r.store.put(name, self.keys, out, self.tag)
-        for k in self.keys:
+            if old is not None and last is not None and self.p > last:
+                change = relative_l1_change(part, old)
+                r.rates[(name, k)] = change / (self.p - last)
+                if r.calibrator is not None:
+                    r.calibrator.add(block_key(name), last, self.p, change)
+            r.store.put(name, [k], part, self.tag)
             r.last_p[(name, k)] = self.p
 
 
@@ -224,6 +235,7 @@ class BlockCacheRun(UNetCacheRun):
         self.last_p: dict[tuple[BlockName, ChunkKey], float] = {}
         self.rates: dict[tuple[BlockName, ChunkKey], float] = {}
         self.calibrator = Calibrator() if mode == "calibrate" else None
+        self.references = ReferenceInputs()
         self.inert = mode != "calibrate" and threshold == 0.0
 
     def predicted_change(self, name: BlockName, key: ChunkKey, p0: float, p1: float) -> float:
@@ -237,9 +249,13 @@ class BlockCacheRun(UNetCacheRun):
             self.calls += 1
             return None
         sigma, keys, tag = self._call(x, transformer_options)
-        plan = _BlockCachePlan(self, keys, tag, self.clock.progress(sigma), sigma in self.window)
-        return plan
+        p = self.clock.progress(sigma)
+        return _BlockCachePlan(self, keys, tag, p, sigma in self.window, self.references.classify(keys, x, p))
 
     def after_call(self, plan) -> None:
         if isinstance(plan, _BlockCachePlan) and plan.reused_any:
             self.reuse_calls += 1
+
+    def finish(self) -> None:
+        super().finish()
+        self.references.clear()

@@ -126,7 +126,6 @@ def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable
         name = ("input", i)
         to["block"] = name
         act = plan.action(name)
-        ctrl = None
         if act == SKIP:
             _take_control(control, "input")
             advance(module)
@@ -189,14 +188,15 @@ def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable
             continue
         if h is None or hsp is None:
             raise RuntimeError(f"cache plan runs block {name} but skipped a block it depends on")
+        # the next skip feature sets this block's output size (its up-sampler targets that shape)
+        if hs and hs[-1] is None:
+            raise RuntimeError(f"cache plan runs block {name} but skipped the input block feeding the next one")
+        output_shape = hs[-1].shape if hs else None
         hsp = _add_control(hsp, ctrl)
         for p in patches.get("output_block_patch", []):
             h, hsp = p(h, hsp, to)
         h = torch.cat([h, hsp], dim=1)
         del hsp
-        output_shape = hs[-1].shape if len(hs) > 0 and hs[-1] is not None else None
-        if len(hs) > 0 and hs[-1] is None:
-            raise RuntimeError(f"cache plan runs block {name} but skipped the input block feeding the next one")
         h = module(h, emb, context, to, output_shape, **extra)
         plan.computed(name, h)
         note(name, True)

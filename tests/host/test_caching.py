@@ -8,7 +8,7 @@ import pytest
 import torch
 from comfy_extras.nodes_easycache import EasyCacheNode
 
-from .harness import run_node, run_sampling, tiny_model
+from .harness import run_custom_sampling, run_node, run_sampling, tiny_model
 
 P = {"start_percent": 0.0, "end_percent": 1.0}
 
@@ -82,6 +82,27 @@ def test_caching_changes_output_and_skips_blocks(sd15, flux):
     assert report(f, "preprint_dit_cache")["counts"].skipped_fraction() > 0.3
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_dit_cache_keeps_the_residuals_of_blocks_that_add_in_place(flux):
+    """Flux's single blocks and text stream add to their input in place and return it; a skipped block must
+    still add its real residual, not act as the identity."""
+    # the second call repeats the first (same noise level, same input: Euler with a zero step), so the first
+    # block's residual is unchanged and every other block is skipped; input + recorded residual must then
+    # reproduce each block's output, so the result matches the uncached model to float rounding
+    sampler = comfy.samplers.sampler_object("euler")
+    sigmas = torch.tensor([1.0, 1.0, 0.0])
+    base = run_custom_sampling(flux, "flux", sampler, sigmas)
+    m = ditcache(flux, threshold=0.05, order=1)
+    out = run_custom_sampling(m, "flux", sampler, sigmas)
+    rep = report(m, "preprint_dit_cache")
+    assert rep["summary"].startswith("DiT block cache: 1/2 model calls skipped")
+    assert rep["counts"].skipped_fraction() > 0.45  # 56 of 57 blocks on one of two calls
+    assert _rel(out, base) < 1e-4  # residuals recorded as zero: 0.33
+
+
 # -- cond and uncond never share features ----------------------------------------------------------------------
 def _split_calls(executor, model, conds, x_in, timestep, model_options):
     # one model call per cond: the batching ComfyUI falls back to when memory is short
@@ -147,6 +168,55 @@ def test_heun_calls_are_keyed_by_sigma_not_counted(sd15):
     assert rep["calls"] == len(positions)
     expected_reuse = sum(1 for p in positions if p % 2 == 1)
     assert rep["summary"].startswith(f"DeepCache: {expected_reuse}/{len(positions)}")
+
+
+class _CallLog:
+    """DIFFUSION_MODEL wrapper recording, per model call, its sigma, input, output and the blocks not run."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.calls: list[tuple[float, torch.Tensor, torch.Tensor, dict]] = []
+
+    def __call__(self, executor, *args, **kwargs):
+        # the UNet passes transformer_options positionally (x, timesteps, context, y, control, options)
+        to = kwargs.get("transformer_options") or (args[5] if len(args) > 5 else {})
+        run = to.get(self.key)
+        before = dict(run.counts.not_run) if run is not None else {}
+        out = executor(*args, **kwargs)
+        after = dict(run.counts.not_run) if run is not None else {}
+        not_run = {n for n, c in after.items() if c > before.get(n, 0)}
+        self.calls.append((float(to["sigmas"][0]), args[0].clone(), out.clone(), not_run))
+        return out
+
+
+def _logged(m, key: str) -> tuple:
+    log = _CallLog(key)
+    logged = m.clone()
+    logged.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_call_log", log)
+    return logged, log
+
+
+def test_block_cache_judges_heun_calls_at_one_noise_level_on_their_inputs(sd15):
+    """Heun's corrector and the next step's first call share a noise level but not an input: the second must
+    not read what the first computed."""
+    # a threshold below any step's predicted change: Euler reuses nothing, and neither may Heun
+    for sampler in ("euler", "heun"):
+        base = sample(sd15, "sd15", steps=6, sampler_name=sampler)
+        m = blockcache(sd15, threshold=1e-3)
+        assert torch.equal(sample(m, "sd15", steps=6, sampler_name=sampler), base), sampler
+        assert report(m, "preprint_blockcache")["counts"].skipped_fraction() == 0.0, sampler
+    # a threshold that reuses: per pair of Heun calls at one sigma, the second computes what the first computed
+    m, log = _logged(blockcache(sd15, threshold=0.5), "preprint_blockcache")
+    sample(m, "sd15", steps=8, sampler_name="heun")
+    pairs = [(a, b) for a, b in zip(log.calls, log.calls[1:], strict=False) if a[0] == b[0]]
+    assert len(pairs) == 7 and all(not torch.equal(a[1], b[1]) for a, b in pairs)
+    assert any(b[3] for _, b in pairs)  # reuse does happen on these calls
+    last = ("output", len(sd15.model.diffusion_model.output_blocks) - 1)
+    assert any(last not in a[3] for a, _ in pairs)
+    for a, b in pairs:
+        assert b[3] == a[3]  # the same blocks reused: progress since they were computed is the same
+        if last not in a[3]:  # the last block ran on the first call, so it runs again: another output
+            assert not torch.equal(a[2], b[2])
 
 
 # -- composition ------------------------------------------------------------------------------------------------

@@ -55,6 +55,29 @@ def test_nonuniform_refresh_same_budget_denser_near_center(steps, interval):
         assert spread(n) < spread(u)
 
 
+# Refresh steps of the reference DeepCache implementation (sample_from_quad_center with center
+# round(0.3 * steps), power 1.4, budget ceil(steps / interval)), as it returns them.
+REFERENCE_NONUNIFORM = {
+    (20, 5): [0, 5, 8, 13],
+    (20, 3): [0, 3, 5, 7, 10, 13, 16],
+    (20, 2): [0, 2, 4, 6, 7, 8, 10, 12, 15, 17],  # power relaxed to 1.28 to fit 10 distinct steps
+    (50, 3): [0, 3, 6, 8, 11, 13, 15, 17, 20, 22, 25, 28, 32, 35, 38, 42, 46],
+    (50, 5): [0, 5, 9, 13, 17, 21, 26, 31, 37, 43],
+    (30, 4): [0, 4, 7, 9, 12, 16, 20, 25],
+    (25, 2): [0, 2, 4, 6, 7, 8, 10, 11, 13, 15, 17, 20, 22],
+    (15, 5): [0, 4, 8],
+    (10, 3): [0, 3, 4, 6],
+    (20, 10): [0, 8],
+}
+
+
+@pytest.mark.parametrize("steps,interval", sorted(REFERENCE_NONUNIFORM))
+def test_nonuniform_refresh_matches_the_reference_placement(steps, interval):
+    got = sorted(nonuniform_refresh(steps, interval))
+    assert got == REFERENCE_NONUNIFORM[(steps, interval)]
+    assert steps - 1 not in got  # the last step is never spent on a refresh
+
+
 def test_faster_diffusion_keys_match_paper_at_50_steps():
     assert faster_diffusion_keys(50) == {0, 1, 2, 3, 5, 10, 15, 25, 35}
     assert faster_diffusion_keys(10, interval=2) == {0, 2, 4, 6, 8}
@@ -69,6 +92,9 @@ def test_chunk_keys_keep_streams_apart():
     # a perturbed copy that shares the positive's uuid is still a stream of its own
     assert len(set(chunk_keys({"uuids": ["c", "c"], "preprint_perturbed": {1}}, 2))) == 2
     assert chunk_keys({}, 3) == [("__whole_batch__", False)]
+    # a mapping keeps several kinds of perturbed pass apart from each other as well
+    marked = chunk_keys({"uuids": ["c", "c", "c"], "preprint_perturbed": {1: "pag", 2: "sag"}}, 3)
+    assert marked == [("c", False), ("c", "pag"), ("c", "sag")]
 
 
 def test_store_reassembles_chunks_in_call_order_and_checks_tags():
@@ -187,6 +213,16 @@ class _Block:
         return {"img": args["img"] + rows * (self.k + 1) * (1.0 + 0.5 * s), "txt": args["txt"]}
 
 
+class _InPlaceBlock(_Block):
+    """The same residuals, added to the input in place and returned as the same tensor (as Flux's single
+    blocks and text stream do)."""
+
+    def __call__(self, args: dict) -> dict:
+        out = super().__call__(args)
+        args["img"].copy_(out["img"])
+        return {"img": args["img"], "txt": args["txt"]}
+
+
 def _dit_forward(run: DiTCacheRun, blocks, x, sigma, uuids):
     to = {"sigmas": torch.tensor([sigma] * x.shape[0]), "uuids": uuids}
     args = {"img": x, "txt": torch.zeros(x.shape[0], 2, 3), "transformer_options": to}
@@ -196,11 +232,12 @@ def _dit_forward(run: DiTCacheRun, blocks, x, sigma, uuids):
     return args["img"]
 
 
-def _dit_run(threshold, order, sigmas, batch_uuids=("c", "u")):
-    blocks = [_Block(k) for k in range(4)]
+def _dit_run(threshold, order, sigmas, batch_uuids=("c", "u"), block=_Block):
+    blocks = [block(k) for k in range(4)]
     run = DiTCacheRun(sigmas, [("double_block", i) for i in range(4)], threshold, order, max_skips=10)
     x = torch.zeros(len(batch_uuids), 5, 3)
-    outs = [_dit_forward(run, blocks, x, s, list(batch_uuids)) for s in sigmas[:-1]]
+    # a fresh input per call: in-place blocks write into it
+    outs = [_dit_forward(run, blocks, x.clone(), s, list(batch_uuids)) for s in sigmas[:-1]]
     return outs, blocks, run
 
 
@@ -219,6 +256,15 @@ def test_dit_ab2_extrapolation_is_exact_on_linear_residuals_and_reuse_is_not():
     for e, a in zip(exact, ab2, strict=True):
         torch.testing.assert_close(a, e)
     assert max((r - e).abs().max().item() for r, e in zip(reuse, exact, strict=True)) > 0.05
+
+
+def test_dit_residuals_of_in_place_blocks_are_taken_against_their_inputs():
+    sig = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+    exact, _, _ = _dit_run(0.0, 1, sig)
+    ab2, blocks, run = _dit_run(10.0, 2, sig, block=_InPlaceBlock)
+    assert run.skipped_calls > 0 and blocks[1].calls < 5
+    for e, a in zip(exact, ab2, strict=True):
+        torch.testing.assert_close(a, e)  # residuals recorded as zero would drop blocks 1-3 on skipped calls
 
 
 def test_dit_cond_and_uncond_keep_their_own_residuals():

@@ -200,3 +200,53 @@ def test_block_cache_calibration_profile_drives_the_same_decisions_at_other_step
     counts2 = BlockCounts()
     _trajectory(BlockCacheRun(unet, sig2, "profile", 0.3, prof), unet, sig2, counts2)
     assert counts2.skipped_fraction() >= counts.skipped_fraction()
+
+
+def _blockcache_call(unet, run, x, sigma):
+    counts = BlockCounts()
+    t = torch.tensor([sigma * 100.0] * 2)
+    out = call(unet, run.plan(x, _to(sigma)), x, t, counts=counts)
+    return out, sum(counts.not_run.values())
+
+
+def test_block_cache_judges_a_second_call_at_one_noise_level_on_its_input(unet):
+    g = torch.Generator().manual_seed(5)
+    x0, x1, x2, x3 = (torch.randn(2, 2, 8, 8, generator=g) for _ in range(4))
+    t5 = torch.tensor([500.0] * 2)
+    run = BlockCacheRun(unet, [10.0, 5.0, 2.0, 0.0], "online", 1e9)  # any predicted change is accepted
+    _blockcache_call(unet, run, x0, 10.0)
+    _, reused = _blockcache_call(unet, run, x1, 5.0)  # first rates are measured here
+    assert reused == 0
+    # another input at the same noise level (Heun's step after its corrector, a degraded guidance pass): no
+    # progress means no predicted change, but features computed from x1 say nothing about x2
+    out, reused = _blockcache_call(unet, run, x2, 5.0)
+    assert reused == 0
+    with torch.no_grad():
+        assert torch.equal(out, reference(unet, x2, t5))
+    # the reference input again: its own features, all reused, exact; x2's pass did not replace them
+    out, reused = _blockcache_call(unet, run, x1, 5.0)
+    assert reused == len(run.eligible)
+    with torch.no_grad():
+        assert torch.equal(out, reference(unet, x1, t5))
+    # back up to a higher noise level (a restart): features from further down the run are not reused there
+    out, reused = _blockcache_call(unet, run, x3, 10.0)
+    assert reused == 0
+    with torch.no_grad():
+        assert torch.equal(out, reference(unet, x3, torch.tensor([1000.0] * 2)))
+
+
+def test_block_cache_profile_mode_judges_a_second_call_at_one_noise_level_on_its_input(unet):
+    from preprint.caching.block_profile import Profile, block_key
+
+    run0 = BlockCacheRun(unet, [10.0, 5.0, 0.0], "online", 1.0)
+    still = Profile("fp", "tiny", [0.0, 1.0], {block_key(n): [0.0, 0.0] for n in run0.eligible})
+    run = BlockCacheRun(unet, [10.0, 5.0, 0.0], "profile", 0.1, still)  # blocks never change, says the profile
+    g = torch.Generator().manual_seed(6)
+    x0, x1 = (torch.randn(2, 2, 8, 8, generator=g) for _ in range(2))
+    _blockcache_call(unet, run, x0, 10.0)
+    out, reused = _blockcache_call(unet, run, x1, 10.0)
+    assert reused == 0
+    with torch.no_grad():
+        assert torch.equal(out, reference(unet, x1, torch.tensor([1000.0] * 2)))
+    _, reused = _blockcache_call(unet, run, x1, 5.0)  # progress: the profile's zero change allows reuse
+    assert reused == len(run.eligible)
