@@ -10,6 +10,9 @@ with other steps, resolution, batch size or dtype starts clean. For every model 
   the output block just before the shallow ones, is recomputed only on refresh steps and reused in between.
 - Encoder propagation (Li et al., "Faster Diffusion", arXiv:2312.09608, Sec. 3.3): on non-key steps the
   encoder (input blocks and middle block) is not run; its features from the last key step feed the decoder.
+  For both, the features kept from a refresh (key) step are those of the first call at its noise level; a later
+  call there on another input computes in full without replacing them (see
+  :class:`caching.store.ReferenceInputs`).
 - Block Caching (Wimbauer et al., arXiv:2312.03209, Sec. 3.2): each block is reused while the change
   predicted since it was last computed stays under a threshold, from a calibrated profile or online from
   the block's own last measured rate of change. A block computed at the call's own noise level has no
@@ -27,7 +30,7 @@ import torch
 from .block_profile import Calibrator, Profile, block_key, relative_l1_change
 from .clock import StepClock, in_window
 from .schedules import faster_diffusion_keys, refresh_steps
-from .store import OTHER, SAME, ChunkKey, ChunkStore, ReferenceInputs, chunk_keys
+from .store import OTHER, SAME, ChunkKey, ChunkStore, ReferenceInputs, chunk_keys, split_chunks
 from .unet_runner import REUSE, RUN, SKIP, BlockCounts, BlockName, block_names
 
 log = logging.getLogger("preprint.caching")
@@ -50,11 +53,13 @@ class Window:
 
 
 class _Plan:
-    """A fixed per-call plan: actions by block name (default RUN), outputs to record."""
+    """A fixed per-call plan: actions by block name (default RUN), outputs to record for the chunks in
+    ``record_keys`` (all of them unless given)."""
 
     def __init__(self, run: UNetCacheRun, keys: list[ChunkKey], tag: tuple, actions: dict[BlockName, str],
-                 record: set[BlockName]):
+                 record: set[BlockName], record_keys: set[ChunkKey] | None = None):
         self.run, self.keys, self.tag, self.actions, self.record = run, keys, tag, actions, record
+        self.record_keys = set(keys) if record_keys is None else record_keys
 
     def action(self, name: BlockName) -> str:
         return self.actions.get(name, RUN)
@@ -63,8 +68,14 @@ class _Plan:
         return self.run.store.get(name, self.keys)
 
     def computed(self, name: BlockName, out: torch.Tensor) -> None:
-        if name in self.record:
+        if name not in self.record or not self.record_keys:
+            return
+        if len(self.record_keys) == len(self.keys):
             self.run.store.put(name, self.keys, out, self.tag)
+            return
+        for k, part in zip(self.keys, split_chunks(out, len(self.keys)), strict=True):
+            if k in self.record_keys:
+                self.run.store.put(name, [k], part, self.tag)
 
 
 class UNetCacheRun:
@@ -107,17 +118,32 @@ class _KeyStepRun(UNetCacheRun):
     cached_blocks: list[BlockName]
     reuse_actions: dict[BlockName, str]
 
+    def __init__(self, unet, sample_sigmas, window: Window = Window()):
+        super().__init__(unet, sample_sigmas, window)
+        self.references = ReferenceInputs()
+
     def plan(self, x, transformer_options):
         if self.inert:
             self.calls += 1
             return None
         sigma, keys, tag = self._call(x, transformer_options)
+        kinds = self.references.classify(keys, x, self.clock.position(sigma))
         reuse = (sigma in self.window and self.clock.step(sigma) not in self.refresh
                  and all(self.store.has(n, keys, tag) for n in self.cached_blocks))
         if reuse:
+            # every call between refreshes reads features made from another input: a later call at this noise
+            # level with its own input is no different from the first
             self.reuse_calls += 1
             return _Plan(self, keys, tag, self.reuse_actions, set())
-        return _Plan(self, keys, tag, {}, set(self.cached_blocks))
+        # features recorded here feed the following steps; they must be the reference call's (the first at this
+        # noise level), not those of a later call on another input (a guidance pass on a degraded input, a
+        # refinement call, Heun's step after its corrector), which computes in full and leaves them alone
+        record = {k for k in keys if kinds[k] != OTHER}
+        return _Plan(self, keys, tag, {}, set(self.cached_blocks), record)
+
+    def finish(self) -> None:
+        super().finish()
+        self.references.clear()
 
 
 class DeepCacheRun(_KeyStepRun):

@@ -64,10 +64,12 @@ def sample(m, family, **kw):
     ("sd15", lambda m: encprop(m, interval=1)),
     ("flux", lambda m: ditcache(m, threshold=0.0)),
 ], ids=["deepcache-sd15", "deepcache-sdxl", "blockcache-th0", "blockcache-calibrate", "encprop-1", "dit-th0"])
-def test_switched_off_equals_uncached_bitwise(family, make, request):
+# heun calls the model twice per step, its corrector at the next step's noise level on another input
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_switched_off_equals_uncached_bitwise(family, make, sampler, request):
     m = request.getfixturevalue(family)
-    base = sample(m, family, steps=5)
-    assert torch.equal(sample(make(m), family, steps=5), base)
+    base = sample(m, family, steps=5, sampler_name=sampler)
+    assert torch.equal(sample(make(m), family, steps=5, sampler_name=sampler), base)
 
 
 def test_caching_changes_output_and_skips_blocks(sd15, flux):
@@ -178,8 +180,9 @@ class _CallLog:
         self.calls: list[tuple[float, torch.Tensor, torch.Tensor, dict]] = []
 
     def __call__(self, executor, *args, **kwargs):
-        # the UNet passes transformer_options positionally (x, timesteps, context, y, control, options)
-        to = kwargs.get("transformer_options") or (args[5] if len(args) > 5 else {})
+        # the UNet gets transformer_options positionally (x, timesteps, context, y, control, options), Flux by
+        # keyword
+        to = kwargs.get("transformer_options") or next(a for a in args if isinstance(a, dict) and "sigmas" in a)
         run = to.get(self.key)
         before = dict(run.counts.not_run) if run is not None else {}
         out = executor(*args, **kwargs)
@@ -217,6 +220,19 @@ def test_block_cache_judges_heun_calls_at_one_noise_level_on_their_inputs(sd15):
         assert b[3] == a[3]  # the same blocks reused: progress since they were computed is the same
         if last not in a[3]:  # the last block ran on the first call, so it runs again: another output
             assert not torch.equal(a[2], b[2])
+
+
+@pytest.mark.parametrize("order,max_skips,pattern", [(1, 1, "FSFSFSFS"), (1, 2, "FSSFSSFS"), (2, 2, "FFSSFSSF")])
+def test_dit_cache_forces_a_full_call_after_max_consecutive_skips(flux, order, max_skips, pattern):
+    """F: every block computed; S: only the first block, the others extrapolated. A threshold no change reaches
+    skips whenever the history allows (``order`` full calls first), so only the limit forces full calls."""
+    m, log = _logged(ditcache(flux, threshold=1e9, order=order, max_skips=max_skips), "preprint_dit_cache")
+    sample(m, "flux", steps=len(pattern))
+    keys = [k for k in m.model_options["transformer_options"]["patches_replace"]["dit"]]
+    assert len(keys) > 2 and ("double_block", 0) in keys
+    others = set(keys) - {("double_block", 0)}
+    got = "".join("F" if not c[3] else "S" if c[3] == others else "?" for c in log.calls)
+    assert got == pattern
 
 
 # -- composition ------------------------------------------------------------------------------------------------

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.patcher_extension as pe
+import comfy.sample
 import comfy.samplers
 import folder_paths
 import pytest
@@ -177,26 +179,55 @@ def test_cads_runs_is_reproducible_and_off_is_identity(models, family):
 
 
 class ContextProbe:
-    """Records, per diffusion-model call, the text conditioning each chunk (0 = positive, 1 = negative) saw."""
+    """Records, per diffusion-model call, the text conditioning (or, with ``key="y"``, the pooled / ADM vector)
+    each chunk (0 = positive, 1 = negative) saw."""
 
-    def __init__(self):
+    def __init__(self, key: str = "context"):
+        self.key = key
         self.seen: list[dict[int, torch.Tensor]] = []
 
     def __call__(self, executor, *args, **kwargs):
-        context = kwargs["context"] if "context" in kwargs else args[2]
+        value = kwargs[self.key] if self.key in kwargs else args[2 if self.key == "context" else 3]
         # positional on the UNet and Flux forwards, at different places
         topts = kwargs.get("transformer_options") or next(a for a in args if isinstance(a, dict) and "uuids" in a)
         kinds = list(topts["cond_or_uncond"])
-        self.seen.append({k: c.clone() for k, c in zip(kinds, context.chunk(len(kinds)), strict=True)})
+        self.seen.append({k: c.clone() for k, c in zip(kinds, value.chunk(len(kinds)), strict=True)})
         return executor(*args, **kwargs)
 
 
-def contexts(m, family):
-    probe = ContextProbe()
+def contexts(m, family, key="context"):
+    probe = ContextProbe(key)
     pm = m.clone()
     pm.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_context_probe", probe)
     run_sampling(pm, family, steps=STEPS, cfg=CFG, seed=3)
     return probe.seen
+
+
+def test_cads_follows_the_run_seed_from_the_same_starting_noise(models):
+    m = models["sd15"]
+    on = cads(m, noise_scale=0.5)
+    latent = make_latent("sd15")
+    noise = make_noise(latent, 0)  # one starting noise for every run: only the seed widget changes
+    pos, neg = make_conds("sd15")
+
+    def sample(model, seed):
+        return comfy.sample.sample(model, noise, STEPS, CFG, "euler", "karras", pos, neg, latent, seed=seed,
+                                   disable_pbar=True)
+
+    assert torch.equal(sample(m, 3), sample(m, 4))  # without CADS the seed does nothing here
+    a, b, c = sample(on, 3), sample(on, 3), sample(on, 4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_cads_on_sdxl_anneals_the_pooled_text_and_never_the_size_embeddings(models):
+    m = models["sdxl"]
+    plain = contexts(m, "sdxl", key="y")
+    annealed = contexts(cads(m, noise_scale=0.5), "sdxl", key="y")
+    first_plain, first = plain[0][0], annealed[0][0]  # the positive prompt at pure noise
+    assert first.shape[-1] > 1280
+    assert not torch.equal(first[..., :1280], first_plain[..., :1280])
+    assert all(torch.equal(p[k][..., 1280:], q[k][..., 1280:]) for p, q in zip(plain, annealed, strict=True)
+               for k in p)
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
@@ -246,25 +277,46 @@ def test_cfg_guider_path_matches_ksampler_path(models):
 def test_everything_stacks_with_pag_and_caching(models, family):
     m = models[family]
     sig = [float(s) for s in sigmas_of(m)]
-    pag = run_node("PreprintPerturbedAttentionGuidance", model=m, scale=2.0, layers="", adaptive_scale=0.0,
-                   sigma_start=-1.0, sigma_end=-1.0, rescale=0.0)[0]
-    stacked = cads(scheduled(pag, "linear", cfg_start=5.0, cfg_end=2.0, sigma_start=sig[1], sigma_end=sig[4]))
-    stacked = adaptive(stacked, 1.0)
-    if family == "sd15":
-        stacked = run_node("PreprintDeepCache", model=stacked, cache_interval=2, branch_depth=0, schedule="uniform",
-                           start_percent=0.0, end_percent=1.0)[0]
-    else:
-        stacked = run_node("PreprintDiTBlockCache", model=stacked, threshold=0.12, extrapolation_order=2,
-                           max_consecutive_skips=3, start_percent=0.0, end_percent=1.0)[0]
-    out, counter = rows(stacked, family)
+
+    def pag(x):
+        return run_node("PreprintPerturbedAttentionGuidance", model=x, scale=2.0, layers="", adaptive_scale=0.0,
+                        sigma_start=-1.0, sigma_end=-1.0, rescale=0.0)[0]
+
+    def cache(x):
+        if family == "sd15":
+            return run_node("PreprintDeepCache", model=x, cache_interval=2, branch_depth=0, schedule="uniform",
+                            start_percent=0.0, end_percent=1.0)[0]
+        return run_node("PreprintDiTBlockCache", model=x, threshold=5.0, extrapolation_order=2,
+                        max_consecutive_skips=2, start_percent=0.0, end_percent=1.0)[0]
+
+    stack = {
+        "pag": pag,
+        "scheduled": lambda x: scheduled(x, "linear", cfg_start=5.0, cfg_end=2.0, sigma_start=sig[1],
+                                         sigma_end=sig[4]),
+        "cads": lambda x: cads(x, noise_scale=0.5),
+        "adaptive": lambda x: adaptive(x, -1.0),  # converges at the first evaluation it can measure
+        "cache": cache,
+    }
+
+    def build(skip=None):
+        x = m
+        for name, apply in stack.items():
+            x = x if name == skip else apply(x)
+        return x
+
+    out, counter = rows(build(), family)
     assert torch.isfinite(out).all()
-    inside = [sig[4] <= s <= sig[1] for s in sig[:-1]]
-    # per evaluation: positive (+ its PAG copy), plus the negative only inside the interval
-    for r, ins in zip(counter.rows, inside, strict=True):
-        assert r == (3 if ins else 2)
-    # removing one technique changes the image: every patch took part
-    without_cads = scheduled(pag, "linear", cfg_start=5.0, cfg_end=2.0, sigma_start=sig[1], sigma_end=sig[4])
-    assert not torch.equal(run_sampling(without_cads, family, steps=STEPS, cfg=CFG), out)
+    # per evaluation: the positive and its PAG copy; the negative only inside the interval [sig[4], sig[1]],
+    # and there only until Adaptive Guidance has measured once (step 1)
+    assert counter.rows == [2, 3, 2, 2, 2, 2]
+    # the stack minus any one technique gives another image: every technique took part
+    for name in stack:
+        without, c = rows(build(skip=name), family)
+        assert not torch.equal(without, out), f"removing {name} changed nothing"
+        if name == "adaptive":
+            assert c.rows == [2, 3, 3, 3, 3, 2]
+        if name == "pag":
+            assert c.rows == [1, 2, 1, 1, 1, 1]
 
 
 def test_second_node_of_a_kind_replaces_the_first(models):
@@ -320,6 +372,55 @@ def test_constant_annealing_scheduler_reproduces_cfg(models, family, scheduler_d
     assert counter.rows == [2] * STEPS  # one two-branch evaluation per step, no extra passes
     # the learned scale replaces the sampler's: a sampler CFG of 1 gives the same image
     torch.testing.assert_close(run_custom_sampling(m, family, paper, sig, cfg=1.0), out, rtol=1e-4, atol=1e-4)
+
+
+class RecordingScheduler:
+    """Wraps a scheduler: records what the sampler feeds it and returns a scale that depends on all of it."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __call__(self, timestep, lam, eps_uncond, eps_cond):
+        self.calls.append((float(timestep), float(lam), eps_uncond.clone(), eps_cond.clone()))
+        return self.inner(timestep, lam, eps_uncond, eps_cond)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_annealing_scheduler_gets_the_timestep_lambda_and_guidance_direction(models, family, scheduler_dir):
+    m = models[family]
+    save_scheduler(constant_scheduler(CFG), scheduler_dir / "const.safetensors")
+    sampler = run_node("PreprintSamplerAnnealingGuidance", scheduler_file="const.safetensors", guidance_lambda=0.7,
+                       renoise="unconditional (paper)")[0]
+    recorder = RecordingScheduler(sampler.extra_options["scheduler"])
+    sampler.extra_options["scheduler"] = recorder
+    seen = []
+
+    def capture(args):  # what CFG saw at each evaluation, recorded independently of the sampler
+        seen.append((args["input"].clone(), args["sigma"].clone(), args["cond_denoised"].clone(),
+                     args["uncond_denoised"].clone()))
+        return args["denoised"]
+
+    pm = m.clone()
+    pm.set_model_sampler_post_cfg_function(capture)
+    sig = sigmas_of(m)
+    run_custom_sampling(pm, family, sampler, sig, cfg=CFG)
+    ms = m.get_model_object("model_sampling")
+    flow = isinstance(ms, comfy.model_sampling.CONST)
+    assert len(recorder.calls) == len(seen) == STEPS
+    for (t, lam, eu, ec), (x, s, dc, du), sigma in zip(recorder.calls, seen, sig[:-1], strict=True):
+        assert lam == pytest.approx(0.7)
+        # EPS: the model timestep 0..999 the scheduler was trained on. Flow: the pack's noise level 1 - percent,
+        # i.e. the flow time before Flux's shift sigma = a t / (1 + (a - 1) t), a = exp(mu), is applied
+        sg, a = float(sigma), math.exp(ms.shift) if flow else 1.0
+        expected_t = 999.0 * sg / (a - (a - 1.0) * sg) if flow else float(ms.timestep(sigma.reshape(1)))
+        assert t == pytest.approx(expected_t, abs=0.5), (t, expected_t)
+        a = (1.0 - s) if flow else 1.0
+        sv = s.reshape(-1, 1, 1, 1)
+        a = a.reshape(-1, 1, 1, 1) if flow else a
+        torch.testing.assert_close(eu, (x - a * du) / sv, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ec, (x - a * dc) / sv, rtol=1e-4, atol=1e-4)
+    ts = [c[0] for c in recorder.calls]
+    assert ts == sorted(ts, reverse=True) and ts[0] > ts[-1] + 100
 
 
 def test_annealing_scheduler_file_errors(scheduler_dir):

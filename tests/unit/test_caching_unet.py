@@ -250,3 +250,33 @@ def test_block_cache_profile_mode_judges_a_second_call_at_one_noise_level_on_its
         assert torch.equal(out, reference(unet, x1, torch.tensor([1000.0] * 2)))
     _, reused = _blockcache_call(unet, run, x1, 5.0)  # progress: the profile's zero change allows reuse
     assert reused == len(run.eligible)
+
+
+@pytest.mark.parametrize("make", [lambda u, s: DeepCacheRun(u, s, interval=2, branch=0),
+                                  lambda u, s: EncoderPropagationRun(u, s, interval=2)],
+                         ids=["deepcache", "encoder-propagation"])
+def test_key_step_caches_keep_the_first_call_at_a_refresh_noise_level(unet, make):
+    """A later call at a refresh step's noise level on another input (a degraded guidance pass, a refinement
+    call) computes in full and leaves the features the following steps reuse as the first call made them."""
+    sig = [10.0, 5.0, 2.0, 0.0]
+    g = torch.Generator().manual_seed(7)
+    x0, x_other, x1 = (torch.randn(2, 2, 8, 8, generator=g) for _ in range(3))
+    t10, t5 = torch.tensor([1000.0] * 2), torch.tensor([500.0] * 2)
+    run = make(unet, sig)
+    call(unet, run.plan(x0, _to(10.0)), x0, t10)
+    want = call(unet, run.plan(x1, _to(5.0)), x1, t5)  # step 1 reuses step 0's features
+    with torch.no_grad():
+        assert not torch.equal(want, reference(unet, x1, t5))  # so it depends on what was kept
+
+    # the extra call on the whole batch, then on the cond chunk alone, then with only cond's input changed
+    extra = [(x_other, ("c", "u")), (x_other[:1], ("c",)), (torch.cat([x_other[:1], x0[1:]]), ("c", "u"))]
+    for x, uuids in extra:
+        run = make(unet, sig)
+        call(unet, run.plan(x0, _to(10.0)), x0, t10)
+        counts = BlockCounts()
+        t = t10[: x.shape[0]]
+        out = call(unet, run.plan(x, _to(10.0, uuids)), x, t, counts=counts)
+        with torch.no_grad():
+            assert not counts.not_run and torch.equal(out, reference(unet, x, t))
+        assert torch.equal(call(unet, run.plan(x1, _to(5.0)), x1, t5), want), uuids
+        assert run.reuse_calls == 1
