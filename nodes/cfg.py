@@ -67,6 +67,8 @@ CADS_KEY = "preprint_cads"
 SCHEDULER_FOLDER = "guidance_schedulers"
 
 WrappersMP = comfy.patcher_extension.WrappersMP
+SCHEDULED_CFG_NAME = "Scheduled CFG / Guidance Interval (Preprint)"
+CADS_NAME = "CADS Condition Annealing (Preprint)"
 # The first is the default, kept from the node's first release so saved workflows sample as before.
 CADS_TARGETS = ("positive and negative", "positive only")
 
@@ -378,7 +380,7 @@ class PreprintScheduledCFG(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintScheduledCFG",
-            display_name="Scheduled CFG / Guidance Interval (Preprint)",
+            display_name=SCHEDULED_CFG_NAME,
             category=CATEGORY,
             description=(
                 "Makes the CFG scale follow the noise level (constant, linear, cosine, power or one value per step) "
@@ -410,6 +412,19 @@ class PreprintScheduledCFG(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with the CFG schedule and guidance interval applied.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, schedule=None, custom_scales=None, sigma_start=None, sigma_end=None,
+                        **_) -> bool | str:
+        """Checked by ComfyUI before anything is queued, so the editor marks the node."""
+        def check() -> None:
+            if sigma_start is not None and sigma_end is not None:
+                GuidanceInterval(sigma_start, sigma_end)
+            if schedule == "custom" and custom_scales is not None:
+                if not parse_scale_list(custom_scales):
+                    raise ValueError("schedule 'custom' needs custom_scales: one CFG scale per sampler step, "
+                                     "separated by commas.")
+        return _validation_message(SCHEDULED_CFG_NAME, check)
 
     @classmethod
     def execute(cls, model, schedule: str, cfg_start: float, cfg_end: float, exponent: float, custom_scales: str,
@@ -462,6 +477,15 @@ class PreprintAdaptiveGuidance(io.ComfyNode):
         return io.NodeOutput(_with_technique(model, "adaptive", tech))
 
 
+def _validation_message(node: str, check) -> bool | str:
+    """True, or the error ``check`` raises, prefixed with the node's display name, for ComfyUI's validator."""
+    try:
+        check()
+    except ValueError as e:
+        return f"{node}: {e}"
+    return True
+
+
 def _pooled_dims(model) -> int | None:
     inner = getattr(model, "model", None)
     if isinstance(inner, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)):
@@ -474,7 +498,7 @@ class PreprintCADS(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintCADS",
-            display_name="CADS Condition Annealing (Preprint)",
+            display_name=CADS_NAME,
             category=CATEGORY,
             description=(
                 "CADS (Sadat et al., 'CADS: Unleashing the Diversity of Diffusion Models through Condition-Annealed "
@@ -504,6 +528,13 @@ class PreprintCADS(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with condition annealing.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, tau1=None, tau2=None, noise_scale=None, psi=None, **_) -> bool | str:
+        values = (tau1, tau2, noise_scale, psi)
+        if any(v is None for v in values):
+            return True  # a linked input: checked when the node runs
+        return _validation_message(CADS_NAME, lambda: cads.CADSConfig(*values))
 
     @classmethod
     def execute(cls, model, tau1: float, tau2: float, noise_scale: float, psi: float,

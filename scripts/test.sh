@@ -8,7 +8,7 @@ if ! "$VENV/bin/python" -c 'import preprint, torch, pytest' >/dev/null 2>&1; the
 fi
 export PREPRINT_TIER_SUMMARY="${PREPRINT_TIER_SUMMARY:-$PWD/.pytest_tiers.json}"
 rm -f "$PREPRINT_TIER_SUMMARY"
-"$VENV/bin/python" -m pytest tests/unit tests/host "$@"
+"$VENV/bin/python" -m pytest tests/unit tests/host --durations=15 "$@"
 status=$?
 "$VENV/bin/python" - "$PREPRINT_TIER_SUMMARY" <<'PYEOF'
 import json, sys

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -92,3 +93,40 @@ def test_example_runs_through_http_prompt_api(server):
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert images and (base / "output" / images[0]["filename"]).is_file()
+
+
+def _post_prompt(url: str, prompt: dict) -> tuple[int, dict]:
+    body = json.dumps({"prompt": prompt, "client_id": "preprint-test"}).encode()
+    req = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+SCHEDULED = "Scheduled CFG / Guidance Interval (Preprint)"
+BAD_WIDGETS = {
+    "reversed interval": ({"sigma_start": 1.0, "sigma_end": 2.0}, f"{SCHEDULED}: guidance interval", "Swap"),
+    "malformed custom list": ({"schedule": "custom", "custom_scales": "7, seven, 5"}, SCHEDULED, "'seven'"),
+    "empty custom list": ({"schedule": "custom", "custom_scales": " "}, SCHEDULED, "one CFG scale per"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_WIDGETS))
+def test_bad_widget_values_are_refused_before_anything_is_queued(server, case):
+    """ComfyUI's own validator rejects the prompt (HTTP 400) with the node's message, so the editor marks the
+    node; nothing runs."""
+    url, _ = server
+    prompt = json.loads(SMOKE.read_text())
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "KSampler")
+    widgets, *expected = BAD_WIDGETS[case]
+    prompt["20"] = {"class_type": "PreprintScheduledCFG", "inputs": {
+        "model": ["1", 0], "schedule": "constant", "cfg_start": -1.0, "cfg_end": -1.0, "exponent": 2.0,
+        "custom_scales": "", "sigma_start": -1.0, "sigma_end": -1.0, **widgets}}
+    prompt[sampler]["inputs"]["model"] = ["20", 0]
+    status, answer = _post_prompt(url, prompt)
+    assert status == 400, answer
+    errors = answer["node_errors"]["20"]["errors"]
+    text = " ".join(f"{e['message']} {e.get('details', '')}" for e in errors)
+    assert all(x in text for x in expected), text
