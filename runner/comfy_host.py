@@ -8,6 +8,7 @@ CPU mode is chosen before ``comfy.model_management`` is imported, ``utils.extra_
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import sys
@@ -59,13 +60,15 @@ class Host:
     server: object
     pack_module: object | None = None
     pack_node_ids: list[str] = field(default_factory=list)
+    asset_manager: object | None = None  # newer ComfyUI only
     _executor: object | None = None
 
     def executor(self):
         import execution
 
         if self._executor is None:
-            self._executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+            self._executor = execution.PromptExecutor(self.server, **executor_options(execution.PromptExecutor,
+                                                                                      self.asset_manager))
         return self._executor
 
     def validate(self, prompt: dict) -> list[str]:
@@ -140,14 +143,48 @@ def boot(comfy_path: Path, *, cpu: bool = True, user_custom_nodes: bool = False,
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    prompt_server = server.PromptServer(loop)
+    asset_manager = _asset_manager(server.PromptServer, args)
+    prompt_server = server.PromptServer(loop) if asset_manager is None else server.PromptServer(loop, asset_manager)
     import nodes
 
     loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=user_custom_nodes, init_api_nodes=False))
-    host = Host(comfy_path, loop, prompt_server)
+    host = Host(comfy_path, loop, prompt_server, asset_manager=asset_manager)
     host.pack_module, host.pack_node_ids = load_pack(pack_dir, loop)
     _HOST = host
     return host
+
+
+def server_flags(comfy_path: Path) -> list[str]:
+    """Flags for a ComfyUI server process started by the tests or the command line on this checkout: newer
+    releases turn the assets system on by default, which needs its database packages; switch it off there."""
+    cli_args = (Path(comfy_path) / "comfy" / "cli_args.py").read_text(encoding="utf-8")
+    return ["--disable-assets"] if "--disable-assets" in cli_args else []
+
+
+def _asset_manager(prompt_server_class, args) -> object | None:
+    """Newer ComfyUI's PromptServer takes an asset manager (app.assets.manager); 0.3.64's does not. The in-process
+    host runs with assets off (``--disable-assets``): they need a database and packages a test run has no use for."""
+    if "asset_manager" not in inspect.signature(prompt_server_class.__init__).parameters:
+        return None
+    if hasattr(args, "disable_assets"):
+        args.disable_assets = True
+    from app.assets.manager import default_asset_manager
+
+    return default_asset_manager()
+
+
+def executor_options(executor_class, asset_manager: object | None) -> dict:
+    """Keyword arguments for ``execution.PromptExecutor`` on this ComfyUI: a classic cache everywhere; newer
+    releases read ``cache_args["ram"]`` / ``["ram_inactive"]`` unguarded and take the asset manager."""
+    import execution
+
+    params = inspect.signature(executor_class.__init__).parameters
+    options: dict = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in params:
+        options["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
+    if "asset_manager" in params and asset_manager is not None:
+        options["asset_manager"] = asset_manager
+    return options
 
 
 def _use_models_dir(folder_paths, models_dir: Path) -> None:

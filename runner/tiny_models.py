@@ -40,9 +40,20 @@ def _sdxl_config() -> dict:
 
 def _flux_config() -> dict:
     # Flux-dev layout (19 double stream then 38 single stream blocks, guidance embedding) at hidden size 64.
-    return {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "patch_size": 2, "out_channels": 16,
-            "vec_in_dim": 32, "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4,
-            "depth": 19, "depth_single_blocks": 38, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True}
+    config = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "patch_size": 2, "out_channels": 16,
+              "vec_in_dim": 32, "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4,
+              "depth": 19, "depth_single_blocks": 38, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True}
+    if "txt_ids_dims" in _flux_param_names():
+        config["txt_ids_dims"] = []  # newer ComfyUI requires it: [] is Flux.1 ([3] would be Flux.2)
+    return config
+
+
+def _flux_param_names() -> set[str]:
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    return {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
 
 
 def _sd3_config() -> dict:

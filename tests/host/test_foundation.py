@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import nodes
+from preprint.runner.comfy_host import executor_options, server_flags
 
 from .conftest import HYPHENATED_NAME
 from .harness import make_conds, run_custom_sampling, run_node, run_sampling, tiny_model
@@ -98,10 +100,34 @@ def test_quick_test_for_ci_logs_no_import_failure(comfy_host, tmp_path):
     (base / "custom_nodes").mkdir(parents=True)
     os.symlink(comfy_host.pack_module.__path__[0], base / "custom_nodes" / HYPHENATED_NAME)
     proc = subprocess.run([sys.executable, "main.py", "--quick-test-for-ci", "--cpu", "--base-directory", str(base),
-                           "--database-url", "sqlite:///:memory:"],
+                           "--database-url", "sqlite:///:memory:", *server_flags(comfy_host.path)],
                           cwd=comfy_host.path, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     lines = [line for line in log.splitlines() if HYPHENATED_NAME in line and "seconds" in line]
     assert lines, "ComfyUI did not report importing the pack:\n" + log[-3000:]
     assert all("IMPORT FAILED" not in line for line in lines), lines
+
+
+def test_host_boot_adapts_to_the_server_and_executor_signatures(comfy_host):
+    """The in-process host passes what this ComfyUI's classes take: on 0.3.64 a classic cache and no asset
+    manager; on releases whose PromptExecutor reads cache_args / takes an asset manager, those too."""
+    import execution
+    import server
+
+    options = executor_options(execution.PromptExecutor, comfy_host.asset_manager)
+    takes = inspect.signature(execution.PromptExecutor.__init__).parameters
+    assert options["cache_type"] == execution.CacheType.CLASSIC
+    assert ("cache_args" in options) == ("cache_args" in takes)
+    if "cache_args" in options:
+        assert {"ram", "ram_inactive"} <= options["cache_args"].keys()
+    with_assets = "asset_manager" in inspect.signature(server.PromptServer.__init__).parameters
+    assert (comfy_host.asset_manager is not None) == with_assets
+    assert ("--disable-assets" in server_flags(comfy_host.path)) == with_assets
+
+    class NewerExecutor:  # the newest release's signature, to check the detection itself
+        def __init__(self, server, cache_type=False, cache_args=None, asset_manager=None):
+            pass
+
+    newer = executor_options(NewerExecutor, object())
+    assert newer["cache_args"] == {"lru": 0, "ram": 0, "ram_inactive": 0} and "asset_manager" in newer

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from preprint.runner.comfy_host import PACK_DIR
+from preprint.runner.comfy_host import PACK_DIR, server_flags
 
 from .conftest import HYPHENATED_NAME
 
@@ -39,7 +39,8 @@ def server(comfy_host, tmp_path_factory):
     port = _free_port()
     log = open(base / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--database-url", "sqlite:///:memory:"],
+                             "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+                             *server_flags(comfy_host.path)],
                             cwd=comfy_host.path, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
