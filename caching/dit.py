@@ -11,12 +11,18 @@ arXiv:2504.10540; see :mod:`caching.extrapolation`) instead of a copy of the las
 
 State is per run and per conditioning stream (chunk uuid, perturbed or not): cond and uncond never share a
 residual, and each keeps its own refresh reference.
+
+A block's ``img`` (or ``txt``) may be a tuple of tensors: LTX-2's audio-video transformer passes ``(video,
+audio)`` through one block. Each element is a stream of its own, with its own residuals; the first block's
+criterion must hold for every element.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +35,32 @@ from .unet_runner import BlockCounts
 log = logging.getLogger("preprint.caching")
 
 BlockKey = tuple[str, int]
+
+
+STREAMS = ("img", "txt")
+
+
+def flat_streams(d: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a block's ``img`` / ``txt`` entries by stream name: ``"img"`` for a tensor, ``"img.0"``,
+    ``"img.1"``... for the elements of a tuple."""
+    out: dict[str, torch.Tensor] = {}
+    for s in STREAMS:
+        v = d.get(s)
+        if torch.is_tensor(v):
+            out[s] = v
+        elif isinstance(v, (tuple, list)) and v and all(torch.is_tensor(t) for t in v):
+            out.update((f"{s}.{i}", t) for i, t in enumerate(v))
+    return out
+
+
+@dataclass
+class _Call:
+    """The model call in progress on one thread, set up by its first block."""
+
+    skip: bool = False
+    keys: list[ChunkKey] = field(default_factory=lambda: [("__whole_batch__", False)])
+    pos: float = 0.0
+    tag: Hashable = None
 
 
 class DiTCacheRun:
@@ -52,17 +84,23 @@ class DiTCacheRun:
         self.history: dict[tuple[BlockKey, str, ChunkKey], History] = {}
         self.history_tag: dict[tuple[BlockKey, str, ChunkKey], Hashable] = {}
         self.none_streams: dict[BlockKey, set[str]] = {}
-        self.reference: dict[ChunkKey, tuple[Hashable, torch.Tensor]] = {}
+        self.reference: dict[tuple[ChunkKey, str], tuple[Hashable, torch.Tensor]] = {}
         self.consecutive: dict[ChunkKey, int] = {}
         self.counts = BlockCounts()
         self.calls = 0
         self.skipped_calls = 0
         self.inert = threshold == 0.0
-        # the decision for the model call in progress, made at the first block
-        self._skip = False
-        self._keys: list[ChunkKey] = []
-        self._pos = 0.0
-        self._tag: Hashable = None
+        # Newer ComfyUI may run the cond chunks of one step on several devices at once, one thread each: the
+        # call in progress is per thread, and the shared dicts are read and written under the lock (the blocks
+        # compute outside it).
+        self._local = threading.local()
+        self.lock = threading.RLock()
+
+    def _call(self) -> _Call:
+        call = getattr(self._local, "call", None)
+        if call is None:
+            call = self._local.call = _Call()
+        return call
 
     # -- one block -------------------------------------------------------------------------------------------
     def block(self, key: BlockKey, args: dict, run_block: Callable[[dict], dict]) -> dict:
@@ -70,55 +108,68 @@ class DiTCacheRun:
             return run_block(args)
         if key == self.first:
             return self._first_block(args, run_block)
-        if self._skip and self._can_predict(key, args):
-            self.counts.add(key, False)
-            return self._predict(key, args)
+        call = self._call()
+        with self.lock:
+            predict = call.skip and self._can_predict(call, key, args)
+            if predict:
+                self.counts.add(key, False)
+                return self._predict(call, key, args)
         before = self._inputs(args)
         out = run_block(args)
         self.counts.add(key, True)
-        self._record(key, before, out)
+        with self.lock:
+            self._record(call, key, before, out)
         return out
 
     def _first_block(self, args: dict, run_block: Callable[[dict], dict]) -> dict:
-        self.calls += 1
-        img = args["img"]
+        call = self._local.call = _Call()
+        img = flat_streams({"img": args["img"]})
+        if not img:
+            raise TypeError(f"{self.name}: the first block's 'img' is a {type(args['img']).__name__}, neither a "
+                            "tensor nor a tuple of tensors")
+        lead = next(iter(img.values()))
         to = args.get("transformer_options") or {}
-        self._keys = chunk_keys(to, img.shape[0])
+        call.keys = chunk_keys(to, lead.shape[0])
         sigma = StepClock.sigma_of(to["sigmas"]) if "sigmas" in to else float("inf")
-        self._pos = self.clock.position(sigma) if "sigmas" in to else 0.0
-        self._tag = (tuple(img.shape[1:]), img.shape[0] // len(self._keys), img.dtype, img.device,
-                     tuple(t.shape[1:]) if torch.is_tensor(t := args.get("txt")) else None)
-        # skip only once every block has the `order` computed residuals its extrapolation needs (they are all
-        # computed together, so the first block's history length stands for all of them)
-        ready = all(len(h) >= self.order and self.history_tag.get((self.first, "img", k)) == self._tag
-                    for k in self._keys if (h := self.history.get((self.first, "img", k))) is not None) and all(
-            (self.first, "img", k) in self.history for k in self._keys)
+        call.pos = self.clock.position(sigma) if "sigmas" in to else 0.0
+        call.tag = (tuple((n, tuple(t.shape[1:]), t.dtype, t.device) for n, t in img.items()),
+                    lead.shape[0] // len(call.keys),
+                    tuple(t.shape[1:]) if torch.is_tensor(t := args.get("txt")) else None)
+        with self.lock:
+            self.calls += 1
+            # skip only once every block has the `order` computed residuals its extrapolation needs (they are
+            # all computed together, so the first block's history stands for all of them)
+            ready = all(
+                (h := self.history.get((self.first, n, k))) is not None and len(h) >= self.order
+                and self.history_tag.get((self.first, n, k)) == call.tag for n in img for k in call.keys)
         before = self._inputs(args)
         out = run_block(args)
         self.counts.add(self.first, True)
-        self._record(self.first, before, out)
-
-        residual = out["img"] - before["img"]
+        after = flat_streams(out)
+        residuals = {n: split_chunks(after[n] - before[n], len(call.keys)) for n in img
+                     if n in after and after[n].shape == before[n].shape}
         active = self.sigma_end <= sigma <= self.sigma_start
-        skip = active and ready
-        for k, r in zip(self._keys, split_chunks(residual, len(self._keys)), strict=True):
-            ref = self.reference.get(k)
-            if ref is None or ref[0] != self._tag:
-                skip = False
-                continue
-            if self.consecutive.get(k, 0) >= self.max_skips:
-                skip = False
-            elif relative_l1_change(r, ref[1]) >= self.threshold:
-                skip = False
-        self._skip = skip
-        if skip:
-            self.skipped_calls += 1
-            for k in self._keys:
-                self.consecutive[k] = self.consecutive.get(k, 0) + 1
-        else:
-            for k, r in zip(self._keys, split_chunks(residual, len(self._keys)), strict=True):
-                self.reference[k] = (self._tag, r.detach().clone())
-                self.consecutive[k] = 0
+        with self.lock:
+            self._record(call, self.first, before, out)
+            skip = active and ready and len(residuals) == len(img)
+            for n, parts in residuals.items():
+                for k, r in zip(call.keys, parts, strict=True):
+                    ref = self.reference.get((k, n))
+                    if ref is None or ref[0] != call.tag or self.consecutive.get(k, 0) >= self.max_skips:
+                        skip = False
+                    elif relative_l1_change(r, ref[1]) >= self.threshold:
+                        skip = False
+            call.skip = skip
+            if skip:
+                self.skipped_calls += 1
+                for k in call.keys:
+                    self.consecutive[k] = self.consecutive.get(k, 0) + 1
+            else:
+                for n, parts in residuals.items():
+                    for k, r in zip(call.keys, parts, strict=True):
+                        self.reference[(k, n)] = (call.tag, r.detach().clone())
+                for k in call.keys:
+                    self.consecutive[k] = 0
         return out
 
     # -- residual histories ----------------------------------------------------------------------------------
@@ -127,52 +178,53 @@ class DiTCacheRun:
         """Copies of the block's input streams, taken before it runs.
 
         Many ComfyUI blocks add to their input in place and return that same tensor (Flux's single blocks and
-        text stream, Chroma, LTXV, HunyuanVideo): after the call the input reads as the output, and a residual
-        taken against it would be zero, so a skipped block would act as the identity.
+        text stream, Chroma, LTXV and LTX-2's audio-video blocks, HunyuanVideo): after the call the input reads
+        as the output, and a residual taken against it would be zero, so a skipped block would act as the
+        identity.
         """
-        return {s: args[s].detach().clone() for s in ("img", "txt") if torch.is_tensor(args.get(s))}
+        return {n: t.detach().clone() for n, t in flat_streams(args).items()}
 
-    @staticmethod
-    def _streams(args: dict, out: dict) -> list[str]:
-        return [s for s in ("img", "txt") if torch.is_tensor(args.get(s)) and torch.is_tensor(out.get(s))
-                and args[s].shape == out[s].shape]
-
-    def _record(self, key: BlockKey, before: dict[str, torch.Tensor], out: dict) -> None:
+    def _record(self, call: _Call, key: BlockKey, before: dict[str, torch.Tensor], out: dict) -> None:
         """Push each stream's residual, ``out`` minus the input copy ``before`` (see :meth:`_inputs`)."""
-        for s in ("img", "txt"):
-            if s in before and out.get(s) is None and s in out:
+        for s in STREAMS:
+            if s in out and out[s] is None and any(n == s or n.startswith(s + ".") for n in before):
                 self.none_streams.setdefault(key, set()).add(s)  # e.g. SD3's last block drops the context
-        for s in self._streams(before, out):
-            res = out[s] - before[s]
-            for k, r in zip(self._keys, split_chunks(res, len(self._keys)), strict=True):
-                h = self.history.get((key, s, k))
-                if h is None or self.history_tag.get((key, s, k)) != self._tag:
-                    h = History(self.order)
-                    self.history[(key, s, k)] = h
-                    self.history_tag[(key, s, k)] = self._tag
-                h.push(self._pos, r)
-
-    def _can_predict(self, key: BlockKey, args: dict) -> bool:
-        for s in ("img", "txt"):
-            if not torch.is_tensor(args.get(s)) or s in self.none_streams.get(key, ()):
+        after = flat_streams(out)
+        for n, b in before.items():
+            if n not in after or after[n].shape != b.shape:
                 continue
-            for k in self._keys:
-                h = self.history.get((key, s, k))
-                if h is None or len(h) < self.order or self.history_tag.get((key, s, k)) != self._tag:
+            for k, r in zip(call.keys, split_chunks(after[n] - b, len(call.keys)), strict=True):
+                h = self.history.get((key, n, k))
+                if h is None or self.history_tag.get((key, n, k)) != call.tag:
+                    h = History(self.order)
+                    self.history[(key, n, k)] = h
+                    self.history_tag[(key, n, k)] = call.tag
+                h.push(call.pos, r)
+
+    def _can_predict(self, call: _Call, key: BlockKey, args: dict) -> bool:
+        dropped = self.none_streams.get(key, ())
+        for n in flat_streams({s: args.get(s) for s in STREAMS if s not in dropped}):
+            for k in call.keys:
+                h = self.history.get((key, n, k))
+                if h is None or len(h) < self.order or self.history_tag.get((key, n, k)) != call.tag:
                     return False  # no history for this stream yet: the block must run
         return True
 
-    def _predict(self, key: BlockKey, args: dict) -> dict:
+    def _predict(self, call: _Call, key: BlockKey, args: dict) -> dict:
         out: dict = {}
-        for s in ("img", "txt"):
+        for s in STREAMS:
             a = args.get(s)
-            if not torch.is_tensor(a):
+            parts = flat_streams({s: a})
+            if not parts:
                 continue
             if s in self.none_streams.get(key, ()):
                 out[s] = None
                 continue
-            pred = [self.history[(key, s, k)].predict(self._pos) for k in self._keys]
-            out[s] = a + (pred[0] if len(pred) == 1 else torch.cat(pred, dim=0))
+            new = {}
+            for n, t in parts.items():
+                pred = [self.history[(key, n, k)].predict(call.pos) for k in call.keys]
+                new[n] = t + (pred[0] if len(pred) == 1 else torch.cat(pred, dim=0))
+            out[s] = new[s] if torch.is_tensor(a) else tuple(new[f"{s}.{i}"] for i in range(len(a)))
         return out
 
     def summary(self) -> str:

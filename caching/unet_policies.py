@@ -23,6 +23,7 @@ with other steps, resolution, batch size or dtype starts clean. For every model 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -93,9 +94,35 @@ class UNetCacheRun:
         self.counts = BlockCounts()
         self.calls = 0
         self.reuse_calls = 0
+        self.fallback_calls = 0
+        self._warned: set[tuple[str, ...]] = set()
+        # Newer ComfyUI may run the cond chunks of one step on several devices at once, one thread each, all
+        # against this run. Chunks carry their own uuids, so their entries never collide, but the dicts they
+        # live in and the counters are shared: every read and write of run state goes through this lock; the
+        # blocks themselves compute outside it.
+        self.lock = threading.RLock()
 
     def plan(self, x: torch.Tensor, transformer_options: dict):
         raise NotImplementedError
+
+    def plan_for(self, x: torch.Tensor, transformer_options: dict):
+        """:meth:`plan` for a model call that may run concurrently with others of this run."""
+        with self.lock:
+            plan = self.plan(x, transformer_options)
+        return None if plan is None else LockedPlan(plan, self)
+
+    def fallback(self, unhandled: list[str]) -> None:
+        """Note a call handed to the stock forward because it carries patches the cached forward cannot run;
+        warn once per set of such patches and run."""
+        with self.lock:
+            self.fallback_calls += 1
+            key = tuple(unhandled)
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        log.warning("%s: the model carries %s, which Preprint's cached UNet forward does not know how to run; "
+                    "these calls use ComfyUI's own forward, uncached, so that the patch still applies.",
+                    self.name, ", ".join(unhandled))
 
     def _call(self, x: torch.Tensor, transformer_options: dict) -> tuple[float, list[ChunkKey], tuple]:
         self.calls += 1
@@ -104,11 +131,39 @@ class UNetCacheRun:
         return sigma, keys, _tag(x, len(keys))
 
     def summary(self) -> str:
-        return (f"{self.name}: {self.reuse_calls}/{self.calls} model calls reused cached features; "
+        text = (f"{self.name}: {self.reuse_calls}/{self.calls} model calls reused cached features; "
                 f"{100 * self.counts.skipped_fraction():.0f}% of block evaluations skipped")
+        if self.fallback_calls:
+            text += f"; {self.fallback_calls} calls ran uncached (patches the cached forward does not run)"
+        return text
 
     def finish(self) -> None:
         self.store.clear()
+
+
+class LockedPlan:
+    """A plan whose reads and writes of run state hold the run's lock (see :attr:`UNetCacheRun.lock`)."""
+
+    def __init__(self, plan, run: UNetCacheRun):
+        self.plan, self.run = plan, run
+
+    def action(self, name: BlockName) -> str:
+        with self.run.lock:
+            return self.plan.action(name)
+
+    def cached(self, name: BlockName) -> torch.Tensor:
+        with self.run.lock:
+            return self.plan.cached(name)
+
+    def computed(self, name: BlockName, out: torch.Tensor) -> None:
+        with self.run.lock:
+            self.plan.computed(name, out)
+
+    def after_call(self) -> None:
+        after = getattr(self.run, "after_call", None)
+        if after is not None:
+            with self.run.lock:
+                after(self.plan)
 
 
 class _KeyStepRun(UNetCacheRun):

@@ -2,10 +2,15 @@
 
 It follows ComfyUI's ``UNetModel._forward`` step for step (time embedding, ``emb_patch``, label embedding,
 input / middle / output blocks with ``input_block_patch``, ``input_block_patch_after_skip``,
-``output_block_patch``, ControlNet residuals, ``transformer_options["block"]`` and ``"transformer_index"``)
-and runs every block through the block's own ``forward`` (``forward_timestep_embed``), so attention patches,
-LoRA-patched weights and other per-block hooks behave as in the stock forward. With every block run it
-computes the same numbers, bit for bit.
+``middle_block_after_patch``, ``output_block_patch`` (which may return ``hsp=None``: the block then gets ``h``
+alone), ControlNet residuals, ``transformer_options["block"]`` and ``"transformer_index"``) and runs every block
+through the block's own ``forward`` (``forward_timestep_embed``), so attention patches, LoRA-patched weights and
+other per-block hooks behave as in the stock forward. With every block run it computes the same numbers, bit for
+bit. The middle-block hook and ``hsp=None`` come from newer ComfyUI; they are implemented as its forward does them
+whichever version runs, since a patch that sets them expects that behaviour.
+
+A patch this forward does not know would be dropped silently if the forward replaced the stock one; callers
+check :func:`unhandled_patches` first and hand such calls to the stock forward.
 
 A *plan* decides, block by block and in execution order, one of three actions:
 
@@ -20,6 +25,7 @@ The module imports nothing from ComfyUI: the timestep embedding function is pass
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +36,29 @@ RUN, REUSE, SKIP = "run", "reuse", "skip"
 BlockName = tuple[str, int]
 
 _TRANSFORMER_CLASSES = ("SpatialTransformer", "SpatialVideoTransformer")
+
+# transformer_options["patches"] keys, by who runs them. A key outside these sets may be read by a newer stock
+# forward than the one copied here, so a call that carries one must not go through run_unet.
+FORWARD_PATCHES = frozenset({"emb_patch", "input_block_patch", "input_block_patch_after_skip",
+                             "middle_block_after_patch", "output_block_patch"})
+# read inside the blocks (forward_timestep_embed, BasicTransformerBlock), which run_unet calls as they are
+BLOCK_PATCHES = frozenset({"forward_timestep_embed_patch", "attn1_patch", "attn1_output_patch", "middle_patch",
+                           "attn2_patch", "attn2_output_patch"})
+# read only by transformer (DiT) forwards, never by a UNet: the stock UNet forward ignores them as well
+OTHER_MODEL_PATCHES = frozenset({"double_block", "post_input", "noise_refiner"})
+KNOWN_PATCHES = FORWARD_PATCHES | BLOCK_PATCHES | OTHER_MODEL_PATCHES
+# patches_replace: attention replacements inside the blocks; "dit" belongs to transformer models
+KNOWN_REPLACES = frozenset({"attn1", "attn2", "dit"})
+
+
+def unhandled_patches(transformer_options: dict | None) -> list[str]:
+    """Names of the patches in ``transformer_options`` that :func:`run_unet` would not run (empty lists aside),
+    as ``patches[KEY]`` / ``patches_replace[KEY]``."""
+    to = transformer_options or {}
+    out = [f"patches[{k!r}]" for k, v in (to.get("patches") or {}).items() if v and k not in KNOWN_PATCHES]
+    out += [f"patches_replace[{k!r}]" for k, v in (to.get("patches_replace") or {}).items()
+            if v and k not in KNOWN_REPLACES]
+    return sorted(out)
 
 
 class UNetPlan(Protocol):
@@ -46,10 +75,13 @@ class BlockCounts:
 
     run: dict[BlockName, int] = field(default_factory=dict)
     not_run: dict[BlockName, int] = field(default_factory=dict)
+    # newer ComfyUI can run the cond chunks of one step on several devices at once, one thread each
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: BlockName, ran: bool) -> None:
-        d = self.run if ran else self.not_run
-        d[name] = d.get(name, 0) + 1
+        with self._lock:
+            d = self.run if ran else self.not_run
+            d[name] = d.get(name, 0) + 1
 
     def skipped_fraction(self, cost: dict[BlockName, float] | None = None) -> float:
         """Fraction of block compute not run, weighted by ``cost`` per block (uniform when None)."""
@@ -166,8 +198,11 @@ def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable
             plan.computed(name, h)
             note(name, True)
     ctrl = _take_control(control, "middle")
-    if h is not None:
+    if h is not None:  # a skipped middle block's output is not needed, nor the hooks on it
         h = _add_control(h, ctrl)
+        for p in patches.get("middle_block_after_patch", []):
+            h = p({"h": h, "x": x, "emb": emb, "context": context, "y": y, "timesteps": timesteps,
+                   "transformer_options": to})["h"]
 
     for j, module in enumerate(unet.output_blocks):
         name = ("output", j)
@@ -195,7 +230,8 @@ def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable
         hsp = _add_control(hsp, ctrl)
         for p in patches.get("output_block_patch", []):
             h, hsp = p(h, hsp, to)
-        h = torch.cat([h, hsp], dim=1)
+        if hsp is not None:  # a patch that merged the skip feature into h itself returns None
+            h = torch.cat([h, hsp], dim=1)
         del hsp
         h = module(h, emb, context, to, output_shape, **extra)
         plan.computed(name, h)

@@ -31,7 +31,7 @@ from comfy_api.latest import io
 from ..caching.block_profile import Profile, ProfileError, model_fingerprint
 from ..caching.dit import DiTCacheRun
 from ..caching.unet_policies import BlockCacheRun, DeepCacheRun, EncoderPropagationRun, Window
-from ..caching.unet_runner import run_unet
+from ..caching.unet_runner import run_unet, unhandled_patches
 
 log = logging.getLogger("preprint.caching")
 
@@ -41,7 +41,9 @@ UNET_KEYS = ("preprint_deepcache", "preprint_blockcache", "preprint_encoder_prop
 DIT_KEY = "preprint_dit_cache"
 PROFILE_DIR = "preprint_cache_profiles"
 
-# DiT classes whose every block goes through patches_replace["dit"], by attribute holding the blocks.
+# DiT classes whose every block goes through patches_replace["dit"], by attribute holding the blocks. Subclasses
+# match too: newer ComfyUI's LTX-2 audio-video model (LTXAVModel) is an LTXVModel whose blocks carry a
+# (video, audio) tuple as "img", which DiTCacheRun caches element by element.
 DIT_CLASSES = {"Flux": ("double_blocks", "single_blocks"), "Chroma": ("double_blocks", "single_blocks"),
                "HunyuanVideo": ("double_blocks", "single_blocks"), "OpenAISignatureMMDITWrapper": ("joint_blocks",),
                "MMDiT": ("joint_blocks",), "WanModel": ("blocks",), "QwenImageTransformer2DModel":
@@ -76,7 +78,7 @@ def dit_block_keys(model, node: str) -> list[tuple[str, int]]:
     attrs = next((DIT_CLASSES[c.__name__] for c in type(dm).__mro__ if c.__name__ in DIT_CLASSES), None)
     if attrs is None:
         raise ValueError(f"{node}: this model is a {_model_name(model)}; DiT block caching supports "
-                         "Flux, Chroma, SD3 (MMDiT), HunyuanVideo, Wan, Qwen-Image and LTXV. For SD1.x / SDXL "
+                         "Flux, Chroma, SD3 (MMDiT), HunyuanVideo, Wan, Qwen-Image, LTXV and LTX-2. For SD1.x / SDXL "
                          "UNets use 'DeepCache (Preprint)' or 'Block Cache (Preprint)'.")
     keys = []
     for a in attrs:
@@ -122,7 +124,15 @@ def _unet_forward(key: str, executor, x, timesteps=None, context=None, y=None, c
                   transformer_options=None, **kwargs):
     to = transformer_options if transformer_options is not None else {}
     run = to.get(key)
-    plan = run.plan(x, to) if run is not None and "sigmas" in to else None
+    plan = None
+    if run is not None and "sigmas" in to:
+        # an inert run leaves every call to the stock forward anyway
+        unhandled = [] if getattr(run, "inert", False) else unhandled_patches(to)
+        if unhandled:
+            # our forward replaces the stock one: a patch it does not run would be lost, so this call is not ours
+            run.fallback(unhandled)
+        else:
+            plan = run.plan_for(x, to)
     if plan is None:
         return executor(x, timesteps, context, y, control, to, **kwargs)
     unet = executor.class_obj
@@ -137,9 +147,7 @@ def _run_with_plan(unet, plan, run, x, timesteps=None, context=None, y=None, con
                    **kwargs):
     out = run_unet(unet, plan, timestep_embedding, x, timesteps, context, y, control, transformer_options,
                    counts=run.counts, **kwargs)
-    after = getattr(run, "after_call", None)
-    if after is not None:
-        after(plan)
+    plan.after_call()
     return out
 
 
@@ -385,14 +393,14 @@ class PreprintDiTBlockCache(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Block caching for diffusion transformers (Flux, SD3, Chroma, HunyuanVideo, Wan, Qwen-Image, "
-                "LTXV). The first block always runs; when its output changed less than the threshold since the "
-                "last full step, the other blocks are skipped and their residuals extrapolated with "
-                "Adams-Bashforth weights ('AB-Cache', arXiv:2504.10540) instead of copied; the first-block "
+                "LTXV, LTX-2 audio-video). The first block always runs; when its output changed less than the "
+                "threshold since the last full step, the other blocks are skipped and their residuals extrapolated "
+                "with Adams-Bashforth weights ('AB-Cache', arXiv:2504.10540) instead of copied; the first-block "
                 "criterion follows TeaCache (arXiv:2411.19108). Cond and uncond keep separate caches. Threshold 0 "
                 "is exactly the uncached model."),
             inputs=[
                 io.Model.Input("model", tooltip="A DiT model (Flux, SD3, Chroma, HunyuanVideo, Wan, Qwen-Image, "
-                                                "LTXV)."),
+                                                "LTXV, LTX-2)."),
                 io.Float.Input("threshold", default=0.12, min=0.0, max=2.0, step=0.01,
                                tooltip="Largest relative L1 change of the first block's residual, against the last "
                                        "full step, for which the other blocks are skipped. 0 = never skip; 0.08-0.2 "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import comfy.patcher_extension as pe
 import comfy.samplers
 import pytest
@@ -311,3 +313,36 @@ def test_deepcache_composes_with_preprint_pag(sd15):
         s.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "test_split", _split_calls)
         split = sample(s, "sd15", steps=6, cfg=4.0)
         torch.testing.assert_close(out, split, rtol=1e-4, atol=1e-4 * out.abs().max().item())
+
+
+# -- hooks of newer ComfyUI, and patches the cached forward does not know ----------------------------------------
+def test_middle_block_after_patch_is_run_by_the_cached_forward(sd15):
+    m = sd15.clone()
+    m.set_model_patch(lambda args: {"h": args["h"] * 1.25}, "middle_block_after_patch")
+    # reference: the same change where newer stock forwards make it (after the middle block and its ControlNet
+    # residual, before the first output block), through an output-block hook that every version runs
+    ref = sd15.clone()
+    ref.set_model_output_block_patch(lambda h, hsp, to: (h * 1.25 if to["block"] == ("output", 0) else h, hsp))
+    expected = sample(ref, "sd15", steps=5)
+    assert not torch.equal(expected, sample(sd15, "sd15", steps=5))
+    # calibrate mode runs every block through our forward
+    assert torch.equal(sample(blockcache(m, mode="calibrate", name="middle_patch_check"), "sd15", steps=5), expected)
+
+
+@pytest.mark.parametrize("kind", ["patches", "patches_replace"])
+def test_an_unknown_patch_hands_every_call_to_the_stock_forward(sd15, kind, caplog):
+    m = sd15.clone()
+    if kind == "patches":
+        m.set_model_patch(lambda *a: a[0], "future_patch")
+    else:
+        m.set_model_patch_replace(lambda *a: a[0], "future_replace", "middle", 0)
+    expected = sample(m, "sd15", steps=6, cfg=4.0)
+    c = deepcache(m, interval=2)
+    with caplog.at_level(logging.WARNING, logger="preprint.caching"):
+        out = sample(c, "sd15", steps=6, cfg=4.0)
+    assert torch.equal(out, expected)
+    name = "future_patch" if kind == "patches" else "future_replace"
+    warned = [r for r in caplog.records if name in r.getMessage()]
+    assert len(warned) == 1 and "uncached" in warned[0].getMessage()  # once per run, not once per call
+    rep = report(c, "preprint_deepcache")
+    assert "6 calls ran uncached" in rep["summary"] and rep["counts"].skipped_fraction() == 0
