@@ -12,13 +12,15 @@ SAMPLER can be wrapped again. Nothing is patched on the model, and all state liv
 
 from __future__ import annotations
 
+import math
+
 import comfy.samplers
 import torch
 from comfy_api.latest import io
 
 from ..samplers.adaptive_diffusion import AdaptiveConfig, AdaptiveDiffusionSampler
 from ..samplers.omegance import SCHEDULES, OmeganceConfig, omegance_sampler
-from ..samplers.time_shift import TimeAxis, TimeShiftConfig, time_shift_sampler
+from ..samplers.time_shift import TimeAxis, TimeShiftConfig, tabulated_inverse, time_shift_sampler
 from ._host import model_sampling_of, parameterisation_of
 
 CATEGORY = "Preprint/samplers"
@@ -41,8 +43,27 @@ def rewrap(sampler: comfy.samplers.KSAMPLER, fn) -> comfy.samplers.KSAMPLER:
                                    inpaint_options=dict(sampler.inpaint_options))
 
 
+def sigma_inverts_timestep(model_sampling) -> bool:
+    """Whether ``model_sampling.sigma`` undoes ``model_sampling.timestep`` on the model's own sigma table.
+
+    True for the discrete and EDM samplings; false for the shifted flow samplings (SD3, Flux), whose
+    ``timestep(sigma)`` is ``sigma`` (times a multiplier) while ``sigma(t)`` applies the shift.
+    """
+    table = getattr(model_sampling, "sigmas", None)
+    if table is None:  # a sampling without a sigma table: probe its range log-uniformly
+        lo, hi = math.log(float(model_sampling.sigma_min)), math.log(float(model_sampling.sigma_max))
+        table = torch.linspace(lo, hi, 257).exp()
+    table = table.detach().float().reshape(-1)
+    back = model_sampling.sigma(model_sampling.timestep(table)).float().to(table.device)
+    return bool(((back - table).abs() <= 1e-4 * table.abs() + 1e-7).all())
+
+
 def time_axis_of(model_sampling) -> TimeAxis:
-    """ComfyUI's training-time axis, normalised so ``t(sigma_max) = 1``."""
+    """ComfyUI's training-time axis, normalised so ``t(sigma_max) = 1``.
+
+    ``t`` is what the network is fed (``model_sampling.timestep``); its inverse is ``model_sampling.sigma`` only
+    where that is one, else a table of ``timestep`` is inverted, so a candidate's sigma is fed as its ``t``.
+    """
     top = float(model_sampling.timestep(torch.tensor([float(model_sampling.sigma_max)])).float().reshape(-1)[0])
     if not top > 0:
         raise ValueError("Time-Shift: the model's timestep at sigma_max is not positive; unsupported model type.")
@@ -51,6 +72,10 @@ def time_axis_of(model_sampling) -> TimeAxis:
         # ModelSamplingDiscrete.timestep only takes 1-D input
         t = model_sampling.timestep(sigma.float().reshape(-1)).reshape(sigma.shape)
         return t.to(device=sigma.device, dtype=torch.float64) / top
+
+    if not sigma_inverts_timestep(model_sampling):
+        inverse = tabulated_inverse(t_of_sigma, float(model_sampling.sigma_min), float(model_sampling.sigma_max))
+        return TimeAxis(t_of_sigma, inverse)
 
     def sigma_of_t(t: torch.Tensor) -> torch.Tensor:
         return model_sampling.sigma((t * top).float()).to(device=t.device, dtype=torch.float64)
@@ -90,8 +115,12 @@ class PreprintTimeShiftSampler(io.ComfyNode):
                                tooltip="No shift at or below this training timestep (of 1000): the last, "
                                        "low-noise steps run unchanged. The paper uses 200 to 400."),
                 io.Float.Input("data_variance", default=0.0, min=0.0, max=4.0, step=0.05,
-                               tooltip="Per-sample variance assumed for clean latents in the variance match. 0 is "
-                                       "the paper's rule; about 1 suits SD latents if the shift proves too strong."),
+                               tooltip="Per-sample variance of clean samples assumed in the variance match. 0 is "
+                                       "the paper's rule, made for pixel data in [-1, 1]; on latents whose "
+                                       "variance is near 1 (SD, SDXL, Flux) it moves every call to the noisiest "
+                                       "timestep of the window. At 1 nothing shifts (every timestep then expects "
+                                       "the same variance). Use the measured variance of your clean latents when "
+                                       "it is well away from 1."),
             ],
             outputs=[io.Sampler.Output(tooltip=OUT_TIP)],
         )

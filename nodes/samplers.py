@@ -10,6 +10,7 @@ Papers:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import comfy.samplers
@@ -62,8 +63,9 @@ KSAMPLER_TIME_ENTRIES = {
 
 _FLOW_LAMBDA_TIP = ("Flow models (Flux, SD3) only. log_snr: step in the true log-SNR log((1-sigma)/sigma), the "
                     "paper's variable; sigma: step in -log(sigma) like ComfyUI's own samplers. Both solve the same "
-                    "ODE. auto: log_snr for 2M / 3M, sigma for 2S / 3S (the more accurate of the two on the usual "
-                    "Flux / SD3 schedules in our benchmark). Ignored on EPS models.")
+                    "ODE. auto: log_snr for 2M / 3M, sigma for 2S / 3S. On the usual Flux / SD3 schedules the "
+                    "choice changes the result by a few percent at most; on log-SNR-uniform steps log_snr suits "
+                    "2M / 3M and sigma suits 3S (see the README's benchmark). Ignored on EPS models.")
 
 
 class PreprintSamplerDPMSolverPP(io.ComfyNode):
@@ -85,7 +87,8 @@ class PreprintSamplerDPMSolverPP(io.ComfyNode):
                                tooltip="2M: second-order multistep (the paper's recommendation for guided "
                                        "sampling). 3M: third-order multistep, better from about 15 steps. 2S / 3S: "
                                        "singlestep, 2 / 3 model calls per step (halve or third the step count "
-                                       "for the same cost)."),
+                                       "for the same cost); on flow models (Flux, SD3) prefer 2M / 3M, whose "
+                                       "extra steps shorten the schedule's final jump to sigma 0."),
                 io.Boolean.Input("lower_order_final", default=True,
                                  tooltip="Multistep only: use lower orders on the last steps when sampling with "
                                          "fewer than 10 steps (the official default; it stabilises very short "
@@ -98,10 +101,15 @@ class PreprintSamplerDPMSolverPP(io.ComfyNode):
                                          "as SD1.5, SDXL, Flux."),
                 io.Float.Input("threshold_percentile", default=0.995, min=0.5, max=1.0, step=0.001, optional=True,
                                tooltip="Dynamic thresholding: the percentile of |x0| per sample used as the clip "
-                                       "level s (Imagen uses 0.995)."),
-                io.Float.Input("threshold_max", default=10.0, min=1.0, max=100.0, step=0.1, optional=True,
-                               tooltip="Dynamic thresholding: upper bound on s (s is at least 1). Large values "
-                                       "give Imagen's rule; 1 gives a static clip to [-1, 1]."),
+                                       "level s (Imagen and the official DPM-Solver++ use 0.995)."),
+                io.Float.Input("threshold_max", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="Dynamic thresholding: optional ceiling on s (diffusers' sample_max_value); "
+                                       "0 = no ceiling, the official rule. With threshold_floor 1, a ceiling of 1 "
+                                       "gives a static clip to [-1, 1]."),
+                io.Float.Input("threshold_floor", default=1.0, min=0.01, max=100.0, step=0.05, optional=True,
+                               tooltip="Dynamic thresholding: s is at least this (the official DPM-Solver++ "
+                                       "thresholding_max_val, s = max(percentile, floor); default 1 as there and "
+                                       "in Imagen)."),
             ],
             outputs=[io.Sampler.Output(tooltip="A SAMPLER for SamplerCustom / SamplerCustomAdvanced.")],
         )
@@ -109,11 +117,15 @@ class PreprintSamplerDPMSolverPP(io.ComfyNode):
     @classmethod
     def execute(cls, solver: str, lower_order_final: bool, flow_lambda: str = "auto",
                 dynamic_thresholding: bool = False, threshold_percentile: float = 0.995,
-                threshold_max: float = 10.0) -> io.NodeOutput:
+                threshold_max: float = 0.0, threshold_floor: float = 1.0) -> io.NodeOutput:
+        ceiling = threshold_max if threshold_max > 0.0 else math.inf
+        if dynamic_thresholding and ceiling < threshold_floor:
+            raise ValueError(f"DPM-Solver++: threshold_max ({threshold_max}) is below threshold_floor "
+                             f"({threshold_floor}); raise threshold_max, set it to 0 (no ceiling) or lower the floor.")
         fn = with_model_parameterisation(DPMPP_VARIANTS[solver])
         options = {"lower_order_final": lower_order_final, "flow_lambda": flow_lambda,
                    "threshold_percentile": threshold_percentile if dynamic_thresholding else 0.0,
-                   "threshold_max": threshold_max}
+                   "threshold_max": ceiling, "threshold_floor": threshold_floor}
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn, extra_options=options))
 
 

@@ -20,7 +20,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..samplers.gits import GITSTable, search_table
+from ..samplers.gits import METRICS, TEACHERS, CostAccumulator, GITSTable, teacher_trajectory
 from ..samplers.schedules import logistic_sigmas
 from ._host import parameterisation_of
 
@@ -84,10 +84,12 @@ class PreprintLogisticScheduler(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Number of sampling steps."),
                 io.Float.Input("k", default=15.0, min=0.1, max=100.0, step=0.5,
                                tooltip="Steepness of the logistic curve over the normalised time t in [0, 1]. "
-                                       "Larger spans a wider range of noise levels."),
+                                       "Larger spans a wider range of noise levels. 15 is this pack's default (not a "
+                                       "value from the paper); with t0 0.5 it equals the 'exponential' scheduler on "
+                                       "SD1.5 / SDXL."),
                 io.Float.Input("t0", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Midpoint of the curve (where half the signal remains), as a fraction of the "
-                                       "training schedule."),
+                                       "training schedule (0.5: this pack's default)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Below 1, the last part of a longer schedule (img2img), as BasicScheduler."),
             ],
@@ -107,6 +109,13 @@ def grid_options() -> list[str]:
     return [GRID_AUTO] + [n for n in comfy.samplers.SCHEDULER_NAMES if not n.startswith("preprint_")]
 
 
+_METRIC_TIP = ("How a one-step jump is scored against the teacher. dev (official default and Stable Diffusion "
+               "recipe): how far the jump leaves the straight line through the trajectory's ends, minus how far "
+               "the teacher does. l2 / l1 (official options): distance to the teacher state as the sampler carries "
+               "it. vp_l2 (Preprint): l2 on the variance-preserving state; it beat the others and Karras sigmas on "
+               "SD-type models in our exact-score benchmark, where dev lost to Karras.")
+
+
 class PreprintGITSScheduler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -117,10 +126,12 @@ class PreprintGITSScheduler(io.ComfyNode):
             description=(
                 "GITS (Chen et al., 'On the Trajectory Regularity of ODE-based Diffusion Sampling', "
                 "arXiv:2405.11326): searches the best few-step schedule for YOUR model, prompt, CFG and latent size. "
-                "A teacher (iPNDM) solves a few warm-up samples on a fine grid, every one-step jump is scored against "
-                "it, and dynamic programming picks the path. Costs about warmup_samples x teacher_steps model "
-                "evaluations (x2 with CFG), once; the result is cached with the graph. Outputs the SIGMAS and a MODEL "
-                "that lets the stock KSampler use the search through the 'preprint_gits' scheduler."
+                "A teacher solves warm-up samples on a fine grid, every one-step jump is scored against it, and "
+                "dynamic programming picks the path. Defaults are the official Stable Diffusion recipe (DPM-Solver++ "
+                "teacher, 60 steps, 'dev' cost, coeff 1.20, 256 warm-up samples). Costs about warmup_samples x "
+                "teacher_steps model evaluations (x2 with CFG), once; the result is cached with the graph. Outputs "
+                "the SIGMAS and a MODEL that lets the stock KSampler use the search through the 'preprint_gits' "
+                "scheduler."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to search the schedule for (LoRAs and patches included)."),
@@ -132,18 +143,27 @@ class PreprintGITSScheduler(io.ComfyNode):
                                tooltip="CFG scale of the warm-up samples: use the scale you will sample with."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the warm-up noise."),
-                io.Int.Input("warmup_samples", default=4, min=1, max=64,
-                             tooltip="Warm-up samples solved by the teacher in one batch. More gives a steadier "
-                                     "search at proportional cost (and memory)."),
-                io.Int.Input("teacher_steps", default=48, min=4, max=200,
-                             tooltip="Steps of the fine grid the schedule is chosen from (the official search uses "
-                                     "60); also the most steps the search can serve."),
-                io.Float.Input("coeff", default=1.15, min=0.5, max=2.0, step=0.01,
-                               tooltip="Weight on later jumps in the search (official default 1.15); 1 weighs all "
-                                       "steps equally, larger favours accuracy near the end."),
+                io.Int.Input("warmup_samples", default=256, min=1, max=4096,
+                             tooltip="Warm-up samples solved by the teacher (official: 256). The search costs "
+                                     "warmup_samples x teacher_steps model evaluations: lower it for a quick, "
+                                     "less steady search (a few to a few dozen samples)."),
+                io.Int.Input("teacher_steps", default=60, min=4, max=200,
+                             tooltip="Steps of the fine grid the schedule is chosen from (official: 60, i.e. 61 "
+                                     "timestamps); also the most steps the search can serve."),
+                io.Float.Input("coeff", default=1.2, min=0.5, max=2.0, step=0.01,
+                               tooltip="Weight on later jumps in the search (official: 1.15 by default, 1.20 in the "
+                                       "Stable Diffusion recipe); 1 weighs all steps equally, larger favours "
+                                       "accuracy near the end."),
                 io.Combo.Input("grid", options=grid_options(), default=GRID_AUTO,
                                tooltip="Scheduler that lays out the teacher's fine grid. auto: karras for EPS models, "
                                        "simple for flow models."),
+                io.Combo.Input("metric", options=list(METRICS), default="dev", optional=True, tooltip=_METRIC_TIP),
+                io.Combo.Input("teacher", options=list(TEACHERS), default="dpmpp_2m", optional=True,
+                               tooltip="Solver of the warm-up trajectories: dpmpp_2m (DPM-Solver++ 2M, the official "
+                                       "Stable Diffusion recipe) or ipndm (the official default)."),
+                io.Int.Input("warmup_batch", default=8, min=1, max=256, optional=True,
+                             tooltip="Warm-up samples solved per batch: bounds memory (one batch's trajectory is "
+                                     "kept on the CPU at a time); does not change the result."),
             ],
             outputs=[
                 io.Sigmas.Output(tooltip="The searched schedule for 'steps' steps."),
@@ -154,7 +174,8 @@ class PreprintGITSScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, steps: int, cfg: float, seed: int,
-                warmup_samples: int, teacher_steps: int, coeff: float, grid: str) -> io.NodeOutput:
+                warmup_samples: int, teacher_steps: int, coeff: float, grid: str, metric: str = "dev",
+                teacher: str = "dpmpp_2m", warmup_batch: int = 8) -> io.NodeOutput:
         if steps > teacher_steps:
             raise ValueError(f"GITS Schedule Search: steps ({steps}) must not exceed teacher_steps ({teacher_steps}); "
                              "raise teacher_steps.")
@@ -165,18 +186,20 @@ class PreprintGITSScheduler(io.ComfyNode):
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         warm = torch.zeros((warmup_samples, *latent.shape[1:]), dtype=latent.dtype)
         noise = comfy.sample.prepare_noise(warm, seed)
-        found: dict[str, GITSTable] = {}
+        acc = CostAccumulator(fine, kind, metric)
 
-        def teacher(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-            found["table"] = search_table(model_k, x, sigmas, kind, coeff, extra_args)
+        def solve(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            acc.add(*teacher_trajectory(model_k, x, sigmas, teacher, kind, extra_args))
             return x
 
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
-        log.info("GITS: warm-up of %d samples x %d teacher steps (grid %s)", warmup_samples, teacher_steps, grid_name)
-        guider.sample(noise, warm, comfy.samplers.KSAMPLER(teacher), fine, seed=seed, disable_pbar=True)
-        table = found["table"]
+        log.info("GITS: warm-up of %d samples x %d teacher steps (%s teacher, grid %s, %s cost)", warmup_samples,
+                 teacher_steps, teacher, grid_name, metric)
+        for chunk_noise, chunk in zip(noise.split(warmup_batch), warm.split(warmup_batch), strict=True):
+            guider.sample(chunk_noise, chunk, comfy.samplers.KSAMPLER(solve), fine, seed=seed, disable_pbar=True)
+        table = acc.table(coeff, teacher)
         patched_ms = copy.deepcopy(ms)
         setattr(patched_ms, GITS_ATTR, table)
         out = model.clone()

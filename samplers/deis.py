@@ -86,29 +86,32 @@ def _gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tab_coefficients(sigma_hist: list[torch.Tensor], sigma_next: torch.Tensor, kind: Parameterisation,
-                     space: str, time_fn: TimeFn) -> list[float]:
+                     space: str, time_fn: TimeFn) -> torch.Tensor:
     """C_j = int_{g_i}^{g_next} l_j(tau(g)) dg for the Lagrange basis through ``sigma_hist`` (newest last).
 
-    The integral runs in u = log g (dg = g du); the nodes' tau values must be distinct and finite.
+    The integral runs in u = log g (dg = g du); the nodes' tau values must be distinct and finite. Returns a
+    float64 vector on the sigmas' device: ComfyUI hands samplers sigmas on the model's device, and the
+    quadrature must stay there (no host round trip per coefficient).
     """
     taus = torch.stack([_poly_var(s, kind, space, time_fn) for s in sigma_hist])
     s_i = sigma_hist[-1].to(torch.float64)
     s_n = sigma_next.to(torch.float64)
     u0 = (s_i / alpha(s_i, kind)).log()
     u1 = (s_n / alpha(s_n, kind)).log()
-    nodes, weights = _gauss_legendre(_GL_NODES)
+    nodes, weights = (v.to(s_i.device) for v in _gauss_legendre(_GL_NODES))
     u = 0.5 * (u1 - u0) * nodes + 0.5 * (u1 + u0)
     sig_q = sigma_from_half_log_snr(-u, kind)
-    tau_q = _poly_var(sig_q, kind, space, time_fn)
+    tau_q = _poly_var(sig_q, kind, space, time_fn).to(s_i.device)
     w = weights * 0.5 * (u1 - u0) * u.exp()  # dg = g du
+    taus = taus.to(s_i.device)
     coeffs = []
     for j in range(len(taus)):
         basis = torch.ones_like(tau_q)
         for k in range(len(taus)):
             if k != j:
                 basis = basis * (tau_q - taus[k]) / (taus[j] - taus[k])
-        coeffs.append(float((w * basis).sum()))
-    return coeffs
+        coeffs.append((w * basis).sum())
+    return torch.stack(coeffs)
 
 
 def _usable_order(sigma_hist: list[torch.Tensor], kind: Parameterisation, space: str, time_fn: TimeFn) -> int:

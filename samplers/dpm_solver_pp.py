@@ -10,11 +10,14 @@ For EPS models (``alpha = 1``) the 2M update is the same arithmetic as ComfyUI's
 ``flow_lambda`` chooses the variable a flow model is integrated in: ``"log_snr"`` (the paper's
 lambda = log((1 - sigma) / sigma)) or ``"sigma"`` (lambda = -log sigma with alpha = 1, the formula ComfyUI's
 core samplers apply to every model; it integrates the same ODE ``dx/dsigma = (x - D) / sigma`` and differs
-only in which variable the data prediction is treated as polynomial in). ``"auto"`` (the default) takes what
-benchmarks/samplers_accuracy.py measured as more accurate on the shifted-linear flow schedules users run:
-log_snr for multistep, sigma for singlestep. A schedule that starts at sigma = 1 has lambda = -inf there, so
-with log_snr the first interval cannot inform a derivative estimate and multistep warm-up lasts a step
-longer, while singlestep cannot place its intermediate points in that interval at all.
+only in which variable the data prediction is treated as polynomial in). A schedule that starts at sigma = 1
+has lambda = -inf there, so with log_snr the first interval cannot inform a derivative estimate (multistep
+warm-up runs orders 1, 1, 2, 3: the longest finite trailing window) and singlestep cannot place intermediate
+points in it. ``"auto"`` (the default) is log_snr for multistep and sigma for singlestep. Measured by
+benchmarks/samplers_accuracy.py against the exact sigma-0 solution: on the shifted-linear flow schedules users
+run the choice changes the error by at most a few percent (the final jump from the last non-zero sigma
+dominates); on log-SNR-uniform steps log_snr is several times more accurate for 2M / 3M, and sigma more accurate
+for 3S in most cells.
 """
 
 from __future__ import annotations
@@ -46,28 +49,35 @@ def integration_kind(kind: Parameterisation, flow_lambda: str, singlestep: bool 
     return "eps" if (kind == "flow" and flow_lambda == "sigma") else kind
 
 
-def dynamic_threshold(x0: torch.Tensor, percentile: float, max_value: float = math.inf) -> torch.Tensor:
-    """Imagen-style dynamic thresholding of a data prediction (Saharia et al., arXiv:2205.11487, Sec. 2.3).
+def dynamic_threshold(x0: torch.Tensor, percentile: float, max_value: float = math.inf,
+                      floor: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding of a data prediction (Saharia et al., arXiv:2205.11487, Sec. 2.3).
 
-    Per sample, ``s = clamp(quantile_p(|x0|), 1, max_value)``; ``x0`` is clipped to ``[-s, s]`` and divided by
-    ``s``, so pixels are pulled back into [-1, 1] without the saturation of a hard clip. Meant for
-    pixel-space models whose data lives in [-1, 1]; latent-space models should leave it off.
+    Per sample, ``s = clamp(quantile_p(|x0|), floor, max_value)``; ``x0`` is clipped to ``[-s, s]`` and divided
+    by ``s``, so pixels are pulled back into [-1, 1] without the saturation of a hard clip. ``floor`` is the
+    official DPM-Solver++ ``thresholding_max_val`` (``s = max(quantile, max_val)``, default 1, which is
+    Imagen's rule); ``max_value`` is an optional ceiling on ``s`` (diffusers' ``sample_max_value``), off at
+    infinity. Meant for pixel-space models whose data lives in [-1, 1]; latent-space models should leave it off.
     """
     if not 0.0 < percentile <= 1.0:
         raise ValueError(f"dynamic thresholding percentile must be in (0, 1], got {percentile}")
-    if max_value < 1.0:
-        raise ValueError(f"dynamic thresholding max value must be >= 1, got {max_value}")
+    if not (floor > 0.0 and math.isfinite(floor)):
+        raise ValueError(f"dynamic thresholding floor (thresholding_max_val) must be > 0, got {floor}")
+    if max_value < floor:
+        raise ValueError(f"dynamic thresholding max value ({max_value}) must be >= the floor ({floor})")
     flat = x0.abs().flatten(1).float()
-    s = torch.quantile(flat, percentile, dim=1).to(x0.dtype).clamp(min=1.0, max=max_value)
+    s = torch.quantile(flat, percentile, dim=1).to(x0.dtype).clamp(min=floor, max=max_value)
     s = s.reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-def _data_model(model, extra_args: dict, threshold_percentile: float, threshold_max: float):
+def _data_model(model, extra_args: dict, threshold_percentile: float, threshold_max: float,
+                threshold_floor: float = 1.0):
     """``model`` with optional dynamic thresholding of every data prediction (the paper's Sec. 4 setting)."""
     if threshold_percentile <= 0.0:
         return lambda x, sigma: model(x, sigma, **extra_args)
-    return lambda x, sigma: dynamic_threshold(model(x, sigma, **extra_args), threshold_percentile, threshold_max)
+    return lambda x, sigma: dynamic_threshold(model(x, sigma, **extra_args), threshold_percentile, threshold_max,
+                                              threshold_floor)
 
 
 def _multistep_update(
@@ -108,18 +118,30 @@ def _multistep_update(
     return x_next + alpha_next * phi_2 * d1 - alpha_next * phi_3 * d2
 
 
-def effective_order(step: int, total_steps: int, order: int, history: int, lower_order_final: bool,
-                    lambdas_finite: bool) -> int:
-    """Order actually used at ``step``: warm-up from history, and lower order on the last steps of short runs.
+def finite_tail(lambdas: list[torch.Tensor]) -> int:
+    """How many of the newest entries of a lambda history are finite (the usable multistep window).
 
-    Lower-order final steps follow the official code: with fewer than 10 steps the last ``order - 1`` steps
-    drop to order ``total_steps - step``, which keeps few-step sampling stable.
+    A flow schedule starting at sigma = 1 has lambda = -inf there; only that entry is unusable, so the order
+    must drop to the longest finite trailing window, not to 1 while it stays in the history.
+    """
+    n = 0
+    for lam in reversed(lambdas):
+        if not bool(torch.isfinite(lam).all()):
+            break
+        n += 1
+    return n
+
+
+def effective_order(step: int, total_steps: int, order: int, history: int, lower_order_final: bool) -> int:
+    """Order actually used at ``step``: warm-up from the usable history, lower order on the last steps of short runs.
+
+    ``history`` is the number of newest evaluations the rule may combine (see :func:`finite_tail`). Lower-order
+    final steps follow the official code: with fewer than 10 steps the last ``order - 1`` steps drop to order
+    ``total_steps - step``, which keeps few-step sampling stable.
     """
     k = min(order, history)
     if lower_order_final and total_steps < 10:
         k = min(k, total_steps - step)
-    if not lambdas_finite:
-        k = 1
     return max(k, 1)
 
 
@@ -127,13 +149,14 @@ def effective_order(step: int, total_steps: int, order: int, history: int, lower
 def sample_dpmpp_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, order: int = 2,
                            parameterisation: Parameterisation = "eps", lower_order_final: bool = True,
                            flow_lambda: FlowLambda = "auto", threshold_percentile: float = 0.0,
-                           threshold_max: float = math.inf):
+                           threshold_max: float = math.inf, threshold_floor: float = 1.0):
     """DPM-Solver++ multistep (2M / 3M) in data prediction (Lu et al., arXiv:2211.01095)."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3, got {order}")
     kind = integration_kind(check_parameterisation(parameterisation), flow_lambda)
     sigmas = check_sigmas(sigmas, "DPM-Solver++ multistep")
-    data = _data_model(model, {} if extra_args is None else extra_args, threshold_percentile, threshold_max)
+    data = _data_model(model, {} if extra_args is None else extra_args, threshold_percentile, threshold_max,
+                       threshold_floor)
     s_in = x.new_ones([x.shape[0]])
     total = len(sigmas) - 1
     hist_x0: list[torch.Tensor] = []
@@ -144,8 +167,7 @@ def sample_dpmpp_multistep(model, x, sigmas, extra_args=None, callback=None, dis
         step_callback(callback, x, i, sigma, denoised)
         hist_x0 = (hist_x0 + [denoised])[-order:]
         hist_lam = (hist_lam + [half_log_snr(sigma, kind)])[-order:]
-        k = effective_order(i, total, order, len(hist_x0), lower_order_final,
-                            bool(torch.isfinite(torch.stack(hist_lam)).all()))
+        k = effective_order(i, total, order, finite_tail(hist_lam), lower_order_final)
         x = _multistep_update(x, hist_x0, hist_lam, sigma, sigma_next, kind, k)
     return x
 
@@ -211,7 +233,8 @@ def singlestep_update(data, x: torch.Tensor, m0: torch.Tensor, sigma: torch.Tens
 @torch.no_grad()
 def sample_dpmpp_singlestep(model, x, sigmas, extra_args=None, callback=None, disable=None, order: int = 2,
                             parameterisation: Parameterisation = "eps", flow_lambda: FlowLambda = "auto",
-                            threshold_percentile: float = 0.0, threshold_max: float = math.inf, **_ignored):
+                            threshold_percentile: float = 0.0, threshold_max: float = math.inf,
+                            threshold_floor: float = 1.0, **_ignored):
     """DPM-Solver++ singlestep (2S / 3S) in data prediction (Lu et al., arXiv:2211.01095, Algorithm 1).
 
     Every interval of the sigma list is one step of ``order`` model calls (the last step to sigma = 0 is a
@@ -221,7 +244,8 @@ def sample_dpmpp_singlestep(model, x, sigmas, extra_args=None, callback=None, di
         raise ValueError(f"DPM-Solver++ singlestep order must be 1, 2 or 3, got {order}")
     kind = integration_kind(check_parameterisation(parameterisation), flow_lambda, singlestep=True)
     sigmas = check_sigmas(sigmas, "DPM-Solver++ singlestep")
-    data = _data_model(model, {} if extra_args is None else extra_args, threshold_percentile, threshold_max)
+    data = _data_model(model, {} if extra_args is None else extra_args, threshold_percentile, threshold_max,
+                       threshold_floor)
     s_in = x.new_ones([x.shape[0]])
     for i in progress(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -27,7 +27,14 @@ import torch
 
 from ..utils.noise_schedule import Parameterisation, alpha, check_parameterisation, half_log_snr
 from .common import check_sigmas, progress, step_callback
-from .dpm_solver_pp import FlowLambda, _data_model, _multistep_update, effective_order, integration_kind
+from .dpm_solver_pp import (
+    FlowLambda,
+    _data_model,
+    _multistep_update,
+    effective_order,
+    finite_tail,
+    integration_kind,
+)
 
 MomentumKind = Literal["hb", "ghvb"]
 
@@ -110,8 +117,7 @@ def sample_dpmpp_hb(model, x, sigmas, extra_args=None, callback=None, disable=No
         step_callback(callback, x, i, sigma, denoised)
         hist_x0 = (hist_x0 + [denoised])[-order:]
         hist_lam = (hist_lam + [half_log_snr(sigma, kind)])[-order:]
-        k = effective_order(i, total, order, len(hist_x0), lower_order_final,
-                            bool(torch.isfinite(torch.stack(hist_lam)).all()))
+        k = effective_order(i, total, order, finite_tail(hist_lam), lower_order_final)
         if beta == 1.0 or sigma_next == 0 or (k == 1 and vel is None):
             # no momentum: exactly the plain solver's arithmetic; the last jump to 0 is the denoised state, and
             # the first-order warm-up step stays plain (the velocity starts at the first multistep direction,

@@ -12,7 +12,17 @@ On ComfyUI's sigma axis (``x = alpha(sigma) x0 + sigma eps``):
 * A state at ``sigma`` is the variance-preserving state ``x / n(sigma)`` with ``n = sqrt(alpha^2 + sigma^2)``
   (``sqrt(1 + sigma^2)`` for EPS models, ``sqrt((1-sigma)^2 + sigma^2)`` for flow models); the paper's
   ``1 - abar_t'`` is ``sigma'^2 / n(sigma')^2``. With a data variance ``v`` (the paper's code uses 0), the
-  marginal variance at ``sigma'`` is ``(alpha'^2 v + sigma'^2) / n(sigma')^2``.
+  marginal variance at ``sigma'`` is ``(alpha'^2 v + sigma'^2) / n(sigma')^2 = 1 - abar' (1 - v)``.
+* What ``v`` can tell: the expected variance moves with ``t'`` only through ``(1 - v)``. The paper's rule
+  (``v = 0``) suits pixel data in [-1, 1], whose variance is well below 1. A state on the marginal of data
+  with variance ``v_true`` has ``Var(x_vp) = 1 - abar (1 - v_true)``, so ``v = 0`` aims at
+  ``abar' = abar (1 - v_true)``: for latents scaled to unit variance (SD, SDXL, Flux after the VAE scale
+  factor) that lies far outside any window, and they are sent to the noisiest candidate at every call, a
+  constant shift of half the window rather than a measurement. With ``v = 1`` every candidate matches
+  equally and nothing shifts (ties keep the current timestep). The match is informative only when ``v`` is
+  the true variance of clean samples and that is clearly away from 1.
+* Timesteps are read through the host's ``timestep(sigma)``, the value the network is fed; the candidates'
+  sigmas come from its inverse (:func:`tabulated_inverse` when the host's own ``sigma(t)`` is not one).
 * "Feed ``t'`` to the network only": the network sees the same VP state, so its input is
   ``x n(sigma') / n(sigma)`` at ``sigma'``; its raw output ``r = (x_in - D') / sigma'`` (the noise for EPS models,
   the velocity for flow models) is then read at the solver's own ``sigma`` as ``D = x - sigma r``.
@@ -127,6 +137,30 @@ def flow_axis() -> TimeAxis:
     return TimeAxis(lambda s: s, lambda t: t)
 
 
+def tabulated_inverse(t_of_sigma: Callable[[torch.Tensor], torch.Tensor], sigma_min: float, sigma_max: float,
+                      points: int = 4097) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``sigma_of_t`` for a non-decreasing ``t_of_sigma``, by interpolating log sigma over a log-spaced table.
+
+    A host's own ``sigma(t)`` is not always the inverse of the ``timestep(sigma)`` its network is fed: ComfyUI's
+    shifted flow samplings (SD3, Flux) feed ``t = sigma`` but their ``sigma(t)`` applies the shift again. The
+    candidates of the search must be the sigmas whose *fed* timestep is ``t``, so the inverse is built from
+    ``t_of_sigma`` itself. Outside ``[sigma_min, sigma_max]`` the result is clamped to the ends.
+    """
+    log_s = torch.linspace(math.log(sigma_min), math.log(sigma_max), points, dtype=torch.float64)
+    t_tab = t_of_sigma(log_s.exp()).to(device="cpu", dtype=torch.float64).reshape(-1)
+    t_tab = torch.cummax(t_tab, dim=0).values  # plateaus of a discrete map must not break searchsorted
+
+    def sigma_of_t(t: torch.Tensor) -> torch.Tensor:
+        tt = t.to(torch.float64).reshape(-1).contiguous()
+        tab, ls = t_tab.to(tt.device), log_s.to(tt.device)
+        idx = torch.searchsorted(tab, tt).clamp(1, points - 1)
+        lo, hi = tab[idx - 1], tab[idx]
+        w = ((tt - lo) / (hi - lo).clamp(min=1e-300)).clamp(0.0, 1.0)
+        return torch.exp(ls[idx - 1] + w * (ls[idx] - ls[idx - 1])).reshape(t.shape)
+
+    return sigma_of_t
+
+
 def vp_norm(sigma: torch.Tensor, kind: Parameterisation) -> torch.Tensor:
     """``n(sigma) = sqrt(alpha^2 + sigma^2)``: dividing a state by it gives the variance-preserving state."""
     return torch.sqrt(alpha(sigma, kind) ** 2 + sigma**2)
@@ -148,6 +182,19 @@ class TimeShiftConfig:
             raise ValueError(f"Time-Shift: data_variance must be >= 0, got {self.data_variance}")
 
 
+def _closest_best(var_vp: torch.Tensor, expected: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Index of the best variance match per sample; among ties, the candidate nearest the current timestep.
+
+    ``expected = 1 - abar' (1 - v)`` in VP terms, so with ``v = 1`` every candidate is an exact tie and the
+    variance says nothing about the timestep: the tie-break then keeps ``t`` instead of letting rounding noise
+    pick a shift. The tolerance is a few float64 ulps of the unit-order variances, far below any real mismatch.
+    """
+    miss = (var_vp[:, None] - expected).abs()
+    tied = miss <= miss.min(dim=1, keepdim=True).values + 1e-12
+    distance = torch.where(tied, offsets.abs()[None].expand_as(miss), torch.full_like(miss, math.inf))
+    return torch.argmin(distance, dim=1)
+
+
 def shifted_sigma(x: torch.Tensor, sigma: torch.Tensor, axis: TimeAxis, kind: Parameterisation,
                   config: TimeShiftConfig) -> torch.Tensor:
     """Per sample, the sigma in the window around ``sigma`` whose marginal variance best matches ``Var(x)``."""
@@ -156,14 +203,17 @@ def shifted_sigma(x: torch.Tensor, sigma: torch.Tensor, axis: TimeAxis, kind: Pa
         return sigma.to(x.dtype)
     t = axis.t_of_sigma(sigma).to(torch.float64)
     half = config.window / 2
-    n = max(2, round(config.window * config.resolution)) + 1
-    offsets = torch.linspace(-half, half, n, dtype=torch.float64, device=x.device)
+    # symmetric integer steps keep the unshifted timestep itself (offset exactly 0) among the candidates
+    m = max(1, round(config.window * config.resolution / 2))
+    offsets = torch.arange(-m, m + 1, dtype=torch.float64, device=x.device) * (half / m)
     cand_t = (t[:, None] + offsets[None]).clamp(0.0, 1.0)  # [B, n]
     cand_s = axis.sigma_of_t(cand_t).to(torch.float64)
     var_vp = x.double().flatten(1).var(dim=1) / vp_norm(sigma, kind) ** 2  # [B]
     expected = (alpha(cand_s, kind) ** 2 * config.data_variance + cand_s**2) / vp_norm(cand_s, kind) ** 2
-    best = torch.argmin((var_vp[:, None] - expected) ** 2, dim=1)
+    best = _closest_best(var_vp, expected, offsets)
     chosen = cand_s.gather(1, best[:, None]).squeeze(1)
+    # the centre candidate is the solver's own sigma (exactly, not through a t -> sigma round trip)
+    chosen = torch.where(offsets[best] == 0, sigma, chosen)
     active = (t > config.cutoff) & (sigma > 0)
     return torch.where(active, chosen, sigma).to(x.dtype)
 

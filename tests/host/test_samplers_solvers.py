@@ -112,3 +112,21 @@ def test_deis_uses_the_models_own_timesteps(models):
     a = run_custom_sampling(model, "sd15", t_space, sig)
     b = run_custom_sampling(model, "sd15", rho, sig)
     assert torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+def test_dpmpp_thresholding_inputs_reach_the_sampler():
+    """threshold_floor is the official DPM-Solver++ thresholding_max_val (a floor on s); threshold_max is the
+    optional ceiling (0 = none, the official rule); a ceiling below the floor is refused with a clear message."""
+    import math
+
+    (official,) = run_node("PreprintSamplerDPMSolverPP", solver="2M", lower_order_final=True,
+                           dynamic_thresholding=True, threshold_percentile=0.995)
+    opts = official.extra_options
+    assert opts["threshold_floor"] == 1.0 and math.isinf(opts["threshold_max"])
+    assert opts["threshold_percentile"] == 0.995
+    (capped,) = run_node("PreprintSamplerDPMSolverPP", solver="2M", lower_order_final=True,
+                         dynamic_thresholding=True, threshold_max=10.0, threshold_floor=2.0)
+    assert capped.extra_options["threshold_max"] == 10.0 and capped.extra_options["threshold_floor"] == 2.0
+    with pytest.raises(ValueError, match="threshold_floor"):
+        run_node("PreprintSamplerDPMSolverPP", solver="2M", lower_order_final=True, dynamic_thresholding=True,
+                 threshold_max=1.5, threshold_floor=2.0)

@@ -60,3 +60,43 @@ def test_gits_search_runs_on_the_model_and_serves_the_ksampler(models, family):
         run_sampling(model, family, "euler", "preprint_gits", steps=3)
     with pytest.raises(ValueError, match="teacher"):
         run_sampling(searched, family, "euler", "preprint_gits", steps=9)
+
+
+def test_gits_defaults_are_the_official_stable_diffusion_recipe():
+    """zju-pi/diff-sampler's SD recipe: DPM-Solver++ teacher on 61 timestamps, 'dev' cost, coeff 1.20, 256 warm-up."""
+    from preprint.nodes.schedules import PreprintGITSScheduler
+
+    defaults = {i.id: i.default for i in PreprintGITSScheduler.define_schema().inputs if hasattr(i, "default")}
+    assert defaults["teacher"] == "dpmpp_2m" and defaults["metric"] == "dev"
+    assert defaults["coeff"] == pytest.approx(1.2) and defaults["warmup_samples"] == 256
+    assert defaults["teacher_steps"] == 60
+
+
+@pytest.mark.parametrize("metric,teacher", [("dev", "dpmpp_2m"), ("vp_l2", "ipndm")])
+def test_gits_warm_up_batches_do_not_change_the_search(models, metric, teacher):
+    model = models["sd15"]
+    pos, neg = make_conds("sd15")
+    latent = {"samples": make_latent("sd15")}
+    common = {"model": model, "positive": pos, "negative": neg, "latent_image": latent, "steps": 3, "cfg": 4.0,
+              "seed": 3, "warmup_samples": 3, "teacher_steps": 8, "coeff": 1.2, "grid": "auto", "metric": metric,
+              "teacher": teacher}
+    _, whole = run_node("PreprintGITSScheduler", warmup_batch=3, **common)
+    _, chunked = run_node("PreprintGITSScheduler", warmup_batch=1, **common)
+    a = whole.get_model_object("model_sampling").preprint_gits
+    b = chunked.get_model_object("model_sampling").preprint_gits
+    assert (a.metric, a.teacher) == (metric, teacher)
+    upper = torch.triu(torch.ones_like(a.cost, dtype=torch.bool), 1)
+    torch.testing.assert_close(b.cost[upper], a.cost[upper], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_logistic_defaults_on_eps_models_are_core_exponential(models, family):
+    """With k 15, t0 0.5 the curve spans more than SD's trained noise range, so after the cut to
+    [sigma_min, sigma_max] the list is uniform in log sigma: core's `exponential` scheduler (what the README
+    says); a smaller k stays inside a narrower band and differs."""
+    ms = models[family].get_model_object("model_sampling")
+    (ours,) = run_node("PreprintLogisticScheduler", model=models[family], steps=12, k=15.0, t0=0.5, denoise=1.0)
+    core = comfy.samplers.calculate_sigmas(ms, "exponential", 12)
+    torch.testing.assert_close(ours, core.float(), rtol=1e-5, atol=1e-6)
+    (narrow,) = run_node("PreprintLogisticScheduler", model=models[family], steps=12, k=10.0, t0=0.45, denoise=1.0)
+    assert not torch.allclose(narrow, core.float(), rtol=1e-3)

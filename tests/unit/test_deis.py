@@ -95,3 +95,18 @@ def test_bad_input():
         sample_deis(problem.model, x, problem.sigmas(4), disable=True, order=4)
     with pytest.raises(ValueError, match="poly_space"):
         sample_deis(problem.model, x, problem.sigmas(4), disable=True, poly_space="x")
+
+
+@pytest.mark.parametrize("space", ["t", "lambda", "rho"])
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_quadrature_stays_on_the_sigmas_device(kind, space):
+    """ComfyUI hands samplers sigmas on the model's device; the order-2/3 weights must be built there. The meta
+    device stands in for a GPU: any CPU tensor mixed into the quadrature raises a device mismatch."""
+    values = (5.0, 3.0, 2.0, 1.2) if kind == "eps" else (0.9, 0.7, 0.6, 0.4)
+    time_fn = sd_discrete_timestep if kind == "eps" else (lambda s: s)
+    for device in ("meta", "cpu"):
+        hist = [torch.tensor(v, dtype=torch.float64, device=device) for v in values[:3]]
+        nxt = torch.tensor(values[3], dtype=torch.float64, device=device)
+        c = tab_coefficients(hist, nxt, kind, space, time_fn)
+        assert c.device.type == device and c.shape == (3,)
+    assert torch.isfinite(c).all()

@@ -12,6 +12,7 @@ from preprint.samplers.time_shift import (
     flow_axis,
     sd_alphas_cumprod,
     shifted_sigma,
+    tabulated_inverse,
     time_shift_denoise,
     time_shift_sampler,
     vp_discrete_axis,
@@ -128,6 +129,66 @@ def test_small_window_changes_the_result_only_a_little():
     assert not torch.equal(plain, shifted)
     # the paper's window (30 of 1000 steps) nudges the trajectory; it must not derail it
     assert float((shifted - plain).pow(2).mean().sqrt()) < 0.1 * float(plain.pow(2).mean().sqrt())
+
+
+def _unit_variance_state(kind, sigma, seed=3):
+    """A state on the marginal of unit-variance data (as SD / Flux latents are after the VAE scale factor)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(2, 4, 32, 32, generator=g, dtype=torch.float64)
+    eps = torch.randn(2, 4, 32, 32, generator=g, dtype=torch.float64)
+    a = 1.0 if kind == "eps" else 1.0 - sigma
+    return a * x0 + sigma * eps
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("sigma_value", [0.4, 0.7, 3.0])
+def test_data_variance_one_is_a_tie_and_keeps_the_timestep(kind, sigma_value):
+    """With v = 1 every candidate expects variance 1: no information, so no shift (not a rounding-noise pick)."""
+    if kind == "flow" and sigma_value > 1:
+        sigma_value = 0.9
+    axis, sigma = axis_for(kind), torch.tensor([sigma_value], dtype=torch.float64)
+    for seed in range(4):
+        x = _unit_variance_state(kind, sigma_value, seed) * (1.0 + 0.3 * seed)  # any variance at all
+        s = shifted_sigma(x, sigma, axis, kind, TimeShiftConfig(window=0.1, cutoff=0.0, data_variance=1.0))
+        assert torch.equal(s, sigma.expand(2)), (seed, s)
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_paper_rule_sends_unit_variance_latents_to_the_top_of_the_window(kind):
+    """v = 0 aims at abar' = abar (1 - v_true): for unit-variance data that is outside any window, so every call
+    goes to the noisiest candidate (what the README and the tooltip warn about)."""
+    axis = axis_for(kind)
+    cfg = TimeShiftConfig(window=0.06, cutoff=0.0, data_variance=0.0)
+    for sigma_value in ((0.5, 1.0, 2.0, 5.0) if kind == "eps" else (0.3, 0.5, 0.7)):
+        sigma = torch.tensor([sigma_value], dtype=torch.float64)
+        s = shifted_sigma(_unit_variance_state(kind, sigma_value), sigma, axis, kind, cfg)
+        top = axis.sigma_of_t((axis.t_of_sigma(sigma) + 0.03).clamp(max=1.0))
+        torch.testing.assert_close(s, top.expand(2), rtol=1e-9, atol=0)
+
+
+def test_tabulated_inverse_of_a_shifted_flow_timestep():
+    """ComfyUI's SD3 sampling feeds t = sigma but its sigma(t) is shift-3 warped: the inverse of the *fed*
+    timestep is the identity, which the table recovers (the warped sigma(0.5) would be 0.75)."""
+    shift = 3.0
+
+    def warped_sigma_of_t(t):
+        return shift * t / (1 + (shift - 1) * t)
+
+    sigma_min = float(warped_sigma_of_t(torch.tensor(1e-3)))
+    inverse = tabulated_inverse(lambda s: s, sigma_min, 1.0)
+    t = torch.linspace(0.01, 1.0, 50, dtype=torch.float64)
+    torch.testing.assert_close(inverse(t), t, rtol=1e-6, atol=0)
+    assert float(inverse(torch.tensor([0.0], dtype=torch.float64))) == pytest.approx(sigma_min)
+    # a discrete map (whole training steps) is inverted onto the steps it feeds
+    steps = sd_alphas_cumprod()
+    table = torch.sqrt((1 - steps) / steps)
+
+    def t_discrete(s):
+        return (s.log()[None] - table.log()[:, None]).abs().argmin(dim=0).double() / 999
+
+    inverse = tabulated_inverse(t_discrete, float(table[0]), float(table[-1]))
+    k = torch.tensor([100, 500, 900])
+    torch.testing.assert_close(t_discrete(inverse(k.double() / 999)), k.double() / 999)
 
 
 def test_bad_config_is_rejected():

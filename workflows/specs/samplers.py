@@ -16,8 +16,7 @@ def _custom(node: dict, title: str, steps: int, cfg: float = 7.0, scheduler: str
 
 _dpmpp_3s = _custom({"class_type": "PreprintSamplerDPMSolverPP",
                      "inputs": {"solver": "3S", "lower_order_final": True, "flow_lambda": "auto",
-                                "dynamic_thresholding": False, "threshold_percentile": 0.995,
-                                "threshold_max": 10.0}},
+                                "dynamic_thresholding": False, "threshold_percentile": 0.995}},
                     "DPM-Solver++ 3S (3 model calls per step)", steps=7)
 
 _deis = _custom({"class_type": "PreprintSamplerDEIS",
