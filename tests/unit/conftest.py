@@ -111,3 +111,16 @@ def guided_problem(request) -> Problem:
 def observed_order(errors: list[float], steps: list[int]) -> list[float]:
     """Convergence order from errors at successive step counts: log(e1/e2) / log(n2/n1)."""
     return [math.log(errors[i] / errors[i + 1]) / math.log(steps[i + 1] / steps[i]) for i in range(len(errors) - 1)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Scene scoring runs many small tensor ops; on a shared CPU, intra-op threads only add contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

@@ -23,17 +23,9 @@ from preprint.proving.scenes import (
     to_comfy_image,
 )
 
+from .conftest import gen
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Scoring runs many small tensor ops; on a shared CPU, intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone():

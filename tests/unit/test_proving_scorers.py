@@ -18,17 +18,9 @@ from preprint.proving.metrics import (
 from preprint.proving.scenes import Background, Scene, SceneObject, parse_caption, render, sample_batch, sample_scene
 from preprint.proving.scorers import classify_shape, connected_components, detect_background, detect_objects
 
+from .conftest import gen
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Scoring runs many small tensor ops; on a shared CPU, intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SIZES = [(128, 128), (192, 128)]
