@@ -8,7 +8,7 @@ import comfy.samplers
 import pytest
 import torch
 
-from .harness import make_conds, run_custom_sampling, run_node, tiny_model
+from .harness import make_conds, make_latent, make_noise, run_custom_sampling, run_node, tiny_model
 
 FAMILIES = ["sd15", "sd15_v", "sdxl", "flux"]
 STEPS = 6
@@ -179,3 +179,81 @@ def test_batch_of_two_matches_each_sample_alone_with_omegance(models):
     pos, neg = make_conds(family)
     both = run_custom_sampling(model, family, wrapped, sigmas_for(model), cfg=4.0, batch=2, positive=pos, negative=neg)
     assert both.shape[0] == 2 and torch.isfinite(both).all()
+
+
+def sample_with_noise(model, family, sampler, noise, sigmas, cfg=4.0):
+    """SamplerCustomAdvanced with explicit noise, so a batch row and a single sample can share their noise."""
+    pos, neg = make_conds(family)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(pos, neg)
+    guider.set_cfg(cfg)
+    return guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=0, disable_pbar=True)
+
+
+def omegance(inner, omega, mask_omega=0.0, mask=None):
+    (wrapped,) = run_node("PreprintOmeganceSampler", sampler=inner, omega=omega, schedule="constant", omega_end=0.0,
+                          mask_omega=mask_omega, mask=mask)
+    return wrapped
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_omegance_mask_sets_mask_omega_inside_it(models, family):
+    """A mask of ones gives mask_omega everywhere (the unmasked run at that omega); a half mask gives neither
+    the unmasked run nor the plain sampler."""
+    model = models[family]
+    inner = comfy.samplers.sampler_object("euler")
+    plain = sample(model, family, inner)
+    everywhere = sample(model, family, omegance(inner, 10.0))
+    ones = sample(model, family, omegance(inner, 0.0, mask_omega=10.0, mask=torch.ones(1, 24, 24)))
+    # the masked path blends w (1 - m) + w_in m: a rounding-level difference from the scalar path at most
+    torch.testing.assert_close(ones, everywhere, atol=1e-5, rtol=0)
+    assert float((everywhere - plain).abs().max()) > 1e-2  # the effect the identity above would miss
+    half = torch.zeros(1, 24, 24)
+    half[:, :, :12] = 1.0
+    partial = sample(model, family, omegance(inner, 0.0, mask_omega=10.0, mask=half))
+    assert float((partial - everywhere).abs().max()) > 1e-3
+    assert float((partial - plain).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_omegance_treats_each_image_of_a_batch_on_its_own(models, family):
+    """Each latent of a batch sampled alone equals its row of the batch run: the flow rescaling's mean and the
+    step's sigma are per sample, never pooled over the batch."""
+    model = models[family]
+    wrapped = omegance(comfy.samplers.sampler_object("euler"), 40.0)
+    sig = sigmas_for(model)
+    noise = make_noise_batch(family, 2)
+    # the rows differ in scale, so a mean pooled over the batch would move each row visibly
+    noise[1] = noise[1] * 0.5 + 1.0
+    both = sample_with_noise(model, family, wrapped, noise, sig)
+    for row in range(2):
+        alone = sample_with_noise(model, family, wrapped, noise[row:row + 1].clone(), sig)
+        # batch size changes only the summation order inside the network (about 3e-5 here; a mean pooled
+        # over the batch moves a row by about 2e-3)
+        torch.testing.assert_close(both[row:row + 1], alone, atol=1e-4, rtol=0)
+
+
+def make_noise_batch(family, batch):
+    return make_noise(make_latent(family, batch), seed=3)
+
+
+def test_adaptive_diffusion_logs_the_calls_it_saved(models, caplog):
+    """The node promises a log line with the calls saved; the model is really called that many times fewer."""
+    import logging
+
+    from .harness import count_calls
+
+    family = "sd15"
+    inner = comfy.samplers.sampler_object("euler")
+    (plain_sampler,) = run_node("PreprintAdaptiveDiffusionSampler", sampler=inner, threshold=0.0, max_skips=4)
+    (skipping,) = run_node("PreprintAdaptiveDiffusionSampler", sampler=inner, threshold=1.0, max_skips=2)
+    with count_calls(models[family]) as plain_calls:
+        sample(plain_calls.model, family, plain_sampler, steps=12)
+    with caplog.at_level(logging.INFO, logger="preprint"), count_calls(models[family]) as calls:
+        sample(calls.model, family, skipping, steps=12)
+    stats = skipping.sampler_function.last_stats
+    assert plain_calls.calls == 12 and stats.skipped >= 2
+    assert calls.calls == 12 - stats.skipped
+    lines = [r.getMessage() for r in caplog.records if "AdaptiveDiffusion" in r.getMessage()]
+    assert lines, caplog.text
+    assert f"{12 - stats.skipped} of 12 model calls computed, {stats.skipped} saved" in lines[-1]

@@ -7,7 +7,7 @@ import comfy.samplers
 import pytest
 import torch
 
-from .harness import run_custom_sampling, run_node, run_sampling, tiny_model
+from .harness import make_conds, run_custom_sampling, run_node, run_sampling, tiny_model
 
 FAMILIES = ["sd15", "sd15_v", "sdxl", "flux"]
 STEPS = 5
@@ -130,3 +130,121 @@ def test_dpmpp_thresholding_inputs_reach_the_sampler():
     with pytest.raises(ValueError, match="threshold_floor"):
         run_node("PreprintSamplerDPMSolverPP", solver="2M", lower_order_final=True, dynamic_thresholding=True,
                  threshold_max=1.5, threshold_floor=2.0)
+
+
+def direct(fn, **options):
+    """A SAMPLER calling a solver function of samplers/ directly, with its parameters spelled out."""
+    return comfy.samplers.KSAMPLER(lambda model, x, sigmas, extra_args=None, callback=None, disable=None:
+                                   fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                      **options))
+
+
+def kind_of(family):
+    return "flow" if family in ("flux", "sd3") else "eps"
+
+
+def dpmpp_direct(variant, family, lower_order_final):
+    from preprint.samplers import dpm_solver_pp
+
+    order = int(variant[0])
+    if variant.endswith("M"):
+        return direct(dpm_solver_pp.sample_dpmpp_multistep, order=order, parameterisation=kind_of(family),
+                      lower_order_final=lower_order_final, flow_lambda="auto")
+    return direct(dpm_solver_pp.sample_dpmpp_singlestep, order=order, parameterisation=kind_of(family),
+                  flow_lambda="auto")
+
+
+CALLS_PER_RUN = {"2M": STEPS, "3M": STEPS, "2S": 2 * (STEPS - 1) + 1, "3S": 3 * (STEPS - 1) + 1}
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("variant", list(CALLS_PER_RUN))
+def test_dpmpp_node_setting_is_the_intended_solver(models, family, variant):
+    """Each solver setting runs its own function, order and parameterisation, at its own cost in calls."""
+    model = models[family]
+    sig = sigmas_for(model)
+    # lower_order_final off: a node that dropped the option would take the lower-order last steps
+    (node,) = run_node("PreprintSamplerDPMSolverPP", solver=variant, lower_order_final=False)
+    counter = Calls(model)
+    out = run_custom_sampling(counter.model, family, node, sig, cfg=4.0)
+    ref = run_custom_sampling(model, family, dpmpp_direct(variant, family, False), sig, cfg=4.0)
+    assert torch.equal(out, ref)
+    assert counter.calls == CALLS_PER_RUN[variant]
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("variant,lower_order_final", [("2M", False), ("3M", True), ("2S", True), ("3S", True)])
+def test_ksampler_names_are_the_intended_solver(models, family, variant, lower_order_final):
+    """preprint_dpmpp_* from the stock KSampler equals the solver called directly on the same sigmas."""
+    model = models[family]
+    name = f"preprint_dpmpp_{variant.lower()}"
+    scheduler = "simple" if family == "flux" else "karras"
+    counter = Calls(model)
+    out = run_sampling(counter.model, family, sampler_name=name, scheduler=scheduler, steps=STEPS, cfg=4.0)
+    sig = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, STEPS)
+    ref = run_custom_sampling(model, family, dpmpp_direct(variant, family, lower_order_final), sig, cfg=4.0)
+    assert torch.equal(out, ref)
+    assert counter.calls == CALLS_PER_RUN[variant]
+
+
+def denoised_seen(model, family, sampler, sig):
+    from .harness import make_latent, make_noise
+
+    latent = make_latent(family)
+    pos, neg = make_conds(family)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(pos, neg)
+    guider.set_cfg(8.0)
+    seen: list[torch.Tensor] = []
+    guider.sample(make_noise(latent, 0), latent, sampler, sig, seed=0, disable_pbar=True,
+                  callback=lambda i, denoised, x, total: seen.append(denoised.detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["2M", "3S"])
+def test_dpmpp_dynamic_thresholding_bounds_every_data_prediction(models, variant):
+    """On: every x0 the solver steps with lies in [-1, 1] (x0 clipped to [-s, s] and divided by s, s >= 1)."""
+    model = models["sd15"]
+    sig = sigmas_for(model)
+    (off,) = run_node("PreprintSamplerDPMSolverPP", solver=variant, lower_order_final=True)
+    (on,) = run_node("PreprintSamplerDPMSolverPP", solver=variant, lower_order_final=True,
+                     dynamic_thresholding=True, threshold_percentile=0.9)
+    free = denoised_seen(model, "sd15", off, sig)
+    assert max(float(d.abs().max()) for d in free) > 1.5  # without it the bound would hold by accident
+    bounded = denoised_seen(model, "sd15", on, sig)
+    assert len(bounded) == STEPS
+    for d in bounded:
+        assert float(d.abs().max()) <= 1.0 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def edm_model(models):
+    """sd15 with ComfyUI's continuous EDM sampling: timestep = log(sigma) / 4, unlike SD's discrete table."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    (patched,) = ModelSamplingContinuousEDM().patch(models["sd15"], "eps", 120.0, 0.002)
+    return patched
+
+
+@pytest.mark.parametrize("poly_space", ["t", "lambda"])
+def test_deis_integrates_on_the_models_own_timestep_map(edm_model, poly_space):
+    """The node equals sample_deis given this model's sigma -> timestep map, and not the SD default map."""
+    from preprint.samplers import deis
+
+    ms = edm_model.get_model_object("model_sampling")
+    sig = comfy.samplers.calculate_sigmas(ms, "karras", 6)
+
+    def time_fn(s):
+        return ms.timestep(s.float()).to(torch.float64)
+
+    (node,) = run_node("PreprintSamplerDEIS", order=3, poly_space=poly_space, lower_order_final=True)
+    out = run_custom_sampling(edm_model, "sd15", node, sig, cfg=4.0)
+    own = run_custom_sampling(edm_model, "sd15", direct(deis.sample_deis, order=3, poly_space=poly_space,
+                                                       parameterisation="eps", time_fn=time_fn,
+                                                       lower_order_final=True), sig, cfg=4.0)
+    torch.testing.assert_close(out, own, atol=1e-6, rtol=0)
+    if poly_space == "t":
+        sd_map = run_custom_sampling(edm_model, "sd15", direct(deis.sample_deis, order=3, poly_space="t",
+                                                              parameterisation="eps", lower_order_final=True),
+                                     sig, cfg=4.0)
+        assert float((sd_map - own).abs().max()) > 1e-3  # the map matters here, so the check above has teeth

@@ -100,3 +100,45 @@ def test_logistic_defaults_on_eps_models_are_core_exponential(models, family):
     torch.testing.assert_close(ours, core.float(), rtol=1e-5, atol=1e-6)
     (narrow,) = run_node("PreprintLogisticScheduler", model=models[family], steps=12, k=10.0, t0=0.45, denoise=1.0)
     assert not torch.allclose(narrow, core.float(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_logistic_k_and_t0_give_the_documented_curve(models, family):
+    """Non-default k and t0 give exactly samplers/schedules.logistic_sigmas on this model's noise range."""
+    from preprint.samplers.schedules import logistic_sigmas
+
+    ms = models[family].get_model_object("model_sampling")
+    kind = "flow" if family == "flux" else "eps"
+    (default,) = run_node("PreprintLogisticScheduler", model=models[family], steps=8, k=15.0, t0=0.5, denoise=1.0)
+    for k, t0 in [(6.0, 0.5), (15.0, 0.3), (9.0, 0.6)]:
+        (ours,) = run_node("PreprintLogisticScheduler", model=models[family], steps=8, k=k, t0=t0, denoise=1.0)
+        want = logistic_sigmas(8, kind, float(ms.sigma_min), float(ms.sigma_max), k=k, t0=t0)
+        torch.testing.assert_close(ours, want, rtol=1e-6, atol=0)
+        # the setting must move the list by far more than the tolerance above
+        assert float(((ours[:-1] - default[:-1]).abs() / default[:-1]).max()) > 1e-2, (k, t0)
+
+
+def test_gits_cfg_and_teacher_grid_reach_the_search(models):
+    """The warm-up runs at the node's cfg on a grid of teacher_steps laid out by the chosen scheduler."""
+    model = models["sd15"]
+    ms = model.get_model_object("model_sampling")
+    pos, neg = make_conds("sd15")
+    common = {"model": model, "positive": pos, "negative": neg, "latent_image": {"samples": make_latent("sd15")},
+              "steps": 3, "seed": 0, "warmup_samples": 2, "coeff": 1.3, "teacher": "dpmpp_2m"}
+
+    def table(**inputs):
+        sigmas, searched = run_node("PreprintGITSScheduler", **common, **inputs)
+        found = searched.get_model_object("model_sampling").preprint_gits
+        torch.testing.assert_close(sigmas, found.schedule(3), rtol=0, atol=0)
+        return found
+
+    low = table(cfg=1.0, teacher_steps=9, grid="exponential")
+    high = table(cfg=6.0, teacher_steps=9, grid="exponential")
+    grid = comfy.samplers.calculate_sigmas(ms, "exponential", 9).double()
+    for found in (low, high):
+        assert found.max_steps == 9 and found.coeff == pytest.approx(1.3)
+        torch.testing.assert_close(found.sigmas, grid, rtol=1e-6, atol=0)
+    upper = torch.triu(torch.ones_like(low.cost, dtype=torch.bool), 1)
+    # the same noise and grid: only the guidance scale can move the trajectories' costs
+    rel = ((high.cost - low.cost)[upper].abs() / low.cost[upper].abs().clamp(min=1e-8)).max()
+    assert float(rel) > 1e-2
