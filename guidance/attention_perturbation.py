@@ -18,8 +18,10 @@ perturbed output per head.
 Joint (MMDiT / Flux) attention: the sequence is ``[text tokens | image tokens]``. The "image" joint mode
 perturbs only the image-to-image block of the map: an image query attends to every text key and to its
 own image key only (the image-to-image sub-map becomes the identity, renormalised together with the
-image-to-text part); text queries keep their attention. The "all" mode is the plain identity on the whole
-joint sequence (each token outputs its own value), as diffusers' joint PAG processor does.
+image-to-text part); text queries keep their attention. This is the map of diffusers' SD3 PAG processor
+(``PAGJointAttnProcessor2_0`` masks the image-by-image block to -inf except its diagonal). The "all" mode
+is the plain identity on the whole joint sequence (every token, text included, outputs its own value): a
+stronger perturbation of our own, with no reference implementation.
 
 All tensors here are ``(batch, heads, tokens, head_dim)``.
 """
@@ -122,12 +124,27 @@ def _gaussian_kernel1d(sigma: float, size: int, device, dtype) -> torch.Tensor:
     return (k / k.sum()).to(dtype)
 
 
+def seg_kernel_size(sigma: float) -> int:
+    """SEG's kernel size for ``sigma``: the odd size just above 6 sigma, ``ceil(6 sigma)`` when that is odd,
+    else one more (the rule of the official SEG-SDXL code)."""
+    c = math.ceil(6 * sigma)
+    return c + 1 - c % 2
+
+
+def kernel_size_on_axis(sigma: float, length: int) -> int:
+    """The kernel size used along an axis of ``length`` tokens: SEG's size, cut to the largest odd size that
+    is at most ``length + 1`` (the official code's cut on its square grid, applied here per axis so non-square
+    grids work too). Its half-width is then below ``length``, so reflect padding always exists."""
+    return min(seg_kernel_size(sigma), length + 1 - length % 2)
+
+
 def blur_tokens(x: torch.Tensor, grid: tuple[int, int], sigma: float) -> torch.Tensor:
     """Gaussian blur of ``(B, H, N, D)`` token features laid out row-major on ``grid = (h, w)``, ``N = h*w``.
 
-    The kernel spans about 6 sigma (SEG's choice), truncated to the grid, separable, reflect-padded where the
-    grid allows it (replicate otherwise), so any grid size works, including odd and non-square ones.
-    ``sigma >= INFINITE_BLUR_SIGMA`` gives the token mean.
+    As the official SEG code blurs the query map: a separable Gaussian whose size follows
+    :func:`kernel_size_on_axis`, normalised after truncation, reflect-padded; any grid size works, including
+    odd and non-square ones. ``sigma >= INFINITE_BLUR_SIGMA`` gives the token mean (the official code switches
+    to the mean strictly above 9999; here 9999 itself, the widget's maximum, already means infinite).
     """
     b, nh, n, d = x.shape
     gh, gw = grid
@@ -139,19 +156,16 @@ def blur_tokens(x: torch.Tensor, grid: tuple[int, int], sigma: float) -> torch.T
         return x
     ct = torch.promote_types(x.dtype, torch.float32)
     img = x.to(ct).permute(0, 1, 3, 2).reshape(b * nh * d, 1, gh, gw)
-    size = math.ceil(6 * sigma) + 1
-    size += 1 - size % 2
     for axis, length in ((2, gh), (3, gw)):
-        ks = min(size, 2 * length - 1)
+        ks = kernel_size_on_axis(sigma, length)
         if ks < 3:
             continue
         kern = _gaussian_kernel1d(sigma, ks, x.device, ct)
         pad = ks // 2
-        mode = "reflect" if pad < length else "replicate"
         if axis == 2:
-            img = F.conv2d(F.pad(img, (0, 0, pad, pad), mode=mode), kern.view(1, 1, ks, 1))
+            img = F.conv2d(F.pad(img, (0, 0, pad, pad), mode="reflect"), kern.view(1, 1, ks, 1))
         else:
-            img = F.conv2d(F.pad(img, (pad, pad, 0, 0), mode=mode), kern.view(1, 1, 1, ks))
+            img = F.conv2d(F.pad(img, (pad, pad, 0, 0), mode="reflect"), kern.view(1, 1, 1, ks))
     return img.reshape(b, nh, d, n).permute(0, 1, 3, 2).to(x.dtype)
 
 

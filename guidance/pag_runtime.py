@@ -17,8 +17,13 @@ import torch
 PERTURBED_NAMESPACE = uuid.UUID("5d0f3c4e-6a8b-4f2e-9c1d-7b3a2e1f0a91")
 
 
-def perturbed_uuid(original) -> uuid.UUID:
-    return uuid.uuid5(PERTURBED_NAMESPACE, str(original))
+def perturbed_uuid(original, stream: str = "") -> uuid.UUID:
+    """The uuid of a perturbed copy of the cond whose uuid is ``original``.
+
+    ``stream`` names the technique (empty for PAG): copies of one cond made by different techniques (PAG's
+    and SEG's perturbed rows, SAG's degraded pass) must be different streams for a cache keyed by uuid.
+    """
+    return uuid.uuid5(PERTURBED_NAMESPACE, f"{stream}:{original}" if stream else str(original))
 
 
 def chunks_of(cond_or_uncond: list[int], cond_index: int) -> list[int]:
@@ -71,4 +76,7 @@ class SagRunState:
     positive: object = None
     negative: object = None
     masks: dict = field(default_factory=dict)  # uuid -> (b, 1, h, w) mask from this step's model call(s)
+    # uuid -> the latest mask computed in this run: a block cache that reuses the mask layer's block on a step
+    # reuses its attention too, so the mask of the step that computed it is the one that still applies
+    last_masks: dict = field(default_factory=dict)
     pending: SagPending | None = None

@@ -1,9 +1,8 @@
-"""Perturbed-attention guidance family: PAG, SoftPAG with head selection, smoothed-energy guidance, SAG.
+"""Perturbed-attention guidance family: PAG, SoftPAG with head selection, smoothed-energy guidance.
 
 Papers: Ahn et al., "Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance" (arXiv:2403.17377);
 Lee et al., "Fine-Grained Perturbation Guidance via Attention Head Selection" (arXiv:2506.10978);
-Hong, "Smoothed Energy Guidance" (arXiv:2408.00760); Hong et al., "Improving Sample Quality of Diffusion
-Models Using Self-Attention Guidance" (arXiv:2210.00939).
+Hong, "Smoothed Energy Guidance" (arXiv:2408.00760). Self-Attention Guidance lives in ``nodes/sag.py``.
 
 How the perturbed pass rides in the CFG model call (no extra forward): a PREDICT_NOISE wrapper marks the
 guider's call; the CALC_COND_BATCH wrapper of that call appends a copy of the positive cond list (fresh uuid,
@@ -11,6 +10,9 @@ uuid5 of the original) and installs, for that call only, attention patches that 
 chunk came from the copy (``transformer_options["preprint_perturbed"]`` lists those chunk positions); the
 copy's prediction is handed to a post-CFG function that adds ``s_t (D_c - D_p)``. ComfyUI may split the
 batch into several model calls; each call carries its own ``cond_or_uncond``, so the patch stays right.
+
+Each node (PAG, SoftPAG, SEG) has its own wrapper key, run state, per-call marker and uuid stream, so they
+stack on one model: every one appends its own copy to the same call and adds its own guidance term.
 """
 
 from __future__ import annotations
@@ -21,31 +23,42 @@ from dataclasses import dataclass, replace
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension as pe
-import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..guidance import sag as sag_math
-from ..guidance.attention_perturbation import (
-    INFINITE_BLUR_SIGMA,
-    Perturbation,
-    attention_weights,
-    merge_heads,
-    perturb_rows,
-    split_heads,
-)
+from ..guidance.attention_perturbation import INFINITE_BLUR_SIGMA, Perturbation, merge_heads, perturb_rows, split_heads
 from ..guidance.pag import GuidanceSchedule, guided_prediction
 from ..guidance.pag_layers import AttentionLayout, BlockInfo, LayerSpecError, default_spec, parse_and_resolve
-from ..guidance.pag_runtime import PagRunState, Pending, SagPending, SagRunState, chunks_of, perturbed_uuid, rows_of
-from ..guidance.sag import attention_mask
+from ..guidance.pag_runtime import PagRunState, Pending, chunks_of, perturbed_uuid, rows_of
 
 log = logging.getLogger("preprint")
 
 CATEGORY = "Preprint/pag"
-KEY = "preprint_pag"
-STATE = "preprint_pag_state"
-PASS = "preprint_pag_pass"
 PERTURBED = "preprint_perturbed"
+# diffusers' SD3 PAG example (pag_scale 0.7 at guidance_scale 5, layer blocks.13): the only published SD3 value
+SD3_REFERENCE_SCALE = 0.7
+
+
+@dataclass(frozen=True)
+class Technique:
+    """The names one node's hooks live under: wrapper / post-CFG key, run state, per-call marker, and the
+    tag of its perturbed copy's uuid. Distinct per node so that PAG, SoftPAG and SEG stack on one model,
+    while a second node of the same kind replaces the first."""
+
+    key: str
+    stream: str  # perturbed_uuid's tag; PAG keeps the empty tag, so its copies keep the uuids they always had
+
+    @property
+    def state(self) -> str:
+        return f"{self.key}_state"
+
+    @property
+    def marker(self) -> str:
+        return f"{self.key}_pass"
+
+
+PAG = Technique("preprint_pag", "")
+SOFT_PAG = Technique("preprint_softpag", "softpag")
+SEG = Technique("preprint_seg", "seg")
 
 
 class UnsupportedModelError(TypeError):
@@ -125,20 +138,24 @@ def _rows(topts: dict, info: PassInfo, batch: int) -> list[int]:
     return rows_of(chunks_of(cou, info.cond_index), batch, len(cou))
 
 
-def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
-                         **kwargs):
-    topts = dict(transformer_options or {})
-    info: PassInfo | None = topts.get(PASS)
-    if info is not None:
-        mine = set(chunks_of(topts.get("cond_or_uncond") or [], info.cond_index))
-        topts[PERTURBED] = set(topts.get(PERTURBED, ())) | mine
-        if info.family != "unet":
-            topts["preprint_pag_grid"] = (math.ceil(x.shape[-2] / info.patch), math.ceil(x.shape[-1] / info.patch))
-            topts["preprint_pag_txt_len"] = int(c_crossattn.shape[1]) if c_crossattn is not None else 0
-    return executor(x, t, c_concat, c_crossattn, control, topts, **kwargs)
+def mark_perturbed(marker: str):
+    """An APPLY_MODEL wrapper that adds the chunks of the call's ``PassInfo`` (under ``marker``) to
+    ``preprint_perturbed``, so caches keep them as streams of their own; on DiT models it also records the
+    token grid and text length the block patches need."""
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        topts = dict(transformer_options or {})
+        info: PassInfo | None = topts.get(marker)
+        if info is not None:
+            mine = set(chunks_of(topts.get("cond_or_uncond") or [], info.cond_index))
+            topts[PERTURBED] = set(topts.get(PERTURBED, ())) | mine
+            if info.family != "unet":
+                topts["preprint_pag_grid"] = (math.ceil(x.shape[-2] / info.patch), math.ceil(x.shape[-1] / info.patch))
+                topts["preprint_pag_txt_len"] = int(c_crossattn.shape[1]) if c_crossattn is not None else 0
+        return executor(x, t, c_concat, c_crossattn, control, topts, **kwargs)
+    return wrapper
 
 
-def _base_attention(prev, q, k, v, extra_options):
+def base_attention(prev, q, k, v, extra_options):
     """The layer's ordinary output: the previous replace patch if there was one (so patches chain), else
     ComfyUI's attention with the call's transformer options (so attention overrides still apply)."""
     if prev is not None:
@@ -148,15 +165,15 @@ def _base_attention(prev, q, k, v, extra_options):
                                                transformer_options=extra_options)
 
 
-def _index_of(conds: list, ref) -> int | None:
+def index_of(conds: list, ref) -> int | None:
     return next((i for i, c in enumerate(conds) if c is ref and c is not None), None) if ref is not None else None
 
 
-def _unet_patch(prev, pert: Perturbation):
+def _unet_patch(prev, pert: Perturbation, marker: str):
     def patch(q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        base = _base_attention(prev, q, k, v, extra_options)
-        info = extra_options.get(PASS)
+        base = base_attention(prev, q, k, v, extra_options)
+        info = extra_options.get(marker)
         rows = _rows(extra_options, info, q.shape[0]) if info is not None else []
         if not rows:
             return base
@@ -167,12 +184,12 @@ def _unet_patch(prev, pert: Perturbation):
     return patch
 
 
-def _dit_patch(prev, pert: Perturbation, single: bool):
+def _dit_patch(prev, pert: Perturbation, single: bool, marker: str):
     def block(args, extra):
         def call(a):
             return prev(a, extra) if prev is not None else extra["original_block"](a)
         topts = args.get("transformer_options") or {}
-        info = topts.get(PASS)
+        info = topts.get(marker)
         img = args["img"]
         rows = _rows(topts, info, img.shape[0]) if info is not None else []
         if not rows:
@@ -211,9 +228,11 @@ def _dit_patch(prev, pert: Perturbation, single: bool):
     return block
 
 
-def pass_model_options(model_options: dict, info: PassInfo, layers: dict, base: Perturbation) -> dict:
-    """A copy of ``model_options`` for one model call, with our attention patches chained in front of any
-    existing replace patch for the same layer, and the APPLY_MODEL wrapper that marks perturbed chunks."""
+def pass_model_options(model_options: dict, tech: Technique, info: PassInfo, layers: dict,
+                       base: Perturbation) -> dict:
+    """A copy of ``model_options`` for one model call, with this technique's attention patches chained in
+    front of any existing replace patch for the same layer (another technique's included), and the
+    APPLY_MODEL wrapper that marks its perturbed chunks."""
     mo = dict(model_options)
     topts = dict(mo.get("transformer_options", {}))
     replace_ = {k: dict(v) for k, v in topts.get("patches_replace", {}).items()}
@@ -222,41 +241,41 @@ def pass_model_options(model_options: dict, info: PassInfo, layers: dict, base: 
         if info.family == "unet":
             table = replace_.setdefault("attn1", {})
             prev = table.get((group, blk, t), table.get((group, blk)))
-            table[(group, blk, t)] = _unet_patch(prev, pert)
+            table[(group, blk, t)] = _unet_patch(prev, pert, tech.marker)
         else:
             table = replace_.setdefault("dit", {})
             key = ("single_block" if group == "single" else "double_block", blk)
-            table[key] = _dit_patch(table.get(key), pert, single=group == "single")
+            table[key] = _dit_patch(table.get(key), pert, group == "single", tech.marker)
     topts["patches_replace"] = replace_
     wrappers = {k: dict(v) for k, v in topts.get("wrappers", {}).items()}
-    wrappers.setdefault(pe.WrappersMP.APPLY_MODEL, {})[KEY] = [_apply_model_wrapper]
+    wrappers.setdefault(pe.WrappersMP.APPLY_MODEL, {})[tech.key] = [mark_perturbed(tech.marker)]
     topts["wrappers"] = wrappers
-    topts[PASS] = info
+    topts[tech.marker] = info
     mo["transformer_options"] = topts
     return mo
 
 
 # ---------------------------------------------------------------------------------------------- run hooks
 
-def _state(model_options: dict) -> PagRunState | None:
-    return (model_options or {}).get("transformer_options", {}).get(STATE)
+def outer_sample(state_key: str, make_state):
+    """An OUTER_SAMPLE wrapper that gives each sampling run a fresh state object under ``state_key``."""
+    def outer(executor, *args, **kwargs):
+        topts = executor.class_obj.model_options.setdefault("transformer_options", {})
+        topts[state_key] = make_state()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            topts.pop(state_key, None)
+    return outer
 
 
-def _outer_sample(executor, *args, **kwargs):
-    topts = executor.class_obj.model_options.setdefault("transformer_options", {})
-    topts[STATE] = PagRunState()
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        topts.pop(STATE, None)
-
-
-def _arg(args, kwargs, i, name, default=None):
+def call_arg(args, kwargs, i, name, default=None):
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
 @dataclass(frozen=True)
 class PagConfig:
+    technique: Technique
     schedule: GuidanceSchedule
     layers: dict
     perturbation: Perturbation
@@ -266,9 +285,14 @@ class PagConfig:
 
 
 def make_hooks(cfg: PagConfig):
+    tech = cfg.technique
+
+    def state_of(model_options: dict) -> PagRunState | None:
+        return (model_options or {}).get("transformer_options", {}).get(tech.state)
+
     def predict_noise(executor, *args, **kwargs):
-        x = _arg(args, kwargs, 0, "x")
-        state = _state(_arg(args, kwargs, 2, "model_options", {}))
+        x = call_arg(args, kwargs, 0, "x")
+        state = state_of(call_arg(args, kwargs, 2, "model_options", {}))
         if state is None:
             return executor(*args, **kwargs)
         state.armed_x, state.positive, state.pending = x, executor.class_obj.conds.get("positive"), None
@@ -283,35 +307,36 @@ def make_hooks(cfg: PagConfig):
             state.armed_x = state.positive = state.pending = None
 
     def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
-        state = _state(model_options)
+        state = state_of(model_options)
         if state is None or state.armed_x is not x_in:
             return executor(model, conds, x_in, timestep, model_options)
         state.armed_x = None
         sigma = float(timestep.flatten()[0])
         scale = cfg.schedule.scale_at(sigma, float(model.model_sampling.timestep(timestep).flatten()[0]))
-        pos = _index_of(conds, state.positive)
+        pos = index_of(conds, state.positive)
         if pos is None and conds and conds[0] is not None:
             pos = 0
         if scale == 0.0 or pos is None:
             return executor(model, conds, x_in, timestep, model_options)
-        perturbed = [{**c, "uuid": perturbed_uuid(c.get("uuid"))} for c in conds[pos]]
+        # another technique's wrapper may run inside this one and append its own copy after ours
+        perturbed = [{**c, "uuid": perturbed_uuid(c.get("uuid"), tech.stream)} for c in conds[pos]]
         info = PassInfo(len(conds), cfg.family, cfg.patch)
-        mo = pass_model_options(model_options, info, cfg.layers, cfg.perturbation)
+        mo = pass_model_options(model_options, tech, info, cfg.layers, cfg.perturbation)
         out = executor(model, [*conds, perturbed], x_in, timestep, mo)
         state.pending = Pending(x_in, out[pos], out[info.cond_index], scale)
         state.perturbed_steps += 1
         return out[:info.cond_index]
 
     def post_cfg(args):
-        state = _state(args.get("model_options"))
+        state = state_of(args.get("model_options"))
         p = state.pending if state is not None else None
         if p is None or p.x is not args["input"]:
             return args["denoised"]
         state.pending = None
         return guided_prediction(args["input"], args["denoised"], p.cond, p.perturbed, p.scale, cfg.rescale)
 
-    post_cfg.preprint_key = KEY  # type: ignore[attr-defined]
-    return predict_noise, calc_cond_batch, post_cfg
+    post_cfg.preprint_key = tech.key  # type: ignore[attr-defined]
+    return outer_sample(tech.state, PagRunState), predict_noise, calc_cond_batch, post_cfg
 
 
 def install(model, key: str, outer, predict_noise, calc_cond_batch, post_cfg) -> None:
@@ -326,18 +351,31 @@ def install(model, key: str, outer, predict_noise, calc_cond_batch, post_cfg) ->
     model.model_options["sampler_post_cfg_function"] = [*fns, post_cfg]
 
 
-def apply_pag(model, node: str, layers_spec: str, schedule: GuidanceSchedule, pert: Perturbation, rescale: float):
+def _hint_sd3_scale(family: str, node: str, scale: float) -> None:
+    """The widget's default suits UNets; on SD3 the only published value is about a quarter of it. A widget
+    cannot default per model (and every value of the scale means something: 0 is off, negatives guide toward
+    the perturbed prediction, so none can stand for "per model"), so say it where users look."""
+    if family == "mmdit" and scale > SD3_REFERENCE_SCALE:
+        log.info("%s: scale %g on an SD3 / MMDiT model; diffusers' SD3 PAG uses %g (with cfg 5). Lower the scale "
+                 "if the image looks over-sharpened or over-saturated.", node, scale, SD3_REFERENCE_SCALE)
+
+
+def apply_pag(model, node: str, tech: Technique, layers_spec: str, schedule: GuidanceSchedule, pert: Perturbation,
+              rescale: float):
     m = model.clone()
     layout, patch, layers = resolve_layers(m, layers_spec, node)
-    cfg = PagConfig(schedule, layers, pert, layout.family, patch, rescale)
-    install(m, KEY, _outer_sample, *make_hooks(cfg))
+    cfg = PagConfig(tech, schedule, layers, pert, layout.family, patch, rescale)
+    if pert.kind == "identity":
+        _hint_sd3_scale(layout.family, node, schedule.scale)
+    install(m, tech.key, *make_hooks(cfg))
     log.debug("%s on %d layer(s): %s", node, len(layers), sorted(layers))
     return m
 
 
 # ---------------------------------------------------------------------------------------------- nodes
 
-def _schedule(scale: float, adaptive_scale: float, sigma_start: float, sigma_end: float, node: str) -> GuidanceSchedule:
+def make_schedule(scale: float, adaptive_scale: float, sigma_start: float, sigma_end: float,
+                  node: str) -> GuidanceSchedule:
     try:
         return GuidanceSchedule(scale, adaptive_scale, sigma_start, sigma_end)
     except ValueError as e:
@@ -351,12 +389,16 @@ LAYERS_TOOLTIP = (
     "single ('double:0-18, single:10-37'); SD3: joint ('joint:13'). A wrong name lists the layers the model has.")
 
 
-def _common_inputs(default_scale: float) -> list:
+PAG_SCALE_NOTE = (" Published values: SD1.5 3 with cfg 4, or 5 alone at cfg 1; SD3 0.7 with cfg 5 (diffusers' SD3 "
+                  "PAG), about a quarter of this default, so lower it on SD3.")
+
+
+def _common_inputs(default_scale: float, scale_note: str = "") -> list:
     return [
         io.Model.Input("model", tooltip="The diffusion model to patch (UNet: SD1.x/SDXL; DiT: Flux, SD3)."),
         io.Float.Input("scale", default=default_scale, min=-100.0, max=100.0, step=0.1, round=0.01,
                        tooltip="Guidance scale s in D_cfg + s (D_cond - D_perturbed). 0 switches it off exactly "
-                               "(no extra batch rows are run)."),
+                               "(no extra batch rows are run)." + scale_note),
         io.String.Input("layers", default="", tooltip=LAYERS_TOOLTIP),
         io.Float.Input("adaptive_scale", default=0.0, min=0.0, max=1.0, step=0.0001, round=0.0001,
                        tooltip="Fade the scale as sampling ends: s_t = max(0, s - a (1000 - t)) with t the model "
@@ -393,10 +435,13 @@ class PreprintPerturbedAttentionGuidance(io.ComfyNode):
                 "arXiv:2403.17377): replaces self-attention maps of the chosen layers by the identity and guides "
                 "away from that weaker prediction. Runs in the same model call as cond and uncond (one forward per "
                 "step with CFG), on SD1.x/SDXL UNets, Flux and SD3; with interval, adaptive scale and rescale."),
-            inputs=[*_common_inputs(3.0),
+            inputs=[*_common_inputs(3.0, PAG_SCALE_NOTE),
                     _joint_input("DiT models only. image-to-image: only the image-to-image part of the joint "
-                                 "attention becomes the identity (image tokens still read the text); all tokens: "
-                                 "every token outputs its own value.")],
+                                 "attention becomes the identity: an image token reads every text token and, of "
+                                 "the image tokens, only itself; text tokens attend as usual (the same map as "
+                                 "diffusers' SD3 PAG). all tokens: the identity over the whole joint sequence, "
+                                 "every token, text included, outputs its own value (a stronger perturbation with "
+                                 "no reference implementation).")],
             outputs=[_MODEL_OUT],
         )
 
@@ -405,8 +450,8 @@ class PreprintPerturbedAttentionGuidance(io.ComfyNode):
                 joint_attention="image-to-image") -> io.NodeOutput:
         node = "Perturbed-Attention Guidance (Preprint)"
         pert = Perturbation("identity", 1.0, None, "image" if joint_attention == "image-to-image" else "all")
-        sched = _schedule(scale, adaptive_scale, sigma_start, sigma_end, node)
-        return io.NodeOutput(apply_pag(model, node, layers, sched, pert, rescale))
+        sched = make_schedule(scale, adaptive_scale, sigma_start, sigma_end, node)
+        return io.NodeOutput(apply_pag(model, node, PAG, layers, sched, pert, rescale))
 
 
 class PreprintSoftPAG(io.ComfyNode):
@@ -420,7 +465,7 @@ class PreprintSoftPAG(io.ComfyNode):
                 "SoftPAG and attention-head selection (Lee et al., 'Fine-Grained Perturbation Guidance via "
                 "Attention Head Selection', arXiv:2506.10978): each selected head's attention map becomes "
                 "(1-u) A + u I, and the layer list may name heads ('joint:12[2,5]'). Batched into the CFG call."),
-            inputs=[*_common_inputs(3.0),
+            inputs=[*_common_inputs(3.0, PAG_SCALE_NOTE),
                     io.Float.Input("softness", default=0.5, min=0.0, max=1.0, step=0.01,
                                    tooltip="u in (1-u) A + u I: 1 is full PAG, smaller values perturb more gently "
                                            "(fewer over-smoothed or over-saturated results)."),
@@ -434,8 +479,8 @@ class PreprintSoftPAG(io.ComfyNode):
                 joint_attention="image-to-image") -> io.NodeOutput:
         node = "SoftPAG / Head Selection (Preprint)"
         pert = Perturbation("identity", softness, None, "image" if joint_attention == "image-to-image" else "all")
-        sched = _schedule(scale, adaptive_scale, sigma_start, sigma_end, node)
-        return io.NodeOutput(apply_pag(model, node, layers, sched, pert, rescale))
+        sched = make_schedule(scale, adaptive_scale, sigma_start, sigma_end, node)
+        return io.NodeOutput(apply_pag(model, node, SOFT_PAG, layers, sched, pert, rescale))
 
 
 class PreprintSmoothedEnergyGuidance(io.ComfyNode):
@@ -462,176 +507,8 @@ class PreprintSmoothedEnergyGuidance(io.ComfyNode):
                 blur_sigma=100.0) -> io.NodeOutput:
         node = "Smoothed Energy Guidance (Preprint)"
         pert = Perturbation("smoothed_energy", 1.0, None, "image", blur_sigma)
-        sched = _schedule(scale, adaptive_scale, sigma_start, sigma_end, node)
-        return io.NodeOutput(apply_pag(model, node, layers, sched, pert, rescale))
-
-# ---------------------------------------------------------------------------------------------- SAG
-
-SAG_KEY = "preprint_sag"
-SAG_STATE = "preprint_sag_state"
-SAG_PASS = "preprint_sag_pass"
+        sched = make_schedule(scale, adaptive_scale, sigma_start, sigma_end, node)
+        return io.NodeOutput(apply_pag(model, node, SEG, layers, sched, pert, rescale))
 
 
-@dataclass(frozen=True)
-class SagPassInfo:
-    target: int
-    state: SagRunState
-    threshold: float
-
-
-def _sag_patch(prev):
-    def patch(q, k, v, extra_options):
-        heads = extra_options["n_heads"]
-        base = _base_attention(prev, q, k, v, extra_options)
-        info: SagPassInfo | None = extra_options.get(SAG_PASS)
-        cou = extra_options.get("cond_or_uncond") or []
-        chunks = chunks_of(cou, info.target) if info is not None else []
-        if not chunks:
-            return base
-        uuids = extra_options.get("uuids") or [None] * len(cou)
-        per = q.shape[0] // len(cou)
-        grid = tuple(extra_options["activations_shape"][-2:])
-        qh, kh = split_heads(q, heads), split_heads(k, heads)
-        for j in chunks:
-            rows = slice(j * per, (j + 1) * per)
-            # the map of this chunk only: each call records its own chunks, so split batches all contribute
-            info.state.masks[uuids[j]] = attention_mask(attention_weights(qh[rows], kh[rows]), grid, info.threshold)
-        return base
-    return patch
-
-
-def make_sag_hooks(schedule: GuidanceSchedule, layer: tuple, blur_sigma: float, threshold: float):
-    def outer(executor, *args, **kwargs):
-        topts = executor.class_obj.model_options.setdefault("transformer_options", {})
-        topts[SAG_STATE] = SagRunState()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            topts.pop(SAG_STATE, None)
-
-    def state_of(mo) -> SagRunState | None:
-        return (mo or {}).get("transformer_options", {}).get(SAG_STATE)
-
-    def predict_noise(executor, *args, **kwargs):
-        state = state_of(_arg(args, kwargs, 2, "model_options", {}))
-        if state is None:
-            return executor(*args, **kwargs)
-        conds = executor.class_obj.conds
-        state.armed_x, state.positive, state.negative = _arg(args, kwargs, 0, "x"), conds.get("positive"), conds.get(
-            "negative")
-        state.pending = None
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            state.armed_x = state.positive = state.negative = state.pending = None
-            state.masks = {}
-
-    def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
-        state = state_of(model_options)
-        if state is None or state.armed_x is not x_in:
-            return executor(model, conds, x_in, timestep, model_options)
-        state.armed_x = None
-        sigma = float(timestep.flatten()[0])
-        scale = schedule.scale_at(sigma, float(model.model_sampling.timestep(timestep).flatten()[0]))
-        target = _index_of(conds, state.negative)
-        if target is None:  # cfg 1 (no uncond pass): guide with the positive prediction
-            target = _index_of(conds, state.positive)
-        if target is None and conds and conds[0] is not None:
-            target = 0
-        if scale == 0.0 or target is None:
-            return executor(model, conds, x_in, timestep, model_options)
-        state.masks = {}
-        mo = dict(model_options)
-        topts = dict(mo.get("transformer_options", {}))
-        replace_ = {k: dict(v) for k, v in topts.get("patches_replace", {}).items()}
-        table = replace_.setdefault("attn1", {})
-        table[layer] = _sag_patch(table.get(layer, table.get(layer[:2])))
-        topts["patches_replace"] = replace_
-        topts[SAG_PASS] = SagPassInfo(target, state, threshold)
-        mo["transformer_options"] = topts
-        out = executor(model, conds, x_in, timestep, mo)
-        masks = [state.masks[c.get("uuid")] for c in conds[target] if c.get("uuid") in state.masks]
-        if masks:
-            state.pending = SagPending(x_in, out[target], conds[target], masks, scale)
-        return out
-
-    def post_cfg(args):
-        import comfy.samplers
-
-        from ._host import parameterisation_of
-
-        state = state_of(args.get("model_options"))
-        p = state.pending if state is not None else None
-        x = args["input"]
-        if p is None or p.x is not x:
-            return args["denoised"]
-        state.pending = None
-        size = p.pred.shape[-2:]
-        mask = torch.stack([F.interpolate(m.float(), size=size, mode="nearest") for m in p.masks]).amax(0)
-        degraded = sag_math.degrade(p.pred, mask, blur_sigma)
-        sigma = args["sigma"].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        model = args["model"]
-        alpha = (1.0 - sigma) if parameterisation_of(model.model_sampling) == "flow" else 1.0
-        x_deg = sag_math.renoise(x, p.pred, degraded, alpha)
-        (pred,) = comfy.samplers.calc_cond_batch(model, [p.conds], x_deg, args["sigma"], args["model_options"])
-        return sag_math.sag_guidance(args["denoised"], degraded, pred, p.scale)
-
-    post_cfg.preprint_key = SAG_KEY  # type: ignore[attr-defined]
-    return outer, predict_noise, calc_cond_batch, post_cfg
-
-
-class PreprintSelfAttentionGuidance(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="PreprintSelfAttentionGuidance",
-            display_name="Self-Attention Guidance (Preprint)",
-            category=CATEGORY,
-            description=(
-                "SAG (Hong et al., 'Improving Sample Quality of Diffusion Models Using Self-Attention Guidance', "
-                "arXiv:2210.00939): blurs the predicted image where the model's self-attention concentrates, "
-                "re-noises it and guides away from the model's answer there. Works with batched or split cond "
-                "batches, any latent size and batch > 1; at cfg 1 it guides with the positive prediction. UNet "
-                "models (SD1.x, SDXL); one extra model call per step."),
-            inputs=[
-                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL)."),
-                io.Float.Input("scale", default=0.5, min=-2.0, max=5.0, step=0.01,
-                               tooltip="SAG scale s in D + s (x0_blurred - D(x_blurred)). 0 switches it off exactly."),
-                io.Float.Input("blur_sigma", default=2.0, min=0.0, max=10.0, step=0.1,
-                               tooltip="Sigma of the 9-tap Gaussian blur applied to the predicted image (official "
-                                       "value 1; ComfyUI's node uses 2)."),
-                io.Float.Input("threshold", default=1.0, min=0.0, max=10.0, step=0.01,
-                               tooltip="A latent region is blurred when its token receives more than this total "
-                                       "attention (mean over heads); 1.0 = more than an average token."),
-                io.String.Input("layer", default="",
-                                tooltip="The one self-attention layer whose map builds the mask. Empty = "
-                                        "'middle:0.0', the official choice (first transformer of the middle block)."),
-                io.Float.Input("sigma_start", default=-1.0, min=-1.0, max=10000.0, step=0.01, round=0.001,
-                               tooltip="Guide only while sigma <= this value (-1: from the first step)."),
-                io.Float.Input("sigma_end", default=-1.0, min=-1.0, max=10000.0, step=0.01, round=0.001,
-                               tooltip="Guide only while sigma >= this value (-1: to the last step)."),
-            ],
-            outputs=[io.Model.Output(tooltip="The model with SAG attached; connect it to a sampler or guider.")],
-        )
-
-    @classmethod
-    def execute(cls, model, scale, blur_sigma, threshold, layer, sigma_start, sigma_end) -> io.NodeOutput:
-        node = "Self-Attention Guidance (Preprint)"
-        m = model.clone()
-        layout, _ = attention_layout(m, node)
-        if layout.family != "unet":
-            raise ValueError(
-                f"{node}: SAG needs a UNet (SD1.x, SD2.x, SDXL): its mask comes from the self-attention of the UNet's "
-                f"middle block over the latent grid, which {'Flux' if layout.family == 'flux' else 'SD3'} models do "
-                "not have. On this model use Perturbed-Attention Guidance or Smoothed Energy Guidance (Preprint).")
-        _, _, layers = resolve_layers(m, layer.strip() or "middle:0.0", node)
-        if len(layers) != 1:
-            raise ValueError(f"{node}: 'layer' must name exactly one self-attention layer (e.g. 'middle:0.0'); "
-                             f"{layer!r} names {len(layers)}: {', '.join(f'{g}:{b}.{t}' for g, b, t in layers)}.")
-        sched = _schedule(scale, 0.0, sigma_start, sigma_end, node)
-        install(m, SAG_KEY, *make_sag_hooks(sched, next(iter(layers)), blur_sigma, threshold))
-        return io.NodeOutput(m)
-
-
-NODES = [PreprintPerturbedAttentionGuidance, PreprintSoftPAG, PreprintSmoothedEnergyGuidance,
-         PreprintSelfAttentionGuidance]
+NODES = [PreprintPerturbedAttentionGuidance, PreprintSoftPAG, PreprintSmoothedEnergyGuidance]

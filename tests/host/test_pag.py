@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from dataclasses import dataclass, field
 
@@ -179,6 +180,60 @@ def test_second_pag_node_replaces_the_first(models):
     torch.testing.assert_close(out, sample(pag(models["sd15"], scale=3.0), "sd15"))
 
 
+def seg(model, scale=3.0, layers="", blur_sigma=1.5):
+    return run_node("PreprintSmoothedEnergyGuidance", model=model, scale=scale, layers=layers, adaptive_scale=0.0,
+                    sigma_start=-1.0, sigma_end=-1.0, rescale=0.0, blur_sigma=blur_sigma)[0]
+
+
+def softpag(model, scale=3.0, layers="", softness=0.5):
+    return run_node("PreprintSoftPAG", model=model, scale=scale, layers=layers, adaptive_scale=0.0, sigma_start=-1.0,
+                    sigma_end=-1.0, rescale=0.0, softness=softness, joint_attention="image-to-image")[0]
+
+
+@pytest.mark.parametrize("other", ["seg", "softpag"])
+def test_pag_and_another_family_node_stack(models, other):
+    """PAG with SEG or SoftPAG on one model: both perturbed copies ride in the one CFG call, and with a single
+    Euler step to sigma 0 (the output is then the guided prediction itself) the two guidance terms add."""
+    m = models["sd15"]
+    second = seg if other == "seg" else softpag
+    both = second(pag(m, scale=2.0), scale=1.5)
+    with count_calls(both) as c:
+        out = sample(c.model, "sd15")
+    assert c.rows == [4] * STEPS and all(sorted(ch) == [0, 1, 2, 3] for ch in c.chunks)
+    for single in (pag(m, scale=2.0), second(m, scale=1.5)):
+        assert (out - sample(single, "sd15")).abs().max() > 1e-3
+
+    def one_step(model):
+        return run_sampling(model, "sd15", steps=1, cfg=5.0, height=16, width=16)
+    base = one_step(m)
+    term_pag, term_other = one_step(pag(m, scale=2.0)) - base, one_step(second(m, scale=1.5)) - base
+    assert min(term_pag.abs().max(), term_other.abs().max()) > 1e-2
+    # 1e-5 of the latent's scale: float rounding of the batched call, far below either term
+    tol = 1e-5 * base.abs().max().item()
+    torch.testing.assert_close(one_step(both) - base, term_pag + term_other, rtol=0, atol=tol)
+
+
+def test_stacked_family_nodes_mark_their_own_streams(models):
+    """Inside the stacked call every perturbed copy is listed in preprint_perturbed under a uuid of its own."""
+    from preprint.guidance.pag_runtime import perturbed_uuid
+
+    seen = []
+
+    def spy(executor, *args, **kwargs):
+        topts = args[-1] if isinstance(args[-1], dict) else kwargs["transformer_options"]
+        seen.append((list(topts["cond_or_uncond"]), list(topts["uuids"]), set(topts.get("preprint_perturbed", ()))))
+        return executor(*args, **kwargs)
+
+    m = seg(pag(models["sd15"]))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "preprint_test_spy", spy)
+    sample(m, "sd15")
+    assert len(seen) == STEPS
+    for cou, uuids, perturbed in seen:
+        assert perturbed == {cou.index(2), cou.index(3)}
+        pos = uuids[cou.index(0)]
+        assert {uuids[cou.index(2)], uuids[cou.index(3)]} == {perturbed_uuid(pos), perturbed_uuid(pos, "seg")}
+
+
 def test_unet_layer_lists(models):
     base = sample(models["sdxl"], "sdxl")
     out = sample(pag(models["sdxl"], layers="input:4-8, output:0-2.1"), "sdxl")
@@ -310,6 +365,19 @@ def test_sd3_joint_blocks():
     assert torch.equal(run_sampling(pag(model, scale=0.0), latent_family, steps=STEPS, cfg=4.0, **kw), base)
     with pytest.raises(ValueError, match="joint:0-1"):
         pag(model, layers="joint:2")
+
+
+def test_sd3_scale_hint(caplog):
+    """The scale widget's default is about four times the only published SD3 value: the node says so."""
+    try:
+        model = _tiny_sd3()
+    except Exception as e:
+        pytest.skip(f"tiny SD3 model could not be built: {e}")
+    with caplog.at_level(logging.INFO, logger="preprint"):
+        pag(model, scale=0.7)
+        assert "0.7" not in caplog.text
+        pag(model, scale=3.0)
+    assert "diffusers' SD3 PAG uses 0.7" in caplog.text
 
 
 def test_perturbed_chunk_is_labelled_for_other_patches(models):

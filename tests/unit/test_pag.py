@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from preprint.guidance.attention_perturbation import (
     INFINITE_BLUR_SIGMA,
@@ -15,8 +16,10 @@ from preprint.guidance.attention_perturbation import (
     attention_weights,
     blur_tokens,
     identity_output,
+    kernel_size_on_axis,
     merge_heads,
     perturb_rows,
+    seg_kernel_size,
     smoothed_energy_output,
     split_heads,
 )
@@ -188,6 +191,43 @@ def test_blur_tokens():
         blur_tokens(x, (5, 6), 1.0)
 
 
+@pytest.mark.parametrize(("sigma", "size"), [
+    (0.1, 1), (0.4, 3), (0.5, 3), (0.7, 5), (1.0, 7), (1.5, 9), (2.0, 13), (2.5, 15), (10.0, 61), (100.0, 601)])
+def test_seg_kernel_size_is_the_official_rule(sigma, size):
+    """The odd size just above 6 sigma: ceil(6 sigma) when odd, else one more (SEG-SDXL's rule)."""
+    assert seg_kernel_size(sigma) == size
+    # cut to the grid as the official code cuts it: the largest odd size <= length + 1
+    assert kernel_size_on_axis(sigma, 8) == min(size, 9)
+    assert kernel_size_on_axis(sigma, 9) == min(size, 9)
+    assert kernel_size_on_axis(sigma, 2) == min(size, 3)
+
+
+def official_seg_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """SEG-SDXL's blur of a square (N, C, h, h) query map, written out independently of the code under test:
+    size rule, cut at the map's side, normalised 2-D Gaussian, reflect padding."""
+    side = img.shape[-1]
+    c = math.ceil(6 * sigma)
+    size = min(c + 1 - c % 2, side - (side % 2 - 1))
+    half = (size - 1) * 0.5
+    t = torch.linspace(-half, half, size, dtype=img.dtype)
+    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
+    k1 = k1 / k1.sum()
+    k2 = torch.outer(k1, k1).expand(img.shape[1], 1, size, size)
+    p = size // 2
+    return F.conv2d(F.pad(img, (p, p, p, p), mode="reflect"), k2, groups=img.shape[1])
+
+
+@pytest.mark.parametrize("side", [8, 9])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.5, 2.0, 100.0])
+def test_seg_blur_matches_the_official_query_blur(side, sigma):
+    g = torch.Generator().manual_seed(3)
+    b, h, d = 2, 3, 4
+    x = torch.randn(b, h, side * side, d, generator=g, dtype=torch.float64)
+    as_map = x.permute(0, 1, 3, 2).reshape(b, h * d, side, side)  # the official (B, heads*dim, h, w) layout
+    ref = official_seg_blur(as_map, sigma).reshape(b, h, d, side * side).permute(0, 1, 3, 2)
+    torch.testing.assert_close(blur_tokens(x, (side, side), sigma), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_smoothed_energy():
     q, k, v = qkv(n=4 + 12)
     # sigma 0: no blur, ordinary attention
@@ -266,3 +306,7 @@ def test_chunk_rows_and_uuids():
     with pytest.raises(ValueError):
         rows_of([0], 7, 2)
     assert perturbed_uuid("a") == perturbed_uuid("a") != perturbed_uuid("b")
+    # each technique's copy of one cond is a stream of its own; PAG's keeps the uuid it always had
+    streams = {perturbed_uuid("a", tag) for tag in ("", "softpag", "seg", "sag")}
+    assert len(streams) == 4 and "a" not in streams
+    assert perturbed_uuid("a") == perturbed_uuid("a", "")
