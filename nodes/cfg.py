@@ -460,7 +460,7 @@ class PreprintAdaptiveGuidance(io.ComfyNode):
                                        "stops for the rest of the run. Higher: later and safer (0.999 measured "
                                        "within 2% of plain CFG on EPS and flow models; 0.99 saves a little more); "
                                        "1.0: never stop."),
-                io.Combo.Input("criterion", options=list(ADAPTIVE_CRITERIA), default="velocity",
+                io.Combo.Input("criterion", options=list(ADAPTIVE_CRITERIA), default="velocity", optional=True,
                                tooltip="What the cosine compares. velocity: the flow velocity eps - x0 (the network "
                                        "output on Flux / SD3; works alike on SD models). noise: the paper's noise "
                                        "predictions, which on SD models agree from the first step, so guidance stops "
@@ -520,7 +520,7 @@ class PreprintCADS(io.ComfyNode):
                 io.Boolean.Input("noise_pooled", default=True,
                                  tooltip="Also anneal the pooled text vector (SDXL, SD3, Flux). On SDXL only its text "
                                          "part, never the size embeddings."),
-                io.Combo.Input("anneal", options=list(CADS_TARGETS), default=CADS_TARGETS[0],
+                io.Combo.Input("anneal", options=list(CADS_TARGETS), default=CADS_TARGETS[0], optional=True,
                                tooltip="Which conditionings get the noise. 'positive only' is the paper's eq. 3: "
                                        "the condition y of the conditional prediction; the negative prompt keeps "
                                        "its own. 'positive and negative' also anneals the negative prompt, as the "
