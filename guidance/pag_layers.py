@@ -126,6 +126,26 @@ def _heads(text: str, item: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def check_syntax(spec: str) -> None:
+    """Check a layer list without a model (what the editor can check before a run): every item readable, its
+    group known to some model family, no backwards range, heads well formed. Empty means the model's default."""
+    text = re.sub(r"\s+", "", spec.lower())
+    known = sorted({g for groups in FAMILY_GROUPS.values() for g in groups})
+    for item in _split_items(text):
+        m = _ITEM.match(item)
+        if m is None:
+            raise LayerSpecError(
+                f"cannot read {item!r}. Write items like 'group:block', 'group:first-last', 'group:block.inner' "
+                f"(UNet transformer depth) or 'group:block[heads]', separated by commas; groups: {', '.join(known)}.")
+        if m["group"] not in known:
+            raise LayerSpecError(f"{item!r}: no model has a layer group {m['group']!r}; groups: {', '.join(known)}.")
+        _range(m["blocks"], "block", item)
+        if m["inner"]:
+            _range(m["inner"], "inner", item)
+        if m["heads"]:
+            _heads(m["heads"], item)
+
+
 def parse_and_resolve(spec: str, layout: AttentionLayout) -> dict[LayerKey, tuple[int, ...] | None]:
     """Parse ``spec`` against ``layout``: each selected layer -> its heads (``None`` = all heads)."""
     text = re.sub(r"\s+", "", spec.lower())

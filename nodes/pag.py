@@ -26,8 +26,16 @@ import comfy.patcher_extension as pe
 from comfy_api.latest import io
 
 from ..guidance.attention_perturbation import INFINITE_BLUR_SIGMA, Perturbation, merge_heads, perturb_rows, split_heads
+from ..guidance.cfg_schedule import GuidanceInterval
 from ..guidance.pag import GuidanceSchedule, guided_prediction
-from ..guidance.pag_layers import AttentionLayout, BlockInfo, LayerSpecError, default_spec, parse_and_resolve
+from ..guidance.pag_layers import (
+    AttentionLayout,
+    BlockInfo,
+    LayerSpecError,
+    check_syntax,
+    default_spec,
+    parse_and_resolve,
+)
 from ..guidance.pag_runtime import PagRunState, Pending, chunks_of, perturbed_uuid, rows_of
 
 log = logging.getLogger("preprint")
@@ -414,6 +422,19 @@ def _common_inputs(default_scale: float, scale_note: str = "") -> list:
     ]
 
 
+def _validate_widgets(node: str, layers, sigma_start, sigma_end) -> bool | str:
+    """What the widget values alone can show wrong, for ComfyUI's validator (the editor marks the node before
+    anything is queued); the layer list is checked against the actual model when the node runs."""
+    try:
+        if isinstance(layers, str):
+            check_syntax(layers)
+        if sigma_start is not None and sigma_end is not None:
+            GuidanceInterval(sigma_start, sigma_end)
+    except ValueError as e:
+        return f"{node}: {e}"
+    return True
+
+
 def _joint_input(tooltip: str):
     return io.Combo.Input("joint_attention", options=["image-to-image", "all tokens"], default="image-to-image",
                           tooltip=tooltip)
@@ -446,6 +467,10 @@ class PreprintPerturbedAttentionGuidance(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, layers=None, sigma_start=None, sigma_end=None, **_) -> bool | str:
+        return _validate_widgets(cls.define_schema().display_name, layers, sigma_start, sigma_end)
+
+    @classmethod
     def execute(cls, model, scale, layers, adaptive_scale, sigma_start, sigma_end, rescale,
                 joint_attention="image-to-image") -> io.NodeOutput:
         node = "Perturbed-Attention Guidance (Preprint)"
@@ -475,6 +500,10 @@ class PreprintSoftPAG(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, layers=None, sigma_start=None, sigma_end=None, **_) -> bool | str:
+        return _validate_widgets(cls.define_schema().display_name, layers, sigma_start, sigma_end)
+
+    @classmethod
     def execute(cls, model, scale, layers, adaptive_scale, sigma_start, sigma_end, rescale, softness=0.5,
                 joint_attention="image-to-image") -> io.NodeOutput:
         node = "SoftPAG / Head Selection (Preprint)"
@@ -501,6 +530,10 @@ class PreprintSmoothedEnergyGuidance(io.ComfyNode):
                                            "effect); 9999 means infinite: every query becomes the mean query.")],
             outputs=[_MODEL_OUT],
         )
+
+    @classmethod
+    def validate_inputs(cls, layers=None, sigma_start=None, sigma_end=None, **_) -> bool | str:
+        return _validate_widgets(cls.define_schema().display_name, layers, sigma_start, sigma_end)
 
     @classmethod
     def execute(cls, model, scale, layers, adaptive_scale, sigma_start, sigma_end, rescale,

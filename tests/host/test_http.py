@@ -131,3 +131,26 @@ def test_bad_widget_values_are_refused_before_anything_is_queued(server, case):
     errors = answer["node_errors"]["20"]["errors"]
     text = " ".join(f"{e['message']} {e.get('details', '')}" for e in errors)
     assert all(x in text for x in expected), text
+
+
+PAG_BAD_WIDGETS = {
+    "unreadable layer list": ("middle0", "cannot read 'middle0'"),
+    "unknown layer group": ("wings:1", "no model has a layer group 'wings'"),
+    "backwards range": ("input:5-2", "runs backwards"),
+}
+
+
+@pytest.mark.parametrize("case", list(PAG_BAD_WIDGETS))
+def test_bad_pag_layer_lists_are_refused_before_anything_is_queued(server, case):
+    url, _ = server
+    prompt = json.loads(SMOKE.read_text())
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "KSampler")
+    layers, expected = PAG_BAD_WIDGETS[case]
+    prompt["20"] = {"class_type": "PreprintPerturbedAttentionGuidance", "inputs": {
+        "model": ["1", 0], "scale": 2.0, "layers": layers, "adaptive_scale": 0.0, "sigma_start": -1.0,
+        "sigma_end": -1.0, "rescale": 0.0, "joint_attention": "image-to-image"}}
+    prompt[sampler]["inputs"]["model"] = ["20", 0]
+    status, answer = _post_prompt(url, prompt)
+    assert status == 400, answer
+    text = " ".join(f"{e['message']} {e.get('details', '')}" for e in answer["node_errors"]["20"]["errors"])
+    assert "Perturbed-Attention Guidance (Preprint):" in text and expected in text, text
