@@ -15,6 +15,16 @@ from ..utils.noise_schedule import Parameterisation
 log = logging.getLogger("preprint")
 
 
+def validation_message(node: str, check: Callable[[], object]) -> bool | str:
+    """For a node's ``validate_inputs``: True, or the ValueError ``check`` raises prefixed with the node's display
+    name, which ComfyUI's validator shows on the node before anything is queued."""
+    try:
+        check()
+    except ValueError as e:
+        return f"{node}: {e}"
+    return True
+
+
 def model_sampling_of(model_k) -> object:
     """The ``model_sampling`` object behind the denoiser ComfyUI hands a sampler function.
 

@@ -55,7 +55,7 @@ from ..guidance.cfg_schedule import (
     retarget,
     step_index,
 )
-from ._host import parameterisation_of
+from ._host import parameterisation_of, validation_message
 
 log = logging.getLogger("preprint")
 
@@ -424,7 +424,7 @@ class PreprintScheduledCFG(io.ComfyNode):
                 if not parse_scale_list(custom_scales):
                     raise ValueError("schedule 'custom' needs custom_scales: one CFG scale per sampler step, "
                                      "separated by commas.")
-        return _validation_message(SCHEDULED_CFG_NAME, check)
+        return validation_message(SCHEDULED_CFG_NAME, check)
 
     @classmethod
     def execute(cls, model, schedule: str, cfg_start: float, cfg_end: float, exponent: float, custom_scales: str,
@@ -477,15 +477,6 @@ class PreprintAdaptiveGuidance(io.ComfyNode):
         return io.NodeOutput(_with_technique(model, "adaptive", tech))
 
 
-def _validation_message(node: str, check) -> bool | str:
-    """True, or the error ``check`` raises, prefixed with the node's display name, for ComfyUI's validator."""
-    try:
-        check()
-    except ValueError as e:
-        return f"{node}: {e}"
-    return True
-
-
 def _pooled_dims(model) -> int | None:
     inner = getattr(model, "model", None)
     if isinstance(inner, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)):
@@ -534,7 +525,7 @@ class PreprintCADS(io.ComfyNode):
         values = (tau1, tau2, noise_scale, psi)
         if any(v is None for v in values):
             return True  # a linked input: checked when the node runs
-        return _validation_message(CADS_NAME, lambda: cads.CADSConfig(*values))
+        return validation_message(CADS_NAME, lambda: cads.CADSConfig(*values))
 
     @classmethod
     def execute(cls, model, tau1: float, tau2: float, noise_scale: float, psi: float,

@@ -37,6 +37,7 @@ from ..guidance.pag_layers import (
     parse_and_resolve,
 )
 from ..guidance.pag_runtime import PagRunState, Pending, chunks_of, perturbed_uuid, rows_of
+from ._host import validation_message
 
 log = logging.getLogger("preprint")
 
@@ -423,16 +424,14 @@ def _common_inputs(default_scale: float, scale_note: str = "") -> list:
 
 
 def _validate_widgets(node: str, layers, sigma_start, sigma_end) -> bool | str:
-    """What the widget values alone can show wrong, for ComfyUI's validator (the editor marks the node before
-    anything is queued); the layer list is checked against the actual model when the node runs."""
-    try:
+    """What the widget values alone can show wrong; the layer list is checked against the actual model when the
+    node runs."""
+    def check() -> None:
         if isinstance(layers, str):
             check_syntax(layers)
         if sigma_start is not None and sigma_end is not None:
             GuidanceInterval(sigma_start, sigma_end)
-    except ValueError as e:
-        return f"{node}: {e}"
-    return True
+    return validation_message(node, check)
 
 
 def _joint_input(tooltip: str):
