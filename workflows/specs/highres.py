@@ -1,0 +1,37 @@
+"""Example workflows for the multi-resolution family: HiDiffusion on SD1.5 and SDXL, and on the trained toy."""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("preprint_workflow_common", Path(__file__).with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+
+
+def _hidiffusion(width: int, height: int, t1: float, t2: float, checkpoint: str | None = None, **ks) -> dict:
+    prompt = {**common.sd15_base(width=width, height=height), **common.ksampler(model=["11", 0], **ks)}
+    if checkpoint:
+        prompt["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}
+    prompt["11"] = {"class_type": "PreprintHiDiffusion",
+                    "inputs": {"model": ["1", 0], "raunet": True, "msw_msa": True, "t1": t1, "t2": t2},
+                    "_meta": {"title": f"HiDiffusion (t1 {t1}, t2 {t2})"}}
+    return prompt
+
+
+_toy = _hidiffusion(256, 256, 0.4, 0.0, sampler_name="dpmpp_2m", steps=20, cfg=5.0)
+_toy["1"] = {"class_type": "PreprintProvingGroundModel", "inputs": {"architecture": "sd15"},
+             "_meta": {"title": "Proving-ground toy (trained at 128x128)"}}
+_toy["2"]["inputs"]["text"] = "a red circle above a blue square on a white background"
+_toy["3"]["inputs"]["text"] = ""
+
+WORKFLOWS = {
+    "HiDiffusion at 2x (1024x1024), SD1.5": _hidiffusion(1024, 1024, 0.4, 0.0, sampler_name="dpmpp_2m", steps=30,
+                                                         cfg=7.0),
+    "HiDiffusion at 4x (2048x1536), SD1.5": _hidiffusion(2048, 1536, 0.7, 0.3, sampler_name="dpmpp_2m", steps=30,
+                                                         cfg=7.0),
+    "HiDiffusion at 2x (2048x2048), SDXL": _hidiffusion(2048, 2048, 0.4, 0.0, SDXL_CHECKPOINT,
+                                                        sampler_name="dpmpp_2m", steps=30, cfg=6.0),
+    "HiDiffusion on the proving-ground toy at 2x": _toy,
+}
