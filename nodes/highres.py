@@ -1,7 +1,9 @@
-"""Multi-resolution nodes: HiDiffusion (RAU-Net + MSW-MSA) for UNets.
+"""Multi-resolution nodes: HiDiffusion (RAU-Net + MSW-MSA) for UNets, attention entropy scaling for any model.
 
 - HiDiffusion: Zhang et al., "HiDiffusion: Unlocking Higher-Resolution Creativity and Efficiency in
   Pretrained Diffusion Models", arXiv:2311.17528.
+- Attention entropy scaling: Jin et al., "Training-free Diffusion Model Adaptation to Variable-Sized
+  Text-to-Image Synthesis", arXiv:2306.08645.
 
 Host glue only: the operators and the run's switches live in ``highres/hidiffusion.py``. The run is created
 in an OUTER_SAMPLE wrapper and put into that run's cloned ``transformer_options``; the patches (the
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_base
 import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
@@ -23,6 +26,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel
 from comfy_api.latest import io
 
 from ..guidance import cads
+from ..highres.entropy import entropy_factor, keys_at_training_size
 from ..highres.hidiffusion import LAYOUTS, PRESETS, HiDiffusionRun, pool, resize_to, strided_conv, windowed_attention
 from ._host import validation_message
 
@@ -254,4 +258,102 @@ class PreprintHiDiffusion(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-NODES = [PreprintHiDiffusion]
+ENTROPY_NODE = "Attention Entropy Scaling (Preprint)"
+LATENT_KEY = "preprint_entropy_latent"
+# Training sizes (pixels) by model class, for the 'auto' setting.
+TRAINING_SIZES = {"SD15": 512, "SD20": 512, "SDXL": 1024, "SDXLRefiner": 1024, "SD3": 1024, "Flux": 1024,
+                  "FluxSchnell": 1024}
+
+
+class _RecordLatentSize:
+    """APPLY_MODEL wrapper: the latent's height and width, for the attention override to count image tokens."""
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        to = {**(transformer_options or {}), LATENT_KEY: tuple(int(n) for n in x.shape[-2:])}
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+
+
+class _EntropyOverride:
+    """``optimized_attention_override``: self-attention queries times sqrt(log T / log N); chains an earlier
+    override."""
+
+    def __init__(self, train_latent: tuple[int, int], patch: int, previous=None):
+        self.train_latent, self.patch, self.previous = train_latent, patch, previous
+
+    def _image_tokens(self, h: int, w: int) -> int:
+        p = self.patch
+        return -(-h // p) * -(-w // p)
+
+    def __call__(self, func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        latent = to.get(LATENT_KEY)
+        if latent is not None and len(args) >= 3:
+            q, k = args[0], args[1]
+            token_dim = 2 if kwargs.get("skip_reshape", False) else 1
+            n_q, n_k = q.shape[token_dim], k.shape[token_dim]
+            if n_q == n_k:  # self-attention (cross-attention keys are the text's)
+                now = self._image_tokens(*latent)
+                factor = entropy_factor(n_k, keys_at_training_size(n_k, now, self._image_tokens(*self.train_latent)))
+                if factor != 1.0:
+                    args = (q * factor, *args[1:])
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _training_latent(model, width: int, height: int) -> tuple[int, int]:
+    if width == 0 or height == 0:
+        name = type(model.model.model_config).__name__
+        size = TRAINING_SIZES.get(name)
+        if name == "SD20" and model.model.model_type == comfy.model_base.ModelType.V_PREDICTION:
+            size = 768  # SD2.x 768-v
+        if size is None:
+            raise ValueError(f"{ENTROPY_NODE}: no known training size for {name}; set training_width and "
+                             "training_height to the size the model was trained at (in pixels).")
+        width, height = width or size, height or size
+    factor = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
+    return max(1, height // factor), max(1, width // factor)
+
+
+class PreprintAttentionEntropyScaling(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PreprintAttentionEntropyScaling",
+            display_name=ENTROPY_NODE,
+            category=CATEGORY,
+            description=(
+                "Attention entropy scaling (Jin et al., arXiv:2306.08645) for sizes other than the training size, "
+                "on UNets (SD1.x, SDXL) and DiTs (Flux, SD3): self-attention logits are multiplied by "
+                "sqrt(log T / log N), T keys now and N keys at the training size, per layer, so attention spreads "
+                "as it did in training. Cross-attention is untouched; joint text-image attention counts the text "
+                "tokens too. At the training size it changes nothing."),
+            inputs=[
+                io.Model.Input("model", tooltip="Any model with softmax self-attention: SD1.x, SDXL, Flux, SD3."),
+                io.Int.Input("training_width", default=0, min=0, max=16384, step=8,
+                             tooltip="Width the model was trained at, in pixels; 0 = the family's (SD1.x 512, "
+                                     "SDXL / Flux / SD3 1024)."),
+                io.Int.Input("training_height", default=0, min=0, max=16384, step=8,
+                             tooltip="Height the model was trained at, in pixels; 0 = the family's."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with entropy-scaled self-attention.")],
+        )
+
+    @classmethod
+    def execute(cls, model, training_width: int, training_height: int) -> io.NodeOutput:
+        train = _training_latent(model, training_width, training_height)
+        dm = model.model.diffusion_model
+        patch = 1 if isinstance(dm, UNetModel) else int(getattr(dm, "patch_size", 2) or 2)
+        m = model.clone()
+        to = m.model_options.setdefault("transformer_options", {})
+        previous = to.get("optimized_attention_override")
+        while isinstance(previous, _EntropyOverride):  # a second node replaces ours, never nests it
+            previous = previous.previous
+        to["optimized_attention_override"] = _EntropyOverride(train, patch, previous)
+        m.remove_wrappers_with_key(WMP.APPLY_MODEL, LATENT_KEY)
+        m.add_wrapper_with_key(WMP.APPLY_MODEL, LATENT_KEY, _RecordLatentSize())
+        return io.NodeOutput(m)
+
+
+NODES = [PreprintHiDiffusion, PreprintAttentionEntropyScaling]

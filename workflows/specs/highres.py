@@ -1,4 +1,5 @@
-"""Example workflows for the multi-resolution family: HiDiffusion on SD1.5 and SDXL, and on the trained toy."""
+"""Example workflows for the multi-resolution family: HiDiffusion on SD1.5 and SDXL and on the trained toy;
+attention entropy scaling on Flux."""
 
 import importlib.util
 from pathlib import Path
@@ -26,6 +27,23 @@ _toy["1"] = {"class_type": "PreprintProvingGroundModel", "inputs": {"architectur
 _toy["2"]["inputs"]["text"] = "a red circle above a blue square on a white background"
 _toy["3"]["inputs"]["text"] = ""
 
+_flux = {
+    "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-dev-fp8.safetensors"}},
+    "2": {"class_type": "CLIPTextEncode", "inputs": {"text": common.POSITIVE, "clip": ["1", 1]},
+          "_meta": {"title": "Prompt"}},
+    "14": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 3.5}},
+    "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+    "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 2048, "height": 1536, "batch_size": 1}},
+    "11": {"class_type": "PreprintAttentionEntropyScaling",
+           "inputs": {"model": ["1", 0], "training_width": 0, "training_height": 0},
+           "_meta": {"title": "Attention entropy scaling (trained at 1024)"}},
+    "7": {"class_type": "KSampler", "inputs": {"model": ["11", 0], "seed": 42, "steps": 28, "cfg": 1.0,
+                                               "sampler_name": "euler", "scheduler": "simple", "positive": ["14", 0],
+                                               "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "preprint"}},
+}
+
 WORKFLOWS = {
     "HiDiffusion at 2x (1024x1024), SD1.5": _hidiffusion(1024, 1024, 0.4, 0.0, sampler_name="dpmpp_2m", steps=30,
                                                          cfg=7.0),
@@ -34,4 +52,5 @@ WORKFLOWS = {
     "HiDiffusion at 2x (2048x2048), SDXL": _hidiffusion(2048, 2048, 0.4, 0.0, SDXL_CHECKPOINT,
                                                         sampler_name="dpmpp_2m", steps=30, cfg=6.0),
     "HiDiffusion on the proving-ground toy at 2x": _toy,
+    "Attention entropy scaling at 2048x1536, Flux": _flux,
 }

@@ -1,0 +1,38 @@
+"""Attention entropy scaling for sizes other than the training size (pure torch).
+
+Jin et al., "Training-free Diffusion Model Adaptation to Variable-Sized Text-to-Image Synthesis",
+arXiv:2306.08645 (NeurIPS 2023).
+
+The entropy of a softmax attention row grows with the number of keys it spreads over, roughly as
+``log T``; above the training size every query attends more diffusely than the model learnt, which blurs
+and repeats. Scaling the logits by ``sqrt(log T / log N)`` (``T`` keys now, ``N`` keys at the training
+size) restores the training-time entropy: the temperature ``1 / sqrt(d)`` becomes ``sqrt(log_N T / d)``.
+The factor is applied to the queries, which scales the logits exactly. Below the training size it is
+below 1 and sharpens nothing away: it lowers the logits' scale as the paper prescribes.
+
+Self-attention only: cross-attention keys are text tokens, whose number does not change with the size.
+For joint text-image attention (Flux, SD3) ``T`` and ``N`` count the text tokens as well (I-Max's
+``64^2 + 512`` for Flux at 1024 px).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def entropy_factor(keys_now: int, keys_train: int) -> float:
+    """``sqrt(log T / log N)``: 1 when the counts agree (or either is too small to have an entropy)."""
+    if keys_now == keys_train or keys_now < 2 or keys_train < 2:
+        return 1.0
+    return math.sqrt(math.log(keys_now) / math.log(keys_train))
+
+
+def keys_at_training_size(keys_now: int, image_tokens_now: int, image_tokens_train: int) -> int:
+    """Keys a layer had at the training size: its image share scaled by the area ratio, other tokens (text
+    in joint attention) unchanged. ``image_tokens_*`` are the model input's token counts (latent area over
+    the patch area); a UNet level ``k`` times down-sampled keeps the same ratio."""
+    if image_tokens_now <= 0:
+        raise ValueError(f"attention entropy scaling: {image_tokens_now} image tokens")
+    other = max(keys_now - image_tokens_now, 0)
+    image_now = keys_now - other
+    return other + max(1, round(image_now * image_tokens_train / image_tokens_now))
