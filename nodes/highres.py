@@ -1,9 +1,12 @@
-"""Multi-resolution nodes: HiDiffusion (RAU-Net + MSW-MSA) for UNets, attention entropy scaling for any model.
+"""Multi-resolution nodes: HiDiffusion (RAU-Net + MSW-MSA) for UNets, attention entropy scaling for any model,
+RoPE scaling for Flux-layout DiTs.
 
 - HiDiffusion: Zhang et al., "HiDiffusion: Unlocking Higher-Resolution Creativity and Efficiency in
   Pretrained Diffusion Models", arXiv:2311.17528.
 - Attention entropy scaling: Jin et al., "Training-free Diffusion Model Adaptation to Variable-Sized
   Text-to-Image Synthesis", arXiv:2306.08645.
+- RoPE scaling: NTK-aware base scaling (as in I-Max, arXiv:2410.07536) or position interpolation (Chen et
+  al., arXiv:2306.15595), per axis.
 
 Host glue only: the operators and the run's switches live in ``highres/hidiffusion.py``. The run is created
 in an OUTER_SAMPLE wrapper and put into that run's cloned ``transformer_options``; the patches (the
@@ -22,12 +25,15 @@ import comfy.model_base
 import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
+import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel
 from comfy_api.latest import io
 
 from ..guidance import cads
 from ..highres.entropy import entropy_factor, keys_at_training_size
 from ..highres.hidiffusion import LAYOUTS, PRESETS, HiDiffusionRun, pool, resize_to, strided_conv, windowed_attention
+from ..highres.rope import MODES as ROPE_MODES
+from ..highres.rope import scaled_rope
 from ._host import validation_message
 
 log = logging.getLogger("preprint.highres")
@@ -356,4 +362,75 @@ class PreprintAttentionEntropyScaling(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-NODES = [PreprintHiDiffusion, PreprintAttentionEntropyScaling]
+ROPE_NODE = "RoPE Scaling (Preprint)"
+
+
+class _ScaledRoPE(torch.nn.Module):
+    """Stands in for a Flux-layout model's ``pe_embedder`` (an object patch): each image axis scaled to its
+    training extent."""
+
+    def __init__(self, original, train_extent: list[float | None], mode: str):
+        super().__init__()
+        self.axes_dim, self.theta = list(original.axes_dim), float(original.theta)
+        self.train_extent, self.mode = train_extent, mode
+
+    def forward(self, ids):
+        return scaled_rope(ids, self.axes_dim, self.theta, self.train_extent, self.mode)
+
+
+def _rope_embedder(model):
+    dm = model.model.diffusion_model
+    pe = getattr(dm, "pe_embedder", None)
+    if pe is None or not hasattr(pe, "axes_dim") or not hasattr(pe, "theta") or len(pe.axes_dim) != 3:
+        raise ValueError(f"{ROPE_NODE}: this model is a {type(model.model).__name__} ({type(dm).__name__}) without "
+                         "Flux's three-axis rotary position embedding (index, row, column); it serves Flux, Flux "
+                         "Kontext and Chroma. UNets (SD1.x, SDXL) have no positions to scale: use HiDiffusion.")
+    probe = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(5.0), torch.arange(3.0), indexing="ij"),
+                        dim=-1).reshape(1, -1, 3)
+    if not torch.equal(pe(probe), scaled_rope(probe, list(pe.axes_dim), float(pe.theta), [None] * 3, ROPE_MODES[0])):
+        raise ValueError(f"{ROPE_NODE}: this ComfyUI computes Flux's position embedding differently from the "
+                         "layout RoPE scaling reproduces; the node cannot serve it without changing the model.")
+    return pe
+
+
+class PreprintRoPEScaling(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PreprintRoPEScaling",
+            display_name=ROPE_NODE,
+            category=CATEGORY,
+            description=(
+                "Rotary position scaling for Flux-layout DiTs above their training size, per axis, so a wide image "
+                "scales only its columns: NTK-aware (the base theta grows by s^(d/(d-2)), as I-Max, "
+                "arXiv:2410.07536, does for Flux) or position interpolation (positions divided by s, Chen et al., "
+                "arXiv:2306.15595); s = the axis's extent now over its extent at the training size. Axes at or "
+                "below the training extent and text tokens are untouched: at the training size it changes "
+                "nothing."),
+            inputs=[
+                io.Model.Input("model", tooltip="A Flux-layout model (Flux, Flux Kontext, Chroma)."),
+                io.Combo.Input("mode", options=list(ROPE_MODES), default=ROPE_MODES[0],
+                               tooltip="NTK-aware keeps fine detail; position interpolation is smoother."),
+                io.Int.Input("training_width", default=0, min=0, max=16384, step=16,
+                             tooltip="Width the model was trained at, in pixels; 0 = 1024 (Flux)."),
+                io.Int.Input("training_height", default=0, min=0, max=16384, step=16,
+                             tooltip="Height the model was trained at, in pixels; 0 = 1024 (Flux)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with scaled position embedding.")],
+        )
+
+    @classmethod
+    def execute(cls, model, mode: str, training_width: int, training_height: int) -> io.NodeOutput:
+        if mode not in ROPE_MODES:
+            raise ValueError(f"{ROPE_NODE}: unknown mode {mode!r}; use one of {ROPE_MODES}")
+        pe = _rope_embedder(model)  # the model's own embedder: a second node's object patch replaces ours
+        factor = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
+        patch = int(getattr(model.model.diffusion_model, "patch_size", 2) or 2)
+        rows = (training_height or 1024) / factor / patch
+        cols = (training_width or 1024) / factor / patch
+        m = model.clone()
+        m.add_object_patch("diffusion_model.pe_embedder", _ScaledRoPE(pe, [None, rows, cols], mode))
+        return io.NodeOutput(m)
+
+
+NODES = [PreprintHiDiffusion, PreprintAttentionEntropyScaling, PreprintRoPEScaling]

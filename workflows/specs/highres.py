@@ -1,5 +1,5 @@
 """Example workflows for the multi-resolution family: HiDiffusion on SD1.5 and SDXL and on the trained toy;
-attention entropy scaling on Flux."""
+RoPE and attention entropy scaling on Flux."""
 
 import importlib.util
 from pathlib import Path
@@ -34,8 +34,11 @@ _flux = {
     "14": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 3.5}},
     "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
     "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 2048, "height": 1536, "batch_size": 1}},
+    "15": {"class_type": "PreprintRoPEScaling",
+           "inputs": {"model": ["1", 0], "mode": "NTK-aware", "training_width": 0, "training_height": 0},
+           "_meta": {"title": "RoPE scaling per axis (trained at 1024)"}},
     "11": {"class_type": "PreprintAttentionEntropyScaling",
-           "inputs": {"model": ["1", 0], "training_width": 0, "training_height": 0},
+           "inputs": {"model": ["15", 0], "training_width": 0, "training_height": 0},
            "_meta": {"title": "Attention entropy scaling (trained at 1024)"}},
     "7": {"class_type": "KSampler", "inputs": {"model": ["11", 0], "seed": 42, "steps": 28, "cfg": 1.0,
                                                "sampler_name": "euler", "scheduler": "simple", "positive": ["14", 0],
@@ -52,5 +55,5 @@ WORKFLOWS = {
     "HiDiffusion at 2x (2048x2048), SDXL": _hidiffusion(2048, 2048, 0.4, 0.0, SDXL_CHECKPOINT,
                                                         sampler_name="dpmpp_2m", steps=30, cfg=6.0),
     "HiDiffusion on the proving-ground toy at 2x": _toy,
-    "Attention entropy scaling at 2048x1536, Flux": _flux,
+    "RoPE and attention entropy scaling at 2048x1536, Flux": _flux,
 }
