@@ -7,9 +7,11 @@ import logging
 from collections.abc import Callable
 
 import comfy.k_diffusion.sampling as k_sampling
+import comfy.model_patcher
 import comfy.model_sampling
 import comfy.samplers
 
+from ..guidance.cads import content_key
 from ..utils.noise_schedule import Parameterisation
 
 log = logging.getLogger("preprint")
@@ -23,6 +25,33 @@ def validation_message(node: str, check: Callable[[], object]) -> bool | str:
     except ValueError as e:
         return f"{node}: {e}"
     return True
+
+
+class RunState:
+    """OUTER_SAMPLE wrapper giving every sampling call a fresh state object, put into that call's cloned
+    ``transformer_options`` under ``key`` (so patches find it there) and dropped when the call returns.
+
+    ``make_run(guider, sigmas, seed)`` builds the state; ``seed`` is the run's noise seed, or a fingerprint of
+    the noise when the sampler passes none. Subclasses may override :meth:`finished`."""
+
+    def __init__(self, key: str, make_run: Callable):
+        self.key, self.make_run = key, make_run
+
+    def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        guider = executor.class_obj
+        orig = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
+        seed = kwargs.get("seed", args[3] if len(args) > 3 else None)  # outer_sample(..., disable_pbar, seed)
+        run = self.make_run(guider, sigmas, int(seed) if seed is not None else content_key(noise))
+        guider.model_options.setdefault("transformer_options", {})[self.key] = run
+        try:
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            guider.model_options = orig
+            self.finished(run)
+
+    def finished(self, run) -> None:
+        """Called once the sampling call returned (or failed)."""
 
 
 def model_sampling_of(model_k) -> object:

@@ -21,7 +21,6 @@ import logging
 import re
 from pathlib import Path
 
-import comfy.model_patcher
 import comfy.patcher_extension
 import folder_paths
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -32,6 +31,7 @@ from ..caching.block_profile import Profile, ProfileError, model_fingerprint
 from ..caching.dit import DiTCacheRun
 from ..caching.unet_policies import BlockCacheRun, DeepCacheRun, EncoderPropagationRun, Window
 from ..caching.unet_runner import run_unet, unhandled_patches
+from ._host import RunState
 
 log = logging.getLogger("preprint.caching")
 
@@ -96,28 +96,19 @@ def _window(guider, start_percent: float, end_percent: float) -> Window:
     return Window(ms.percent_to_sigma(start_percent), ms.percent_to_sigma(end_percent))
 
 
-class _OuterSample:
-    """OUTER_SAMPLE wrapper: a fresh policy run per sampling call, reachable from transformer_options."""
+class _OuterSample(RunState):
+    """A fresh policy run per sampling call (see :class:`RunState`), with its report kept for benchmarks."""
 
     def __init__(self, key: str, make_run):
-        self.key, self.make_run = key, make_run
+        super().__init__(key, lambda guider, sigmas, seed: make_run(guider, sigmas))
         self.last_report: dict | None = None  # read by benchmarks; never used for computation
 
-    def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        guider = executor.class_obj
-        orig = guider.model_options
-        guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
-        run = self.make_run(guider, sigmas)
-        guider.model_options.setdefault("transformer_options", {})[self.key] = run
-        try:
-            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        finally:
-            guider.model_options = orig
-            self.last_report = {"summary": run.summary(), "calls": run.calls, "counts": run.counts}
-            log.info("%s", run.summary())
-            finisher = getattr(run, "finish", None)
-            if finisher is not None:
-                finisher()
+    def finished(self, run) -> None:
+        self.last_report = {"summary": run.summary(), "calls": run.calls, "counts": run.counts}
+        log.info("%s", run.summary())
+        finisher = getattr(run, "finish", None)
+        if finisher is not None:
+            finisher()
 
 
 def _unet_forward(key: str, executor, x, timesteps=None, context=None, y=None, control=None,

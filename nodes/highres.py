@@ -22,19 +22,17 @@ import logging
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_base
-import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
 import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel
 from comfy_api.latest import io
 
-from ..guidance import cads
 from ..highres.entropy import entropy_factor, keys_at_training_size
 from ..highres.hidiffusion import LAYOUTS, PRESETS, HiDiffusionRun, pool, resize_to, strided_conv, windowed_attention
 from ..highres.rope import MODES as ROPE_MODES
 from ..highres.rope import scaled_rope
-from ._host import validation_message
+from ._host import RunState, validation_message
 
 log = logging.getLogger("preprint.highres")
 
@@ -70,25 +68,6 @@ def _run(options: dict) -> HiDiffusionRun | None:
 
 def _sigma(options: dict):
     return options.get("sigmas")
-
-
-class _OuterSample:
-    def __init__(self, layout, t1, t2, raunet, windows):
-        self.args = (layout, t1, t2, raunet, windows)
-
-    def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        guider = executor.class_obj
-        orig = guider.model_options
-        guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
-        seed = kwargs.get("seed", args[3] if len(args) > 3 else None)
-        layout, t1, t2, raunet, windows = self.args
-        run = HiDiffusionRun(sigmas, layout, t1, t2, raunet, windows,
-                             int(seed) if seed is not None else cads.content_key(noise))
-        guider.model_options.setdefault("transformer_options", {})[KEY] = run
-        try:
-            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        finally:
-            guider.model_options = orig
 
 
 def _diffusion_model(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None,
@@ -237,7 +216,8 @@ class PreprintHiDiffusion(io.ComfyNode):
         if not raunet and not msw_msa:
             return io.NodeOutput(m)
         m.remove_wrappers_with_key(WMP.OUTER_SAMPLE, KEY)
-        m.add_wrapper_with_key(WMP.OUTER_SAMPLE, KEY, _OuterSample(layout, t1, t2, raunet, msw_msa))
+        m.add_wrapper_with_key(WMP.OUTER_SAMPLE, KEY, RunState(
+            KEY, lambda guider, sigmas, seed: HiDiffusionRun(sigmas, layout, t1, t2, raunet, msw_msa, seed)))
         if raunet:
             m.remove_wrappers_with_key(WMP.DIFFUSION_MODEL, KEY)
             m.add_wrapper_with_key(WMP.DIFFUSION_MODEL, KEY, _diffusion_model)
