@@ -1,7 +1,10 @@
-"""A tiny, untrained SD1.5-layout model for trying graphs without weights (smoke tests, CI, demos).
+"""Models for trying graphs without downloaded weights.
 
-Not a research technique: it exists so a workflow built from Preprint nodes can run end to end on any
-machine. Its images are noise.
+* Tiny Test Model: untrained, in a real family's block layout (smoke tests, CI); its images are noise.
+* Proving Ground Model: the pack's toys trained on generated scenes of coloured shapes (see
+  :mod:`preprint.proving`); their images follow captions in the scenes' words, so an effect can be seen.
+
+Neither is a research technique.
 """
 
 from __future__ import annotations
@@ -47,4 +50,45 @@ class PreprintTinyTestModel(io.ComfyNode):
                              tiny_vae(weights_seed + 2, latent_channels=latent_channels(architecture)))
 
 
-NODES = [PreprintTinyTestModel]
+
+class PreprintProvingGroundModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from ..proving.models import ARCHITECTURES, REBUILD_COMMAND
+
+        return io.Schema(
+            node_id="PreprintProvingGroundModel",
+            display_name="Proving Ground Model (trained toy, Preprint)",
+            category="Preprint/testing",
+            description=(
+                "Loads one of the pack's toy models, trained by the pack on generated pictures of flat-coloured "
+                "circles, squares and triangles (red, green, blue, yellow, purple, cyan, orange) on white, black, "
+                "grey or two-tone backgrounds at 128x128, captioned in words such as 'a red circle above a blue "
+                "square on a white background' or 'a green triangle in the top left and a yellow circle at the "
+                "bottom on a black background'; prompt it the same way. How closely it follows a caption is "
+                "measured in benchmarks/results/proving_ground.md. It lets a graph run on pictures without a "
+                "downloaded checkpoint; it is a toy, not an image model. "
+                f"Rebuild the weights with `{REBUILD_COMMAND}`."
+            ),
+            inputs=[
+                io.Combo.Input("architecture", options=list(ARCHITECTURES), default="sd15",
+                               tooltip="sd15: SD1.5-layout UNet (noise prediction) with an SD-layout VAE (4 latent "
+                                       "channels) and a tiny CLIP-L. flux: Flux-layout DiT (flow matching, no "
+                                       "guidance embedding, so use CFG as with Flux-schnell: about 3-5) with a "
+                                       "16-channel VAE and tiny CLIP-L + T5. Both were trained at 128x128."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The trained toy diffusion model."),
+                io.Clip.Output(tooltip="The toy's frozen text encoder; use CLIPTextEncode with a caption."),
+                io.Vae.Output(tooltip="The toy's trained VAE."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, architecture: str) -> io.NodeOutput:
+        from ..proving.models import load_toy
+
+        return io.NodeOutput(*load_toy(architecture))
+
+
+NODES = [PreprintTinyTestModel, PreprintProvingGroundModel]

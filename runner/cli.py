@@ -3,6 +3,7 @@
     python -m preprint run WORKFLOW.json [--output DIR] [--comfyui PATH]
     python -m preprint check [WORKFLOW.json ...]
     python -m preprint build-workflows
+    python -m preprint train-proving-ground [--only sd15|flux] [--out DIR]
 
 Errors are one line on stderr with a non-zero exit: 2 for a bad workflow, 3 for a missing host or model,
 4 for a failed execution.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,12 @@ TINY_MAX_SIDE = 256
 TINY_NOTICE = ("NOTE: no checkpoint is installed, so this run uses Preprint's tiny UNTRAINED test model at "
                f"{TINY_MAX_SIDE}x{TINY_MAX_SIDE} at most: the images show that the graph runs, not what the "
                "technique looks like. Put a checkpoint in ComfyUI/models/checkpoints to get real images.")
+
+TOY_NOTICE = ("NOTE: no checkpoint is installed, so this run shows {workflow} instead: a small toy model trained "
+              "by Preprint on generated pictures of coloured circles, squares and triangles (128x128), prompted "
+              "in their words ('a red circle above a blue square on a white background'). It is a toy, not an "
+              "image model: how closely it follows a caption is measured in benchmarks/results/proving_ground.md. "
+              "Put a checkpoint in ComfyUI/models/checkpoints to run the workflow you asked for.")
 
 
 class CliError(Exception):
@@ -109,6 +117,10 @@ def cmd_run(args) -> int:
     if unknown:
         raise WorkflowError(f"{path}: unknown node type(s) {', '.join(map(repr, unknown))}; install the pack(s) "
                             "that provide them (ComfyUI-Manager can find missing nodes)")
+    toy = False
+    if args.toy_workflow and missing_model_files(prompt) and nothing_installed({"checkpoints", "diffusion_models"}):
+        prompt, toy = load_prompt(Path(args.toy_workflow), defs), True
+        print(TOY_NOTICE.format(workflow=Path(args.toy_workflow).name), file=sys.stderr)
     prompt, tiny = resolve_models(prompt, allow_tiny=not args.no_tiny)
     if tiny:
         print(TINY_NOTICE, file=sys.stderr)
@@ -121,7 +133,8 @@ def cmd_run(args) -> int:
     for img in images:
         print(out_dir / img.get("subfolder", "") / img["filename"])
     print(f"done: {len(images)} image(s) in {time.perf_counter() - start:.1f} s"
-          + (" (tiny untrained model)" if tiny else ""), file=sys.stderr)
+          + (" (tiny untrained model)" if tiny else "") + (" (proving-ground toy model)" if toy else ""),
+          file=sys.stderr)
     return 0
 
 
@@ -186,6 +199,31 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    path = find_comfyui(args.comfyui)
+    if path is None:
+        raise CliError(f"{why_not_found()}; the toys are built from ComfyUI's own model classes: install ComfyUI "
+                       "and set COMFYUI_PATH (or pass --comfyui PATH)", EXIT_NO_HOST)
+    from . import comfy_host
+
+    comfy_host.import_comfy(path, cpu=not args.gpu)
+    import dataclasses
+
+    from ..proving import models, train
+
+    out = Path(args.out).resolve() if args.out else models.weights_dir()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for arch in args.only or list(models.ARCHITECTURES):
+        budget = train.BUDGETS[arch]
+        if args.smoke:  # checks the pipeline end to end in about a minute; the weights are useless
+            budget = dataclasses.replace(budget, vae_steps=2, vae_batch=2, scenes=8, model_steps=2, model_batch=2)
+        train.train_toy(arch, out, seed=args.seed, budget=budget)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m preprint", description=__doc__.split("\n\n")[0])
     p.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH, an enclosing ComfyUI, ~/ComfyUI)")
@@ -196,6 +234,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("workflow")
     r.add_argument("--output", default="output", help="folder for the images (default: ./output)")
     r.add_argument("--no-tiny", action="store_true", help="never fall back to the tiny untrained model")
+    r.add_argument("--toy-workflow", metavar="WORKFLOW",
+                   help="when no checkpoint is installed at all, run this workflow (built on the trained "
+                        "proving-ground toy) instead of the tiny untrained fallback")
     r.add_argument("--no-user-nodes", action="store_true", help="do not load the other packs in custom_nodes")
     r.add_argument("--models", metavar="DIR",
                    help="read model files from DIR (its checkpoints/, vae/, loras/ ...) instead of ComfyUI/models")
@@ -205,6 +246,14 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
     b = sub.add_parser("build-workflows", help="regenerate workflows/ and workflows/api/ from workflows/specs")
     b.set_defaults(func=cmd_build)
+    t = sub.add_parser("train-proving-ground",
+                       help="train the proving ground's toy models (seeded; about an hour on a 2-core CPU)")
+    t.add_argument("--only", action="append", choices=["sd15", "flux"], help="train only this toy (repeatable)")
+    t.add_argument("--out", metavar="DIR", help="write the weight files here (default: the pack's proving/weights)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    t.add_argument("--smoke", action="store_true", help="a few steps of each stage, to check the pipeline")
+    t.set_defaults(func=cmd_train)
     return p
 
 
@@ -212,13 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(message)s")
     if args.command == "run":
-        import os
-
         # before the host boot changes directory to ComfyUI's
         args.output = os.path.abspath(args.output)
         args.workflow = os.path.abspath(args.workflow)
         if args.models:
             args.models = os.path.abspath(args.models)
+        if args.toy_workflow:
+            args.toy_workflow = os.path.abspath(args.toy_workflow)
+    if args.command == "train-proving-ground" and args.out:
+        args.out = os.path.abspath(args.out)
     if args.command == "check":
         args.workflows = [os.path.abspath(w) for w in args.workflows]
     try:

@@ -113,6 +113,23 @@ def describe_execution_error(status_messages: list) -> str:
 _HOST: Host | None = None
 
 
+def import_comfy(comfy_path: Path, *, cpu: bool = True):
+    """Put ComfyUI on ``sys.path`` with its argument parsing off and, when ``cpu``, CPU mode chosen before
+    ``comfy.model_management`` is first imported; returns ComfyUI's ``args``. Enough to build and run
+    models without a server (training, benchmarks)."""
+    comfy_path = Path(comfy_path).resolve()
+    if str(comfy_path) not in sys.path:
+        sys.path.insert(0, str(comfy_path))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+
+    if cpu:
+        args.cpu = True  # must precede the first import of comfy.model_management
+    return args
+
+
 def boot(comfy_path: Path, *, cpu: bool = True, user_custom_nodes: bool = False,
          pack_dir: Path = PACK_DIR, output_dir: Path | None = None, models_dir: Path | None = None) -> Host:
     """Boot ComfyUI in this process once and load this pack from ``pack_dir`` as a custom-node folder.
@@ -122,16 +139,8 @@ def boot(comfy_path: Path, *, cpu: bool = True, user_custom_nodes: bool = False,
     if _HOST is not None:
         return _HOST
     comfy_path = Path(comfy_path).resolve()
-    if str(comfy_path) not in sys.path:
-        sys.path.insert(0, str(comfy_path))
     os.chdir(comfy_path)  # ComfyUI resolves some resources relative to its working directory
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    from comfy.cli_args import args
-
-    if cpu:
-        args.cpu = True  # must precede the first import of comfy.model_management
+    args = import_comfy(comfy_path, cpu=cpu)
     import folder_paths
     import utils.extra_config  # noqa: F401  (ComfyUI's own utils: must precede `nodes`)
 

@@ -30,6 +30,17 @@ def test_run_falls_back_to_tiny_model_and_writes_images(comfy_host, tmp_path):
     assert list(out.glob("*.png"))
 
 
+def test_main_job_without_a_checkpoint_runs_the_trained_toy_and_says_so(comfy_host, tmp_path):
+    """What scripts/main.sh runs on a machine with no checkpoint: the example on the proving-ground toy."""
+    (tmp_path / "models").mkdir()
+    toy = PACK_DIR / "workflows" / "Proving ground toy, DPM-Solver++ 2M, SD1.5 layout.json"
+    proc = cli("run", str(WORKFLOW), "--output", str(tmp_path / "out"), "--no-user-nodes", "--models",
+               str(tmp_path / "models"), "--toy-workflow", str(toy))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "toy model trained by Preprint" in proc.stderr and "UNTRAINED" not in proc.stderr
+    assert len(list((tmp_path / "out").glob("preprint_toy*.png"))) == 4  # the toy workflow's batch of 4
+
+
 def test_check_prints_a_table_of_every_example(comfy_host):
     proc = cli("check")
     assert proc.returncode == 0, proc.stdout[-2000:]

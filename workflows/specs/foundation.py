@@ -1,4 +1,4 @@
-"""Example workflows for the DPM-Solver++ sampler node and the tiny test model."""
+"""Example workflows for the DPM-Solver++ sampler node, the tiny test model and the proving-ground toys."""
 
 import importlib.util
 from pathlib import Path
@@ -14,7 +14,29 @@ _tiny = {**common.sd15_base(width=256, height=256), **common.ksampler(sampler_na
 _tiny["1"] = {"class_type": "PreprintTinyTestModel", "inputs": {"architecture": "sd15", "weights_seed": 0},
               "_meta": {"title": "Tiny untrained test model"}}
 
+TOY_PROMPT = "a red circle above a blue square on a white background"
+
+
+def _toy(architecture: str, latent: str, sampler: str, scheduler: str, cfg: float) -> dict:
+    """The trained proving-ground toy: a caption in its words, 128x128 (its training size), four seeds."""
+    return {
+        "1": {"class_type": "PreprintProvingGroundModel", "inputs": {"architecture": architecture},
+              "_meta": {"title": "Proving-ground toy (trained on coloured shapes)"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": TOY_PROMPT, "clip": ["1", 1]},
+              "_meta": {"title": "Positive prompt (shapes, colours, positions)"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]},
+              "_meta": {"title": "Negative prompt (empty)"}},
+        "4": {"class_type": latent, "inputs": {"width": 128, "height": 128, "batch_size": 4}},
+        **common.ksampler(sampler_name=sampler, scheduler=scheduler, steps=20, cfg=cfg),
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "preprint_toy"}},
+    }
+
+
 WORKFLOWS = {
     "DPM-Solver++ 2M, SD1.5": _dpmpp,
     "Tiny test model smoke test (untrained)": _tiny,
+    "Proving ground toy, DPM-Solver++ 2M, SD1.5 layout": _toy("sd15", "EmptyLatentImage", "preprint_dpmpp_2m",
+                                                               "karras", 5.0),
+    "Proving ground toy, Flux layout": _toy("flux", "EmptySD3LatentImage", "euler", "simple", 4.0),
 }

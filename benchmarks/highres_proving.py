@@ -1,0 +1,164 @@
+"""Multi-resolution methods on the trained toys (trained at 128x128): repetition and adherence at 2x and 4x
+their training size, and wall-time ratios, in one process. SD1.5-layout toy: HiDiffusion, attention entropy
+scaling, core Deep Shrink; Flux-layout toy (2x, Euler simple, CFG 4): RoPE scaling and entropy scaling.
+
+Prompts: one object (7 colours, the shape cycling, in the centre) and two objects (6 pairs with relations);
+20 steps DPM++ 2M Karras, CFG 5, seeds 0 and 1 (4x: seed 0 and the first 6 prompts). Methods:
+
+* plain generation at the target size;
+* HiDiffusion (Preprint) at the paper's preset for the scale (2x: t1 0.4, t2 0; 4x: t1 0.7, t2 0.3), both
+  parts, RAU-Net only and MSW-MSA only;
+* core Deep Shrink (PatchModelAddDownscale: block 3, factor = scale, until 35% of the run; its defaults).
+
+Repetition: objects of the asked colours found minus asked (``proving.metrics.repetition_count``), mean per
+image, and the share of images with any excess object. Wall time: every method's runs interleaved with plain
+runs at the same size; ratio = plain / method.
+
+Run: .venv/bin/python benchmarks/highres_proving.py   (writes benchmarks/results/highres_proving.{json,md}
+and highres_proving_<scale>.png: one row per method, one image per prompt)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from proving_ground import boot, contact_sheet, mean_adherence  # noqa: E402
+
+log = logging.getLogger("preprint.bench")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "cyan", "orange")
+SHAPES = ("circle", "square", "triangle")
+PAIRS = [("red", "circle", "above", "blue", "square"), ("green", "triangle", "to the left of", "yellow", "circle"),
+         ("purple", "square", "below", "cyan", "triangle"), ("orange", "circle", "to the right of", "green", "square"),
+         ("blue", "triangle", "above", "red", "circle"), ("yellow", "square", "to the left of", "purple", "triangle")]
+
+
+def prompts() -> list[str]:
+    single = [f"a {c} {SHAPES[i % 3]} in the centre on a white background" for i, c in enumerate(COLOURS)]
+    pair = [f"a {a} {sa} {rel} a {b} {sb} on a white background" for a, sa, rel, b, sb in PAIRS]
+    return single + pair
+
+
+def repetition(images: torch.Tensor, texts: list[str], per_prompt: int) -> dict:
+    from preprint.proving.metrics import repetition_count
+    from preprint.proving.scenes import parse_caption
+
+    reps = [repetition_count(images[i], parse_caption(texts[i // per_prompt])) for i in range(images.shape[0])]
+    return {"excess_per_image": round(sum(r.excess for r in reps) / len(reps), 3),
+            "images_with_repeats": round(sum(r.excess > 0 for r in reps) / len(reps), 3)}
+
+
+def methods(scale: int, arch: str) -> dict:
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    from preprint.nodes.highres import (
+        PRESETS,
+        PreprintAttentionEntropyScaling,
+        PreprintHiDiffusion,
+        PreprintRoPEScaling,
+    )
+
+    t1, t2 = PRESETS["2x" if scale == 2 else "4x"]
+
+    def hd(raunet, msw):
+        return lambda m: PreprintHiDiffusion.execute(m, raunet, msw, t1, t2)[0]
+
+    def deep_shrink(m):
+        out = PatchModelAddDownscale.execute(m, 3, float(scale), 0.0, 0.35, True, "bicubic", "bicubic")
+        return out.result[0] if hasattr(out, "result") else out[0]
+
+    def entropy(m):
+        return PreprintAttentionEntropyScaling.execute(m, 128, 128)[0]
+
+    def rope(mode):
+        return lambda m: PreprintRoPEScaling.execute(m, mode, 128, 128)[0]
+
+    if arch == "flux":
+        return {"plain": lambda m: m, "RoPE NTK-aware": rope("NTK-aware"),
+                "RoPE position interpolation": rope("position interpolation"), "attention entropy scaling": entropy,
+                "RoPE NTK-aware + entropy scaling": lambda m: entropy(rope("NTK-aware")(m))}
+    return {"plain": lambda m: m, f"HiDiffusion (t1 {t1}, t2 {t2})": hd(True, True), "RAU-Net only": hd(True, False),
+            "MSW-MSA only": hd(False, True), "attention entropy scaling": entropy, "core Deep Shrink": deep_shrink}
+
+
+def run_scale(model, clip, vae, scale: int, texts: list[str], seeds: tuple[int, ...], arch: str = "sd15"):
+    from preprint.proving.models import generate
+
+    size = 128 * scale
+    rows, sheet = [], []
+    variants = methods(scale, arch)
+    kw = {} if arch == "sd15" else {"cfg": 4.0, "sampler": "euler", "scheduler": "simple"}
+    timed = {name: 0.0 for name in variants}
+    images = {name: [] for name in variants}
+    for text in texts:
+        for seed in seeds:
+            order = list(variants.items())
+            if (len(images["plain"]) % 2) == 1:
+                order.reverse()
+            for name, make in order:
+                m = make(model)
+                t0 = time.perf_counter()
+                images[name].append(generate(m, clip, vae, [text], seeds=(seed,), steps=20,
+                                             **{"cfg": 5.0, **kw}, width=size, height=size))
+                timed[name] += time.perf_counter() - t0
+    plain_time = timed["plain"]
+    for name in variants:
+        imgs = torch.cat(images[name])
+        adh = mean_adherence(imgs, texts, len(seeds))
+        rows.append({"toy": arch, "scale": f"{scale}x ({size}px)", "method": name,
+                     **repetition(imgs, texts, len(seeds)), "adherence": adh["overall"], "colour": adh["colour"],
+                     "speed_vs_plain": round(plain_time / timed[name], 3)})
+        sheet.append(imgs[:: len(seeds)][:8])
+        log.info("%s", rows[-1])
+    return rows, torch.cat(sheet)
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    boot()
+    from preprint.proving.models import generate, load_toy
+
+    model, clip, vae = load_toy("sd15")
+    texts = prompts()
+    native = generate(model, clip, vae, texts, seeds=(0, 1), steps=20, cfg=5.0)
+    results = {"native_128": {**repetition(native, texts, 2), "adherence": mean_adherence(native, texts, 2)["overall"]}}
+    rows = []
+    only = set(sys.argv[1:]) or {"2", "4", "flux"}
+    if "2" in only:
+        r, sheet = run_scale(model, clip, vae, 2, texts, (0, 1))
+        rows += r
+        contact_sheet(sheet, RESULTS / "highres_proving_2x.png", columns=8)
+    if "4" in only:
+        r, sheet = run_scale(model, clip, vae, 4, texts[:6], (0,))
+        rows += r
+        contact_sheet(sheet, RESULTS / "highres_proving_4x.png", columns=6)
+    if "flux" in only:
+        fmodel, fclip, fvae = load_toy("flux")
+        r, sheet = run_scale(fmodel, fclip, fvae, 2, texts, (0, 1), arch="flux")
+        rows += r
+        contact_sheet(sheet, RESULTS / "highres_proving_flux_2x.png", columns=8)
+    results["rows"] = rows
+    (RESULTS / "highres_proving.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = ["# Multi-resolution on the trained toys (trained at 128x128)", "",
+             "Run: `.venv/bin/python benchmarks/highres_proving.py` (see its docstring for prompts and settings).", "",
+             f"SD1.5 toy at 128x128 (training size): {json.dumps(results['native_128'])}", "",
+             "| toy | scale | method | excess objects / image | images with repeats | adherence | colour "
+             "| speed vs plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['toy']} | {r['scale']} | {r['method']} | {r['excess_per_image']} | "
+                     f"{r['images_with_repeats']} | {r['adherence']} | {r['colour']} | {r['speed_vs_plain']}x |")
+    (RESULTS / "highres_proving.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
