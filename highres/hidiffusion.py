@@ -145,6 +145,7 @@ class HiDiffusionRun:
         ends = {"t1": int(self.clock.steps * t1), "t2": int(self.clock.steps * t2)}
         self.strided_until = ends[layout.strided_phase] if raunet else 0
         self.pooled_until = ends[layout.pooled_phase] if raunet else 0
+        self._shifts: dict[tuple[int, int, int], tuple[int, int]] = {}  # (step, h, w) -> shift, drawn once
 
     def step(self, sigma) -> int:
         return self.clock.step(sigma)
@@ -160,4 +161,7 @@ class HiDiffusionRun:
         return self.strided(sigma) or self.pooled(sigma)
 
     def shift(self, sigma, height: int, width: int) -> tuple[int, int]:
-        return window_shift(self.seed, self.step(sigma), height, width)
+        key = (self.step(sigma), height, width)
+        if key not in self._shifts:  # every window layer and cond / uncond call of a step shares one draw
+            self._shifts[key] = window_shift(self.seed, *key)
+        return self._shifts[key]

@@ -18,6 +18,7 @@ resized to the features they meet.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import comfy.ldm.modules.attention as comfy_attention
@@ -105,20 +106,18 @@ def _downsample(layer, x, emb, context, transformer_options, output_shape, *args
         _uncast(layer.op, weight, bias, offload)
 
 
+# newer ComfyUI casts with an optional offload stream that must be handed back; detected once
+_OFFLOADABLE = "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
+
+
 def _cast(op, x):
-    out = comfy.ops.cast_bias_weight(op, x, offloadable=True) if _offloadable() else comfy.ops.cast_bias_weight(op, x)
+    out = comfy.ops.cast_bias_weight(op, x, offloadable=True) if _OFFLOADABLE else comfy.ops.cast_bias_weight(op, x)
     return out if len(out) == 3 else (*out, None)
 
 
 def _uncast(op, weight, bias, offload):
     if offload is not None and hasattr(comfy.ops, "uncast_bias_weight"):
         comfy.ops.uncast_bias_weight(op, weight, bias, offload)
-
-
-def _offloadable() -> bool:
-    import inspect
-
-    return "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
 
 
 def _input_block(h, transformer_options):
@@ -265,7 +264,8 @@ class _EntropyOverride:
     override."""
 
     def __init__(self, train_latent: tuple[int, int], patch: int, previous=None):
-        self.train_latent, self.patch, self.previous = train_latent, patch, previous
+        self.patch, self.previous = patch, previous
+        self.train_tokens = self._image_tokens(*train_latent)
 
     def _image_tokens(self, h: int, w: int) -> int:
         p = self.patch
@@ -280,7 +280,7 @@ class _EntropyOverride:
             n_q, n_k = q.shape[token_dim], k.shape[token_dim]
             if n_q == n_k:  # self-attention (cross-attention keys are the text's)
                 now = self._image_tokens(*latent)
-                factor = entropy_factor(n_k, keys_at_training_size(n_k, now, self._image_tokens(*self.train_latent)))
+                factor = entropy_factor(n_k, keys_at_training_size(n_k, now, self.train_tokens))
                 if factor != 1.0:
                     args = (q * factor, *args[1:])
         if self.previous is not None:

@@ -76,7 +76,9 @@ def train_vae(latent_channels: int, budget: Budget, seed: int) -> torch.nn.Modul
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = models.build_vae_module(latent_channels)
-    _init_(vae, seed)
+    from ..runner.tiny_models import randomise_  # imports comfy: only once ComfyUI is on the path
+
+    randomise_(vae, seed)  # ComfyUI's layers skip weight initialisation: seeded fan-in scaled weights
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
     c = budget.vae_crop
     for step in range(budget.vae_steps):
@@ -100,14 +102,6 @@ def train_vae(latent_channels: int, budget: Budget, seed: int) -> torch.nn.Modul
         if step % 100 == 0 or step == budget.vae_steps - 1:
             _log(f"vae{latent_channels} step {step}/{budget.vae_steps} loss {loss.item():.4f}")
     return vae.eval()
-
-
-def _init_(module: torch.nn.Module, seed: int) -> None:
-    """ComfyUI's layers skip weight initialisation (they expect files): fan-in scaled normal weights,
-    small biases, unit norms, seeded."""
-    from ..runner.tiny_models import randomise_
-
-    randomise_(module, seed)
 
 
 def latent_target(latent_format) -> tuple[float, float]:
@@ -205,7 +199,9 @@ def train_diffusion(arch: str, latents: torch.Tensor, cross: torch.Tensor, poole
     g = torch.Generator().manual_seed(seed)
     base = models.build_model(arch)
     net = base.diffusion_model
-    _init_(net, seed)
+    from ..runner.tiny_models import randomise_
+
+    randomise_(net, seed)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.startswith(("out.2.", "final_layer.linear.")):
