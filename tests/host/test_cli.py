@@ -74,10 +74,15 @@ def _fails_while_sampling() -> dict:
     }
 
 
-# exit codes: 2 a bad workflow, 3 a missing host or model file, 4 a failure while the graph executes
-CASES = {"malformed": (2, "not valid JSON"), "unknown_node": (2, "NoSuchNode"), "invalid_input": (2, "invalid"),
+# exit codes (runner/cli.py): 2 a bad workflow (unreadable, malformed, unknown node, refused by the validator),
+# 3 a missing host or model file (no checkpoint it names, no --models folder, no model at all with --no-tiny),
+# 4 a failure while the graph executes
+CASES = {"malformed": (2, "not valid JSON"), "unknown_node": (2, "NoSuchNode"),
+         "unknown_node_editor": (2, "unknown node type 'NoSuchNode'"), "invalid_input": (2, "invalid"),
          "missing_checkpoint": (3, "not in"), "missing_models_folder": (3, "no such folder"),
-         "execution_fails": (4, "combines its conditionings itself")}
+         "models_is_a_file": (3, "no such folder"), "no_tiny_nothing_installed": (3, "installed: none"),
+         "execution_fails": (4, "combines its conditionings itself"),
+         "execution_fails_verbose": (4, "combines its conditionings itself")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -88,15 +93,28 @@ def test_bad_input_gives_one_line_error_and_its_exit_code(case, tmp_path, comfy_
         path.write_text('{"nodes": [')
     elif case == "unknown_node":
         path.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {}}}))
+    elif case == "unknown_node_editor":
+        path.write_text(json.dumps({"nodes": [{"id": 1, "type": "NoSuchNode", "inputs": [], "outputs": [],
+                                               "widgets_values": []}], "links": [], "version": 0.4}))
     elif case == "invalid_input":
         prompt = _fails_while_sampling()
         prompt["7"]["inputs"]["steps"] = -3  # below the widget's minimum: ComfyUI's validator refuses it
         path.write_text(json.dumps(prompt))
-    elif case == "execution_fails":
+    elif case.startswith("execution_fails"):
         path.write_text(json.dumps(_fails_while_sampling()))
+        if case.endswith("verbose"):
+            args = ["-v", *args]
     elif case == "missing_models_folder":
         path = WORKFLOW
         args += ["--models", str(tmp_path / "nowhere")]
+    elif case == "models_is_a_file":
+        path = WORKFLOW
+        (tmp_path / "models.txt").write_text("not a folder")
+        args += ["--models", str(tmp_path / "models.txt")]
+    elif case == "no_tiny_nothing_installed":
+        path = WORKFLOW
+        (tmp_path / "models").mkdir()
+        args += ["--no-tiny", "--models", str(tmp_path / "models")]
     else:
         path = WORKFLOW
         (tmp_path / "models" / "checkpoints").mkdir(parents=True)
@@ -107,5 +125,24 @@ def test_bad_input_gives_one_line_error_and_its_exit_code(case, tmp_path, comfy_
     assert proc.returncode == code, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
     assert expected in errors[0], errors[0]
+    assert not list((tmp_path / "out").glob("*.png"))  # a failed run saves nothing
+    if case == "execution_fails_verbose":
+        # -v shows ComfyUI's log, with the failing node's traceback, and the error line no longer points to -v
+        assert "Traceback" in proc.stderr and "run with -v" not in errors[0]
+    else:
+        assert "Traceback" not in proc.stderr
+        if case == "execution_fails":
+            assert errors[0].endswith("(run with -v for the traceback)"), errors[0]
+
+
+def test_check_reports_a_broken_workflow_and_exits_2(comfy_host, tmp_path):
+    """`check` on a file with an unknown node and a good example: a table row per file, exit 2 (a bad workflow)."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {}}}))
+    proc = cli("check", str(bad), str(WORKFLOW))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = proc.stdout.splitlines()
+    assert any("bad.json" in r and "unknown node type 'NoSuchNode'" in r for r in rows), proc.stdout
+    assert any(WORKFLOW.name in r and r.rstrip().endswith("ok") for r in rows), proc.stdout
+    assert rows[-1] == "1 of 2 workflow(s) fit the live node schemas"

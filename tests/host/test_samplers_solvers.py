@@ -103,17 +103,6 @@ def test_ghvb_with_dpmpp_is_refused_clearly():
         run_node("PreprintSamplerMomentum", solver="dpmpp_2m", momentum="ghvb", order=2, beta=0.8)
 
 
-def test_deis_uses_the_models_own_timesteps(models):
-    """On a real SD model poly_space t must follow ModelSamplingDiscrete.timestep: it differs from rho."""
-    model = models["sd15"]
-    sig = sigmas_for(model, 8)
-    (t_space,) = run_node("PreprintSamplerDEIS", order=3, poly_space="t", lower_order_final=True)
-    (rho,) = run_node("PreprintSamplerDEIS", order=3, poly_space="rho", lower_order_final=True)
-    a = run_custom_sampling(model, "sd15", t_space, sig)
-    b = run_custom_sampling(model, "sd15", rho, sig)
-    assert torch.isfinite(a).all() and not torch.equal(a, b)
-
-
 def test_dpmpp_thresholding_inputs_reach_the_sampler():
     """threshold_floor is the official DPM-Solver++ thresholding_max_val (a floor on s); threshold_max is the
     optional ceiling (0 = none, the official rule); a ceiling below the floor is refused with a clear message."""
@@ -172,19 +161,161 @@ def test_dpmpp_node_setting_is_the_intended_solver(models, family, variant):
     assert counter.calls == CALLS_PER_RUN[variant]
 
 
+def model_time(model):
+    """The model's own sigma -> timestep map (``model_sampling.timestep``), as DEIS is meant to receive it."""
+    ms = model.get_model_object("model_sampling")
+    return lambda s: ms.timestep(s.float()).to(torch.float64)
+
+
+def ksampler_promise(name, model):
+    """What each registered KSampler name promises, written out here independently of nodes/samplers.py:
+    (solver function, its options, model calls per STEPS-step run, a one-option-off alternative)."""
+    from preprint.samplers import deis, dpm_solver_pp, evodiff, momentum
+
+    multistep, singlestep = dpm_solver_pp.sample_dpmpp_multistep, dpm_solver_pp.sample_dpmpp_singlestep
+    deis_options = {"order": 3, "poly_space": "lambda", "lower_order_final": True, "time_fn": model_time(model)}
+    return {
+        # (2M's lower_order_final only acts on the last step, which a KSampler list always takes to sigma 0)
+        "preprint_dpmpp_2m": (multistep, {"order": 2, "lower_order_final": False}, STEPS,
+                              (multistep, {"order": 3, "lower_order_final": False})),
+        "preprint_dpmpp_3m": (multistep, {"order": 3, "lower_order_final": True}, STEPS,
+                              (multistep, {"order": 3, "lower_order_final": False})),
+        "preprint_dpmpp_2s": (singlestep, {"order": 2}, CALLS_PER_RUN["2S"], (singlestep, {"order": 3})),
+        "preprint_dpmpp_3s": (singlestep, {"order": 3}, CALLS_PER_RUN["3S"], (singlestep, {"order": 2})),
+        "preprint_deis": (deis.sample_deis, deis_options, STEPS,
+                          (deis.sample_deis, {**deis_options, "poly_space": "t"})),
+        # the paper's fractional order 2.8 = GHVB order 3 with beta 0.8; the alternative is plain PLMS 3
+        "preprint_ghvb": (momentum.sample_plms_momentum, {"order": 2.8, "momentum": "ghvb"}, STEPS,
+                          (momentum.sample_plms_momentum, {"order": 3.0, "momentum": "ghvb"})),
+        "preprint_evodiff": (evodiff.sample_evodiff, {"lower_order_final": True}, STEPS,
+                             (multistep, {"order": 2, "lower_order_final": True})),
+    }[name]
+
+
+PROMISED_KSAMPLER_NAMES = ["preprint_dpmpp_2m", "preprint_dpmpp_3m", "preprint_dpmpp_2s", "preprint_dpmpp_3s",
+                           "preprint_deis", "preprint_ghvb", "preprint_evodiff"]
+
+
+def test_the_pack_registers_exactly_the_tested_ksampler_names():
+    """A name added without a promise above would go untested: the list of registered names is pinned."""
+    ours = sorted(n for n in comfy.samplers.KSampler.SAMPLERS if n.startswith("preprint_"))
+    assert ours == sorted(PROMISED_KSAMPLER_NAMES)
+
+
 @pytest.mark.parametrize("family", ["sd15", "flux"])
-@pytest.mark.parametrize("variant,lower_order_final", [("2M", False), ("3M", True), ("2S", True), ("3S", True)])
-def test_ksampler_names_are_the_intended_solver(models, family, variant, lower_order_final):
-    """preprint_dpmpp_* from the stock KSampler equals the solver called directly on the same sigmas."""
+@pytest.mark.parametrize("name", PROMISED_KSAMPLER_NAMES)
+def test_ksampler_names_are_the_intended_solver(models, family, name):
+    """Each preprint_* name from the stock KSampler equals its solver called directly on the same sigmas (with the
+    model's parameterisation, and for DEIS its own time map), bit for bit, at its own cost in model calls."""
     model = models[family]
-    name = f"preprint_dpmpp_{variant.lower()}"
     scheduler = "simple" if family == "flux" else "karras"
+    fn, options, calls, (alt_fn, alt_options) = ksampler_promise(name, model)
     counter = Calls(model)
     out = run_sampling(counter.model, family, sampler_name=name, scheduler=scheduler, steps=STEPS, cfg=4.0)
     sig = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, STEPS)
-    ref = run_custom_sampling(model, family, dpmpp_direct(variant, family, lower_order_final), sig, cfg=4.0)
+    ref = run_custom_sampling(model, family, direct(fn, parameterisation=kind_of(family), **options), sig, cfg=4.0)
     assert torch.equal(out, ref)
-    assert counter.calls == CALLS_PER_RUN[variant]
+    assert counter.calls == calls, counter.calls
+    # teeth: one option off moves the result (measured: sd15 0.045 for deis lambda -> t and ghvb 2.8 -> 3, 0.28 to 73
+    # for the others; flux 0.23 to 1.0), far above float32 rounding (ulp 3e-5 at the outputs' |x| ~ 270)
+    alt = run_custom_sampling(model, family, direct(alt_fn, parameterisation=kind_of(family), **alt_options), sig,
+                              cfg=4.0)
+    assert float((alt - ref).abs().max()) > 1e-3, name
+
+
+def node_promises(group):
+    """Node settings and the solver call each promises (function, options), written out independently of
+    nodes/samplers.py. Returns (family, steps, whether the sigma list ends at 0, cases)."""
+    import math
+
+    from preprint.samplers import deis, dpm_solver_pp, evodiff, momentum
+
+    multistep, singlestep = dpm_solver_pp.sample_dpmpp_multistep, dpm_solver_pp.sample_dpmpp_singlestep
+    dpmpp, deis_node, mom, evo = ("PreprintSamplerDPMSolverPP", "PreprintSamplerDEIS", "PreprintSamplerMomentum",
+                                  "PreprintSamplerEVODiff")
+    if group == "dpmpp_lower_order_final":
+        # on a list ending at 0 the last step is the x0 itself whatever the order: end above 0 so 2M's option acts,
+        # with 5 steps, so that 3M with lower-order final steps still takes one third-order step (unlike 2M's)
+        return "sd15", STEPS + 1, False, [
+            (dpmpp, {"solver": s, "lower_order_final": lof}, multistep, {"order": int(s[0]), "lower_order_final": lof})
+            for s in ("2M", "3M") for lof in (False, True)]
+    if group == "dpmpp_flow_lambda":
+        return "flux", 3, True, [
+            (dpmpp, {"solver": "2M", "lower_order_final": True, "flow_lambda": "sigma"}, multistep,
+             {"order": 2, "flow_lambda": "sigma"}),
+            (dpmpp, {"solver": "2M", "lower_order_final": True, "flow_lambda": "log_snr"}, multistep,
+             {"order": 2, "flow_lambda": "log_snr"}),
+            (dpmpp, {"solver": "3S", "lower_order_final": True, "flow_lambda": "log_snr"}, singlestep,
+             {"order": 3, "flow_lambda": "log_snr"}),
+            (dpmpp, {"solver": "3S", "lower_order_final": True, "flow_lambda": "sigma"}, singlestep,
+             {"order": 3, "flow_lambda": "sigma"}),
+        ]
+    if group == "dpmpp_thresholding":
+        # the tiny model's |x0| has median ~9, 90th percentile ~22, 99.5th ~38: floor 30 and ceiling 15 both bind
+        def case(on, p, floor, ceiling):
+            inputs = {"solver": "2M", "lower_order_final": True, "dynamic_thresholding": on,
+                      "threshold_percentile": p, "threshold_floor": floor, "threshold_max": ceiling}
+            return (dpmpp, inputs, multistep, {"order": 2, "threshold_percentile": p if on else 0.0,
+                                               "threshold_floor": floor,
+                                               "threshold_max": ceiling if ceiling > 0 else math.inf})
+        return "sd15", STEPS, True, [case(False, 0.5, 1.0, 0.0), case(True, 0.9, 1.0, 0.0), case(True, 0.5, 1.0, 0.0),
+                                     case(True, 0.9, 30.0, 0.0), case(True, 0.9, 1.0, 15.0)]
+    if group == "deis":
+        def case(order, space, lof):
+            return (deis_node, {"order": order, "poly_space": space, "lower_order_final": lof}, deis.sample_deis,
+                    {"order": order, "poly_space": space, "lower_order_final": lof})
+        return "sd15", STEPS, True, [case(3, "t", False), case(2, "t", False), case(1, "t", False),
+                                     case(3, "lambda", False), case(3, "rho", False), case(3, "lambda", True)]
+    if group == "momentum":
+        plms, hb = momentum.sample_plms_momentum, momentum.sample_dpmpp_hb
+
+        def case(solver, kind, order, beta, fn, options):
+            return (mom, {"solver": solver, "momentum": kind, "order": order, "beta": beta}, fn, options)
+
+        return "sd15", STEPS, True, [
+            # the paper's fractional order: order k with beta b is k - 1 + b
+            case("plms", "ghvb", 4, 0.7, plms, {"order": 3.7, "momentum": "ghvb"}),
+            case("plms", "ghvb", 3, 0.7, plms, {"order": 2.7, "momentum": "ghvb"}),
+            case("plms", "ghvb", 4, 0.5, plms, {"order": 3.5, "momentum": "ghvb"}),
+            case("plms", "hb", 4, 0.7, plms, {"order": 3.7, "momentum": "hb"}),
+            case("plms", "ghvb", 2, 1.0, plms, {"order": 2.0, "momentum": "ghvb"}),
+            # DPM-Solver++ takes its order from the solver name: the order input is ignored there
+            case("dpmpp_2m", "hb", 3, 0.8, hb, {"order": 2, "beta": 0.8}),
+            case("dpmpp_3m", "hb", 2, 0.8, hb, {"order": 3, "beta": 0.8}),
+            case("dpmpp_3m", "hb", 3, 0.6, hb, {"order": 3, "beta": 0.6}),
+        ]
+    if group == "evodiff":
+        # lower_order_final only acts on a list that does not end at sigma 0 (the last jump to 0 is the x0 itself)
+        return "sd15", STEPS, False, [(evo, {"lower_order_final": lof}, evodiff.sample_evodiff,
+                                       {"lower_order_final": lof}) for lof in (True, False)]
+    raise KeyError(group)
+
+
+@pytest.mark.parametrize("group", ["dpmpp_lower_order_final", "dpmpp_flow_lambda", "dpmpp_thresholding", "deis",
+                                   "momentum", "evodiff"])
+def test_every_node_setting_is_its_solver_called_directly(models, group):
+    """Each setting of a sampler node equals its solver function called directly with the promised options, bit for
+    bit; and within a group every setting gives a different result, so an option the node dropped, swapped or
+    mis-mapped shows up as a mismatch."""
+    family, steps, ends_at_zero, cases = node_promises(group)
+    model = models[family]
+    sig = sigmas_for(model, steps)
+    if not ends_at_zero:
+        sig = sig[:-1]
+    refs = []
+    for node, inputs, fn, options in cases:
+        (sampler,) = run_node(node, **inputs)
+        out = run_custom_sampling(model, family, sampler, sig, cfg=4.0)
+        extra = {"time_fn": model_time(model)} if fn.__name__ == "sample_deis" else {}
+        ref = run_custom_sampling(model, family, direct(fn, parameterisation=kind_of(family), **options, **extra), sig,
+                                  cfg=4.0)
+        assert torch.equal(out, ref), (node, inputs)
+        refs.append(ref)
+    # smallest gap between two settings of a group, measured: deis 1.0e-2, momentum 1.4e-2, flow_lambda 4.6e-2,
+    # lower_order_final 0.14, thresholding 0.25, evodiff 43 (outputs up to |x| ~ 270, float32 ulp there 3e-5);
+    # 1e-3 keeps every setting clear of rounding while the equality above has zero tolerance
+    gaps = [float((a - b).abs().max()) for i, a in enumerate(refs) for b in refs[i + 1:]]
+    assert min(gaps) > 1e-3, gaps
 
 
 def denoised_seen(model, family, sampler, sig):
@@ -201,9 +332,11 @@ def denoised_seen(model, family, sampler, sig):
     return seen
 
 
-@pytest.mark.parametrize("variant", ["2M", "3S"])
+@pytest.mark.parametrize("variant", list(CALLS_PER_RUN))
 def test_dpmpp_dynamic_thresholding_bounds_every_data_prediction(models, variant):
-    """On: every x0 the solver steps with lies in [-1, 1] (x0 clipped to [-s, s] and divided by s, s >= 1)."""
+    """On: every x0 the solver steps with lies in [-1, 1] (x0 clipped to [-s, s] and divided by s, s = the
+    per-sample percentile of |x0|), and the entries beyond the percentile sit exactly on the bound: a share of
+    about 1 - percentile."""
     model = models["sd15"]
     sig = sigmas_for(model)
     (off,) = run_node("PreprintSamplerDPMSolverPP", solver=variant, lower_order_final=True)
@@ -215,36 +348,51 @@ def test_dpmpp_dynamic_thresholding_bounds_every_data_prediction(models, variant
     assert len(bounded) == STEPS
     for d in bounded:
         assert float(d.abs().max()) <= 1.0 + 1e-6
+        # 256 entries per sample: 26 lie above the interpolated 90th percentile, 26 / 256 = 0.102. The tolerance
+        # 0.01 is far below what a lost percentile would give (0.5 at 0.5, 0.004 at the default 0.995, 0 when off)
+        share = float((d.abs() == 1.0).double().mean())
+        assert abs(share - 0.1) <= 0.01, share
 
 
 @pytest.fixture(scope="module")
-def edm_model(models):
-    """sd15 with ComfyUI's continuous EDM sampling: timestep = log(sigma) / 4, unlike SD's discrete table."""
+def time_map_models(models):
+    """Models whose sigma -> timestep map is not SD's: ComfyUI's continuous EDM sampling (t = log(sigma) / 4),
+    a discrete schedule with DDPM's betas (1e-4..2e-2 instead of SD's 0.00085..0.012) and Flux (t = sigma)."""
+    import types
+
+    import comfy.model_sampling
     from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
 
-    (patched,) = ModelSamplingContinuousEDM().patch(models["sd15"], "eps", 120.0, 0.002)
-    return patched
+    (edm,) = ModelSamplingContinuousEDM().patch(models["sd15"], "eps", 120.0, 0.002)
+
+    class DDPMBetas(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+        pass
+
+    ddpm = models["sd15"].clone()
+    ddpm.add_object_patch("model_sampling", DDPMBetas(types.SimpleNamespace(
+        sampling_settings={"beta_schedule": "linear", "linear_start": 1e-4, "linear_end": 2e-2})))
+    return {"sd15": (models["sd15"], "sd15"), "edm": (edm, "sd15"), "ddpm_betas": (ddpm, "sd15"),
+            "flux": (models["flux"], "flux")}
 
 
-@pytest.mark.parametrize("poly_space", ["t", "lambda"])
-def test_deis_integrates_on_the_models_own_timestep_map(edm_model, poly_space):
-    """The node equals sample_deis given this model's sigma -> timestep map, and not the SD default map."""
+@pytest.mark.parametrize("which", ["sd15", "edm", "ddpm_betas", "flux"])
+def test_deis_integrates_on_the_models_own_timestep_map(time_map_models, which):
+    """poly_space t: the node equals sample_deis given this model's own sigma -> timestep map (and its
+    parameterisation), bit for bit; where that map is not SD's, SD's map gives a clearly different result."""
     from preprint.samplers import deis
 
-    ms = edm_model.get_model_object("model_sampling")
-    sig = comfy.samplers.calculate_sigmas(ms, "karras", 6)
-
-    def time_fn(s):
-        return ms.timestep(s.float()).to(torch.float64)
-
-    (node,) = run_node("PreprintSamplerDEIS", order=3, poly_space=poly_space, lower_order_final=True)
-    out = run_custom_sampling(edm_model, "sd15", node, sig, cfg=4.0)
-    own = run_custom_sampling(edm_model, "sd15", direct(deis.sample_deis, order=3, poly_space=poly_space,
-                                                       parameterisation="eps", time_fn=time_fn,
-                                                       lower_order_final=True), sig, cfg=4.0)
-    torch.testing.assert_close(out, own, atol=1e-6, rtol=0)
-    if poly_space == "t":
-        sd_map = run_custom_sampling(edm_model, "sd15", direct(deis.sample_deis, order=3, poly_space="t",
-                                                              parameterisation="eps", lower_order_final=True),
-                                     sig, cfg=4.0)
-        assert float((sd_map - own).abs().max()) > 1e-3  # the map matters here, so the check above has teeth
+    model, family = time_map_models[which]
+    sig = sigmas_for(model, 6)
+    (node,) = run_node("PreprintSamplerDEIS", order=3, poly_space="t", lower_order_final=True)
+    out = run_custom_sampling(model, family, node, sig, cfg=4.0)
+    options = {"order": 3, "poly_space": "t", "parameterisation": kind_of(family), "lower_order_final": True}
+    own = run_custom_sampling(model, family, direct(deis.sample_deis, time_fn=model_time(model), **options), sig,
+                              cfg=4.0)
+    assert torch.equal(out, own)
+    if which != "sd15":
+        # SD1.x / SDXL's discrete map (what DEIS assumes when the host gives no map). Measured max differences:
+        # edm 0.45, flux 0.040, ddpm_betas 0.023 (outputs up to |x| ~ 700 there: float32 ulp 6e-5); on sd15 itself
+        # only the rounding of ComfyUI's discrete timestep to whole steps differs (0.0017), so it is left out
+        sd_map = run_custom_sampling(model, family, direct(deis.sample_deis, time_fn=deis.sd_discrete_timestep,
+                                                           **options), sig, cfg=4.0)
+        assert float((sd_map - own).abs().max()) > 5e-3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import comfy.model_sampling
+import comfy.sample
 import comfy.samplers
 import pytest
 import torch
@@ -118,27 +120,62 @@ def test_logistic_k_and_t0_give_the_documented_curve(models, family):
         assert float(((ours[:-1] - default[:-1]).abs() / default[:-1]).max()) > 1e-2, (k, t0)
 
 
+def direct_gits_cost(model, positive, negative, latent, cfg, seed, warmup, fine, teacher, metric):
+    """samplers/gits.py called directly: the teacher solves the seeded warm-up noise on ``fine`` through a CFGGuider at
+    ``cfg``, and cost_matrix scores every jump."""
+    from preprint.samplers import gits
+
+    warm = torch.zeros((warmup, *latent.shape[1:]))
+    noise = comfy.sample.prepare_noise(warm, seed)
+    kind = "flow" if isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST) else "eps"
+    found = {}
+
+    def solve(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        states, derivs = gits.teacher_trajectory(model_k, x, sigmas, teacher, kind, extra_args)
+        found["cost"] = gits.cost_matrix(states, derivs, sigmas.cpu(), kind, metric)
+        return x
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    guider.sample(noise, warm, comfy.samplers.KSAMPLER(solve), fine, seed=seed, disable_pbar=True)
+    return found["cost"]
+
+
 def test_gits_cfg_and_teacher_grid_reach_the_search(models):
-    """The warm-up runs at the node's cfg on a grid of teacher_steps laid out by the chosen scheduler."""
+    """The warm-up runs at the node's cfg on a grid of teacher_steps laid out by the chosen scheduler: the node's cost
+    matrix is the one samplers/gits.py computes directly at that cfg on that grid, and its schedule is the DP path."""
+    from preprint.samplers.gits import dp_search
+
     model = models["sd15"]
     ms = model.get_model_object("model_sampling")
     pos, neg = make_conds("sd15")
-    common = {"model": model, "positive": pos, "negative": neg, "latent_image": {"samples": make_latent("sd15")},
-              "steps": 3, "seed": 0, "warmup_samples": 2, "coeff": 1.3, "teacher": "dpmpp_2m"}
+    latent = make_latent("sd15")
+    common = {"model": model, "positive": pos, "negative": neg, "latent_image": {"samples": latent},
+              "steps": 3, "seed": 0, "warmup_samples": 2, "coeff": 1.3, "teacher": "dpmpp_2m", "metric": "dev"}
 
     def table(**inputs):
         sigmas, searched = run_node("PreprintGITSScheduler", **common, **inputs)
         found = searched.get_model_object("model_sampling").preprint_gits
         torch.testing.assert_close(sigmas, found.schedule(3), rtol=0, atol=0)
-        return found
+        return sigmas, found
 
-    low = table(cfg=1.0, teacher_steps=9, grid="exponential")
-    high = table(cfg=6.0, teacher_steps=9, grid="exponential")
-    grid = comfy.samplers.calculate_sigmas(ms, "exponential", 9).double()
+    _, low = table(cfg=1.0, teacher_steps=9, grid="exponential")
+    high_sigmas, high = table(cfg=6.0, teacher_steps=9, grid="exponential")
+    grid = comfy.samplers.calculate_sigmas(ms, "exponential", 9)
     for found in (low, high):
         assert found.max_steps == 9 and found.coeff == pytest.approx(1.3)
-        torch.testing.assert_close(found.sigmas, grid, rtol=1e-6, atol=0)
+        torch.testing.assert_close(found.sigmas, grid.double(), rtol=1e-6, atol=0)
     upper = torch.triu(torch.ones_like(low.cost, dtype=torch.bool), 1)
-    # the same noise and grid: only the guidance scale can move the trajectories' costs
+    # the same noise and grid: only the guidance scale can move the trajectories' costs (cfg 1 -> 6 moves them by up
+    # to 3.9x relative, cfg 6 -> 5.9 by up to 0.97x; the direct computation below must agree bit for bit)
     rel = ((high.cost - low.cost)[upper].abs() / low.cost[upper].abs().clamp(min=1e-8)).max()
     assert float(rel) > 1e-2
+    want = direct_gits_cost(model, pos, neg, latent, 6.0, 0, 2, grid, "dpmpp_2m", "dev")
+    torch.testing.assert_close(high.cost[upper], want[upper], rtol=0, atol=0)
+    torch.testing.assert_close(high_sigmas, grid[dp_search(want, 3, 1.3)].float(), rtol=0, atol=0)
+    # grid "auto" is karras on an EPS model: a different fine grid from "exponential" (inner sigmas 96% apart)
+    _, auto = table(cfg=6.0, teacher_steps=9, grid="auto")
+    torch.testing.assert_close(auto.sigmas, comfy.samplers.calculate_sigmas(ms, "karras", 9).double(), rtol=1e-6,
+                               atol=0)
+    assert float((auto.sigmas[1:-1] / grid[1:-1].double() - 1).abs().max()) > 1e-2

@@ -35,10 +35,15 @@ def test_the_copy_is_what_runs(tmp_path):
     assert proc.stdout.strip().startswith(str(tmp_path / "outside" / "preprint")), proc.stdout + proc.stderr
 
 
-def test_without_comfyui_run_says_so_and_exits_3(tmp_path):
-    proc = run_cli("run", str(ROOT / "workflows" / "DPM-Solver++ 2M, SD1.5.json"), tmp_path=tmp_path)
-    assert proc.returncode == 3
+@pytest.mark.parametrize("command", [["run", str(ROOT / "workflows" / "DPM-Solver++ 2M, SD1.5.json")], ["check"],
+                                     ["build-workflows"], ["train-proving-ground", "--smoke"]],
+                         ids=lambda c: c[0])
+def test_without_comfyui_every_command_says_so_and_exits_3(tmp_path, command):
+    """Exit 3 is a missing host: every command that needs ComfyUI says so in one line, before doing anything."""
+    proc = run_cli(*command, tmp_path=tmp_path)
+    assert proc.returncode == 3, proc.stderr
     assert proc.stderr.strip().startswith("error: no ComfyUI checkout found")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "COMFYUI_PATH" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -55,3 +60,12 @@ def test_malformed_workflow_is_one_line_and_exit_2(tmp_path, content, message):
 def test_missing_file(tmp_path):
     proc = run_cli("run", str(tmp_path / "nope.json"), tmp_path=tmp_path)
     assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_unreadable_workflow_is_exit_2(tmp_path):
+    """A path that exists but cannot be read as a file (a folder) is a bad workflow, not a crash."""
+    (tmp_path / "folder.json").mkdir()
+    proc = run_cli("run", str(tmp_path / "folder.json"), tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot read the file" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
