@@ -1,0 +1,271 @@
+"""Regional editing nodes: regional prompting by attention, in one model pass.
+
+- UNets (SD1.x, SD2.x, SDXL): an ``attn2`` replacement on every cross-attention layer (middle block
+  included) blends one attention output per prompt by the region masks resampled to the layer's grid
+  (``regional/attention.py``). Region prompts are projected with the layer's own key / value weights, so
+  LoRAs on them apply; the negative prompt's rows are left alone.
+- Flux: a DIFFUSION_MODEL wrapper appends the region prompts' tokens to the positive rows' text and hands
+  the model the joint attention mask ComfyUI's Flux already reads (``attention_mask``), so regions and
+  their text stay together (Chen et al., arXiv:2411.02395).
+
+Both run inside the window ``[start_percent, end_percent]`` of the run and do nothing outside it.
+"""
+
+from __future__ import annotations
+
+import comfy.ldm.flux.model
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
+import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy_api.latest import io
+
+from ..caching.clock import in_window
+from ..guidance.pag_runtime import rows_of
+from ..regional.attention import Region, RegionError, as_mask_batch, joint_mask, masks_on_grid, regional_attention
+from ._host import validation_message
+
+CATEGORY = "Preprint/regional"
+WMP = comfy.patcher_extension.WrappersMP
+KEY = "preprint_regional"
+NEGATIVE = 1  # ComfyUI's index of the negative prompt in cond_or_uncond
+REGION_NODE = "Region (Preprint)"
+NODE = "Regional Prompting (Preprint)"
+PAPER = "Chen et al., Training-free Regional Prompting for Diffusion Transformers, arXiv:2411.02395"
+
+Regions = io.Custom("PREPRINT_REGIONS")
+
+
+def _positive_rows(to: dict, batch: int) -> list[int]:
+    cou = to.get("cond_or_uncond") or []
+    return rows_of([j for j, c in enumerate(cou) if c != NEGATIVE], batch, len(cou))
+
+
+def _active(to: dict, window: tuple[float, float]) -> bool:
+    sigmas = to.get("sigmas")
+    return sigmas is not None and in_window(float(sigmas.max()), *window)
+
+
+class _UNetRegionalAttention:
+    """``attn2`` replacement for one cross-attention layer: per-prompt attention on the positive rows,
+    blended by the masks on this layer's grid."""
+
+    def __init__(self, attn2, regions: tuple[Region, ...], base_ratio: float, window, previous=None):
+        self.attn2, self.regions, self.base_ratio, self.window, self.previous = attn2, regions, base_ratio, window, previous
+
+    def _attend(self, q, k, v, extra_options):
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                                   attn_precision=extra_options.get("attn_precision"),
+                                                   transformer_options=extra_options)
+
+    def __call__(self, q, k, v, extra_options):
+        base = self._attend(q, k, v, extra_options)
+        if not _active(extra_options, self.window):
+            return base
+        rows = _positive_rows(extra_options, q.shape[0])
+        if not rows:
+            return base
+        h, w = (int(n) for n in extra_options["activations_shape"][-2:])
+        idx = torch.tensor(rows, device=q.device)
+        batch = q.shape[0]
+        outs = []
+        for region in self.regions:
+            # projected and attended at the batch's own shapes, so a region prompt equal to the base prompt
+            # reproduces the base output bit for bit
+            ctx = region.context.to(device=q.device, dtype=q.dtype).expand(batch, -1, -1)
+            kr, vr = self.attn2.to_k(ctx), self.attn2.to_v(ctx)
+            if kr.shape == k.shape:
+                sel = torch.zeros(batch, 1, 1, dtype=torch.bool, device=q.device)
+                sel[idx] = True
+                kr, vr = torch.where(sel, kr, k), torch.where(sel, vr, v)
+                qr = q
+            else:
+                kr, vr, qr = kr[idx], vr[idx], q[idx]
+            a = comfy_attention.optimized_attention(qr, kr, vr, extra_options["n_heads"],
+                                                    attn_precision=extra_options.get("attn_precision"),
+                                                    transformer_options=extra_options)
+            outs.append(a[idx] if qr is q else a)
+        per = q.shape[0] // len(extra_options["cond_or_uncond"])
+        masks = masks_on_grid([r.mask.to(q.device) for r in self.regions], per, h, w)[:, [r % per for r in rows]]
+        out = base.clone()
+        out[idx] = regional_attention(base[idx], outs, masks, self.base_ratio)
+        return out
+
+
+def _unet_cross_attention_layers(dm) -> dict:
+    """``(block, id, index) -> attn2`` for every transformer block of a ComfyUI UNet, keyed as ComfyUI keys
+    its ``attn2`` replacements."""
+    layers = {}
+    for group, mods in (("input", list(dm.input_blocks)), ("middle", [dm.middle_block]), ("output", list(dm.output_blocks))):
+        for i, mod in enumerate(mods):
+            for sub in mod.modules():
+                if isinstance(sub, comfy_attention.SpatialTransformer):
+                    for j, tb in enumerate(sub.transformer_blocks):
+                        layers[(group, i, j)] = tb.attn2
+    return layers
+
+
+class _FluxRegional:
+    """DIFFUSION_MODEL wrapper for Flux: region text appended to the positive rows, joint attention mask."""
+
+    def __init__(self, regions: tuple[Region, ...], base_ratio: float, window):
+        self.regions, self.base_ratio, self.window = regions, base_ratio, window
+
+    def __call__(self, executor, x, timestep, context, y, guidance, ref_latents, control, transformer_options,
+                 **kwargs):
+        to = transformer_options or {}
+        if not _active(to, self.window):
+            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+        if kwargs.get("attention_mask") is not None:
+            raise RegionError(f"{NODE}: the conditioning already carries a Flux attention mask; regional prompting "
+                              "builds its own. Remove the other mask (or this node).")
+        batch = x.shape[0]
+        rows = _positive_rows(to, batch)
+        patch = 2
+        gh, gw = -(-x.shape[-2] // patch), -(-x.shape[-1] // patch)
+        n_img = gh * gw
+        n_ref = sum(-(-r.shape[-2] // patch) * -(-r.shape[-1] // patch) for r in (ref_latents or []))
+        lengths = [int(context.shape[1])] + [int(r.context.shape[1]) for r in self.regions]
+        extra = sum(lengths[1:])
+        dtype = x.dtype
+        chunk = batch // len(to.get("cond_or_uncond") or [1])
+        per_image = masks_on_grid([r.mask.to(x.device) for r in self.regions], chunk, gh, gw)
+        if n_ref:
+            per_image = torch.cat([per_image, per_image.new_zeros(*per_image.shape[:2], n_ref)], dim=2)
+        total = sum(lengths) + n_img + n_ref
+        mask = torch.zeros(batch, total, total, dtype=dtype, device=x.device)
+        pieces = []
+        row_set = set(rows)
+        regional = joint_mask(lengths, per_image, self.base_ratio, dtype=dtype).to(x.device)
+        for b in range(batch):
+            if b in row_set:
+                pieces.append(torch.cat([r.context[0].to(context.device, context.dtype) for r in self.regions]))
+                mask[b] = regional[b % chunk]
+            else:  # other rows: the appended tokens are padding nobody sees
+                pieces.append(context.new_zeros(extra, context.shape[2]))
+                pad = slice(lengths[0], lengths[0] + extra)
+                mask[b, :, pad] = float("-inf")
+                mask[b, pad, pad] = torch.where(torch.eye(extra, dtype=torch.bool, device=x.device), 0.0, float("-inf")).to(dtype)
+        context = torch.cat([context, torch.stack(pieces)], dim=1)
+        return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options,
+                        attention_mask=mask, **kwargs)
+
+
+def region_from(conditioning, mask, strength: float) -> Region:
+    if not conditioning:
+        raise RegionError(f"{REGION_NODE}: the conditioning is empty; connect a CLIPTextEncode of the region's prompt.")
+    if len(conditioning) > 1:
+        raise RegionError(f"{REGION_NODE}: the conditioning holds {len(conditioning)} prompts; a region takes one. "
+                          "Join prompts with ConditioningConcat, or give each its own Region node.")
+    m = as_mask_batch(mask) * float(strength)
+    if float(m.max()) <= 0.0:
+        raise RegionError(f"{REGION_NODE}: the mask is empty (all zero) or the strength is 0, so the region would "
+                          "cover nothing. Paint the area the prompt belongs to, or remove this region.")
+    return Region(context=conditioning[0][0].detach().cpu(), mask=m.cpu())
+
+
+class PreprintRegion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PreprintRegion",
+            display_name=REGION_NODE,
+            category=CATEGORY,
+            description=(
+                "One region for Regional Prompting (Preprint): a prompt and the mask where it applies. Chain Region "
+                f"nodes to add more. Regional prompting in one pass follows {PAPER} (DiT) and the attention-couple "
+                "form of MultiDiffusion (Bar-Tal et al., arXiv:2302.08113) for UNets."),
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="The region's prompt (a CLIPTextEncode output)."),
+                io.Mask.Input("mask", tooltip="Where the prompt applies, over the whole frame, any resolution (it is "
+                                              "resampled to every layer's grid). Soft values blend; one mask for all "
+                                              "images or one per image of the batch."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Scales the mask: 1 = the region's prompt alone inside the mask; lower "
+                                       "values leave more to the base prompt."),
+                Regions.Input("regions", optional=True, tooltip="Regions from an earlier Region node, to chain."),
+            ],
+            outputs=[Regions.Output(tooltip="The regions so far; connect to Regional Prompting or another Region.")],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, mask, strength: float, regions=None) -> io.NodeOutput:
+        return io.NodeOutput((*(regions or ()), region_from(conditioning, mask, strength)))
+
+
+class PreprintRegionalPrompting(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PreprintRegionalPrompting",
+            display_name=NODE,
+            category=CATEGORY,
+            description=(
+                "Different prompts in different areas, in one model pass per step (core's area / mask conditioning "
+                "runs the model once per region). The sampler's positive prompt is the base prompt: it fills the "
+                "area no region covers and is mixed back in by base_ratio. UNets (SD1.x, SDXL): every cross-"
+                "attention layer blends one attention output per prompt by the masks at its own resolution. Flux: "
+                f"region text joins the positive text under a joint attention mask ({PAPER}). The negative prompt is "
+                "untouched. Any width, height and aspect ratio."),
+            inputs=[
+                io.Model.Input("model", tooltip="A UNet (SD1.x, SD2.x, SDXL) or a Flux model."),
+                Regions.Input("regions", tooltip="The regions: chained Region (Preprint) nodes."),
+                io.Float.Input("base_ratio", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the base prompt stays inside the regions: 0 = each region's "
+                                       "prompt alone, 1 = the base prompt alone (regions off)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the run at which regions start (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the run after which regions stop and the base prompt alone "
+                                       "guides (1 = to the end; layout is decided in the first ~40%)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with regional prompting.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start_percent=None, end_percent=None, **_) -> bool | str:
+        def check():
+            if start_percent is not None and end_percent is not None and start_percent > end_percent:
+                raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}); "
+                                 "swap them (sampling runs from 0 to 1).")
+        return validation_message(NODE, check)
+
+    @classmethod
+    def execute(cls, model, regions, base_ratio: float, start_percent: float, end_percent: float) -> io.NodeOutput:
+        if not regions:
+            raise RegionError(f"{NODE}: no regions; connect at least one Region (Preprint) node.")
+        ms = model.get_model_object("model_sampling")
+        window = (float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent)))
+        dm = model.get_model_object("diffusion_model")
+        m = model.clone()
+        if isinstance(dm, UNetModel):
+            layers = _unet_cross_attention_layers(dm)
+            width = next(iter(layers.values())).to_k.in_features if layers else None
+            if width is None:
+                raise RegionError(f"{NODE}: this UNet has no cross-attention layers, so it takes no prompt to place.")
+            for i, r in enumerate(regions):
+                if r.context.shape[-1] != width:
+                    raise RegionError(f"{NODE}: region {i + 1}'s prompt has {r.context.shape[-1]} features but this "
+                                      f"UNet's cross-attention takes {width}; encode it with this model's CLIP.")
+            replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+            for key, attn2 in layers.items():
+                prev = replaces.get(key, replaces.get(key[:2]))
+                m.set_model_attn2_replace(_UNetRegionalAttention(attn2, tuple(regions), base_ratio, window, prev), *key)
+        elif type(dm) is comfy.ldm.flux.model.Flux:
+            width = int(dm.txt_in.in_features)
+            for i, r in enumerate(regions):
+                if r.context.shape[-1] != width:
+                    raise RegionError(f"{NODE}: region {i + 1}'s prompt has {r.context.shape[-1]} features but this "
+                                      f"Flux takes {width}; encode it with this model's CLIP.")
+            m.remove_wrappers_with_key(WMP.DIFFUSION_MODEL, KEY)
+            m.add_wrapper_with_key(WMP.DIFFUSION_MODEL, KEY, _FluxRegional(tuple(regions), base_ratio, window))
+        else:
+            raise RegionError(f"{NODE}: this model's diffusion network is a {type(dm).__name__}; regional prompting "
+                              "supports UNets (SD1.x, SD2.x, SDXL) and Flux. For SD3 and other DiTs it is not built "
+                              "yet; use core's ConditioningSetMask there.")
+        return io.NodeOutput(m)
+
+
+NODES = [PreprintRegion, PreprintRegionalPrompting]

@@ -1,0 +1,90 @@
+"""Example workflows for the regional family: regional prompting with three regions on SD1.5, two on Flux, and on
+the trained proving-ground toy."""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("preprint_workflow_common", Path(__file__).with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def _regions(clip: list, width: int, height: int, prompts: list[str], first_id: int = 20) -> tuple[dict, list]:
+    """One vertical strip per prompt, left to right: SolidMask + MaskComposite for the strip, CLIPTextEncode for the
+    prompt, a chained Region node. Returns the nodes and the link to the last Region."""
+    nodes, link, n = {}, None, len(prompts)
+    nodes[str(first_id)] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": width, "height": height},
+                            "_meta": {"title": "Empty frame"}}
+    for k, text in enumerate(prompts):
+        base = first_id + 1 + 4 * k
+        x0, x1 = k * width // n, (k + 1) * width // n
+        nodes[str(base)] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": x1 - x0, "height": height}}
+        nodes[str(base + 1)] = {"class_type": "MaskComposite",
+                                "inputs": {"destination": [str(first_id), 0], "source": [str(base), 0], "x": x0,
+                                           "y": 0, "operation": "add"},
+                                "_meta": {"title": f"Strip {k + 1} of {n}"}}
+        nodes[str(base + 2)] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": clip},
+                                "_meta": {"title": f"Region {k + 1} prompt"}}
+        inputs = {"conditioning": [str(base + 2), 0], "mask": [str(base + 1), 0], "strength": 1.0}
+        if link is not None:
+            inputs["regions"] = link
+        nodes[str(base + 3)] = {"class_type": "PreprintRegion", "inputs": inputs}
+        link = [str(base + 3), 0]
+    return nodes, link
+
+
+def _regional(model: list, regions: list, base_ratio: float = 0.2, end: float = 1.0) -> dict:
+    return {"class_type": "PreprintRegionalPrompting",
+            "inputs": {"model": model, "regions": regions, "base_ratio": base_ratio, "start_percent": 0.0,
+                       "end_percent": end}}
+
+
+def _sd15() -> dict:
+    prompt = {**common.sd15_base(width=768, height=512), **common.ksampler(model=["11", 0], sampler_name="dpmpp_2m",
+                                                                              steps=25, cfg=7.0)}
+    prompt["2"]["inputs"]["text"] = "three animals in a meadow, sunny day, detailed"
+    regions, link = _regions(["1", 1], 768, 512, ["a red fox", "a brown horse", "a white goat"])
+    prompt.update(regions)
+    prompt["11"] = _regional(["1", 0], link)
+    return prompt
+
+
+def _toy() -> dict:
+    prompt = {**common.sd15_base(width=128, height=128), **common.ksampler(model=["11", 0], sampler_name="dpmpp_2m",
+                                                                              steps=20, cfg=5.0)}
+    prompt["1"] = {"class_type": "PreprintProvingGroundModel", "inputs": {"architecture": "sd15"},
+                   "_meta": {"title": "Proving-ground toy (trained at 128x128)"}}
+    prompt["2"]["inputs"]["text"] = "on a white background"
+    prompt["3"]["inputs"]["text"] = ""
+    regions, link = _regions(["1", 1], 128, 128, ["a red circle on the left", "a blue square on the right"])
+    prompt.update(regions)
+    prompt["11"] = _regional(["1", 0], link, base_ratio=0.1)
+    return prompt
+
+
+def _flux() -> dict:
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-dev-fp8.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "two cats on a sofa, photo", "clip": ["1", 1]},
+              "_meta": {"title": "Base prompt"}},
+        "14": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 3.5}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1216, "height": 832, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["11", 0], "seed": 42, "steps": 24, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple",
+                                                   "positive": ["14", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "preprint"}},
+    }
+    regions, link = _regions(["1", 1], 1216, 832, ["a ginger cat", "a black cat wearing a red scarf"])
+    prompt.update(regions)
+    prompt["11"] = _regional(["1", 0], link, base_ratio=0.3, end=0.4)
+    return prompt
+
+
+WORKFLOWS = {
+    "Regional prompting, three regions in one pass, SD1.5": _sd15(),
+    "Regional prompting, two regions, Flux": _flux(),
+    "Regional prompting on the proving-ground toy": _toy(),
+}
