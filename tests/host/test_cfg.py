@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 
@@ -11,6 +12,7 @@ import comfy.model_sampling
 import comfy.patcher_extension as pe
 import comfy.sample
 import comfy.samplers
+import comfy.supported_models
 import folder_paths
 import pytest
 import torch
@@ -195,39 +197,89 @@ class ContextProbe:
         return executor(*args, **kwargs)
 
 
-def contexts(m, family, key="context"):
+def contexts(m, family, key="context", positive=None, negative=None):
     probe = ContextProbe(key)
     pm = m.clone()
     pm.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_context_probe", probe)
-    run_sampling(pm, family, steps=STEPS, cfg=CFG, seed=3)
+    run_sampling(pm, family, steps=STEPS, cfg=CFG, seed=3, positive=positive, negative=negative)
     return probe.seen
 
 
-def test_cads_follows_the_run_seed_from_the_same_starting_noise(models):
-    m = models["sd15"]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cads_follows_the_run_seed_from_the_same_starting_noise(models, family):
+    """The CADS noise comes from the run's seed, not from the starting noise: with one starting noise, two seeds
+    give two images and one seed gives one image, bit for bit (sampling is deterministic: noise floor 0)."""
+    m = models[family]
     on = cads(m, noise_scale=0.5)
-    latent = make_latent("sd15")
+    latent = make_latent(family)
     noise = make_noise(latent, 0)  # one starting noise for every run: only the seed widget changes
-    pos, neg = make_conds("sd15")
+    pos, neg = make_conds(family)
 
-    def sample(model, seed):
-        return comfy.sample.sample(model, noise, STEPS, CFG, "euler", "karras", pos, neg, latent, seed=seed,
+    def sample(model, seed):  # 3 steps: the first is at pure noise, where CADS acts
+        return comfy.sample.sample(model, noise, 3, CFG, "euler", "karras", pos, neg, latent, seed=seed,
                                    disable_pbar=True)
 
     assert torch.equal(sample(m, 3), sample(m, 4))  # without CADS the seed does nothing here
     a, b, c = sample(on, 3), sample(on, 3), sample(on, 4)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-1  # measured 4.1 / 8.8 / 4.3 (SD1.5 / SDXL / Flux; magnitudes 277 / 384 / 11)
 
 
-def test_cads_on_sdxl_anneals_the_pooled_text_and_never_the_size_embeddings(models):
-    m = models["sdxl"]
-    plain = contexts(m, "sdxl", key="y")
-    annealed = contexts(cads(m, noise_scale=0.5), "sdxl", key="y")
-    first_plain, first = plain[0][0], annealed[0][0]  # the positive prompt at pure noise
-    assert first.shape[-1] > 1280
-    assert not torch.equal(first[..., :1280], first_plain[..., :1280])
-    assert all(torch.equal(p[k][..., 1280:], q[k][..., 1280:]) for p, q in zip(plain, annealed, strict=True)
-               for k in p)
+SDXL_SIZES = {"width": 1152, "height": 896, "crop_w": 64, "crop_h": 32, "target_width": 1024,
+              "target_height": 768}  # not ComfyUI's defaults, so the embeddings are the conds' own
+
+
+def sdxl_conds(pooled_width):
+    """SDXL conditioning with a pooled text vector of ``pooled_width`` and explicit size / crop keys."""
+    pos, neg = make_conds("sdxl")
+    g = torch.Generator().manual_seed(11)
+    return tuple([[c[0][0], {**c[0][1], **SDXL_SIZES, "pooled_output": torch.randn(1, pooled_width, generator=g)}]]
+                 for c in (pos, neg))
+
+
+def tiny_sdxl_with_pooled(pooled_width):
+    """The tiny SDXL, but with an ADM input of ``pooled_width`` + 6 x 256 size embeddings (1280 on real SDXL)."""
+    from preprint.runner.tiny_models import _sdxl_config, randomise_
+
+    config = comfy.supported_models.SDXL({**_sdxl_config(), "adm_in_channels": pooled_width + 1536})
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    randomise_(model.diffusion_model, 0)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def check_cads_keeps_the_size_embeddings(m, pooled_width):
+    pos, neg = sdxl_conds(pooled_width)
+    before = copy.deepcopy((pos, neg))
+    plain = contexts(m, "sdxl", key="y", positive=pos, negative=neg)
+    annealed = contexts(cads(m, noise_scale=0.5), "sdxl", key="y", positive=pos, negative=neg)
+    # the probe reads ComfyUI's ADM vector: [pooled text | height, width, crop_h, crop_w, target h, target w]
+    expected = m.model.encode_adm(pooled_output=pos[0][1]["pooled_output"], **SDXL_SIZES)
+    assert expected.shape[-1] == pooled_width + 1536
+    torch.testing.assert_close(plain[0][0], expected, rtol=0, atol=0)
+    # CADS acted on the text part (both prompts, at pure noise) ...
+    assert all(not torch.equal(annealed[0][k][..., :pooled_width], plain[0][k][..., :pooled_width]) for k in (0, 1))
+    # ... and at every call, for both prompts, left every size / crop embedding exactly as the conds gave it
+    assert len(plain) == len(annealed) == STEPS
+    for p, q in zip(plain, annealed, strict=True):
+        for k in p:
+            torch.testing.assert_close(q[k][..., pooled_width:], p[k][..., pooled_width:], rtol=0, atol=0)
+    # and the conditioning itself (its size / crop keys included) is not mutated
+    for got, was in zip((pos, neg), before, strict=True):
+        assert {k: v for k, v in got[0][1].items() if k in SDXL_SIZES} == SDXL_SIZES
+        assert torch.equal(got[0][1]["pooled_output"], was[0][1]["pooled_output"]) and torch.equal(got[0][0], was[0][0])
+
+
+def test_cads_on_sdxl_anneals_the_pooled_text_and_never_the_size_embeddings():
+    """On SDXL's real ADM layout (1280 pooled CLIP-G features, then six 256-wide size / crop embeddings)."""
+    check_cads_keeps_the_size_embeddings(tiny_sdxl_with_pooled(1280), 1280)
+
+
+@pytest.mark.xfail(strict=True, reason="pack bug: nodes/cfg.py _pooled_dims assumes a 1280-wide pooled vector on every "
+                   "SDXL model, so on the tiny SDXL (pooled width 32) CADS anneals 1248 size-embedding features too")
+def test_cads_keeps_the_size_embeddings_whatever_the_pooled_width(models):
+    check_cads_keeps_the_size_embeddings(models["sdxl"], 32)
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
@@ -526,3 +578,65 @@ def test_model_options_keep_only_plain_data(models):
     clone = m.clone()
     assert clone.model_options["transformer_options"]["preprint_cfg"].keys() == {"scheduled_cfg", "cads"}
     assert comfy.model_patcher.ModelPatcher.get_wrappers(clone, pe.WrappersMP.CALC_COND_BATCH, "preprint_cfg")
+
+
+# ---------------------------------------------------------------- Omegance (a guidance-family sampler wrapper)
+# Its other host tests are in test_sampler_wrappers.py; these pin down what the node's mask input does.
+
+
+def omegance(omega, mask_omega=0.0, mask=None):
+    return run_node("PreprintOmeganceSampler", sampler=comfy.samplers.sampler_object("euler"), omega=omega,
+                    schedule="constant", omega_end=0.0, mask_omega=mask_omega, mask=mask)[0]
+
+
+def sample_noise(m, family, sampler, noise, steps):
+    """SamplerCustomAdvanced's path with explicit starting noise (one row of a batch can be sampled alone)."""
+    ms = m.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "simple" if family == "flux" else "karras", steps)
+    pos, neg = make_conds(family)
+    guider = comfy.samplers.CFGGuider(m)
+    guider.set_conds(pos, neg)
+    guider.set_cfg(CFG)
+    return guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=0, disable_pbar=True)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_omegance_mask_gets_mask_omega_and_the_rest_omega(models, family):
+    """One Euler step to sigma 0 returns the (Omegance-scaled) prediction itself, so where each omega applies is
+    visible pixel by pixel: outside the mask the result is the plain omega run's, inside it the mask_omega run's,
+    bit for bit (the scale map holds exactly w or w_in there). The region matters: inside, omega 10 and -10 differ
+    by 0.13 (SD1.5, latent magnitude 220) and 0.26 (Flux, 11) (measured)."""
+    m = models[family]
+    noise = make_noise(make_latent(family), 2)
+    mask = torch.zeros(1, 24, 40)  # any size: resized to the latent (8x8) explicitly
+    mask[:, :, :15] = 1.0  # the left 3 latent columns exactly
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[:, :3] = True
+    outer = sample_noise(m, family, omegance(10.0), noise, 1)
+    inner = sample_noise(m, family, omegance(-10.0), noise, 1)
+    both = sample_noise(m, family, omegance(10.0, mask_omega=-10.0, mask=mask), noise, 1)
+    assert torch.equal(both[..., ~inside], outer[..., ~inside])
+    assert torch.equal(both[..., inside], inner[..., inside])
+    assert (inner[..., inside] - outer[..., inside]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_omegance_batch_of_masks_gives_each_image_its_own(models, family):
+    """A batch of latents sampled together with one mask per image: each row equals its latent sampled alone
+    with its own mask. A batch size changes only the summation order in the network: measured 4.6e-5 (SD1.5,
+    latent magnitude 180-230) and 3.3e-6 (Flux, 8-9) over 4 steps, 2e-7 of the magnitude; the tolerance is 1e-6 of
+    it. Giving the second image the first image's mask moves it by 0.28 (SD1.5) and 0.31 (Flux)."""
+    m = models[family]
+    noise = make_noise(make_latent(family, batch=2), 3)
+    noise[1] = noise[1] * 0.5 + 1.0  # rows of different scale, so anything pooled over the batch shows
+    masks = torch.zeros(2, 16, 16)
+    masks[0, :, :8] = 1.0
+    masks[1, 8:, :] = 1.0
+    together = sample_noise(m, family, omegance(15.0, mask_omega=-15.0, mask=masks), noise, 4)
+    tol = 1e-6 * float(together.abs().max())
+    for row in range(2):
+        alone = sample_noise(m, family, omegance(15.0, mask_omega=-15.0, mask=masks[row:row + 1]),
+                             noise[row:row + 1].clone(), 4)
+        torch.testing.assert_close(together[row:row + 1], alone, rtol=0, atol=tol)
+    shared = sample_noise(m, family, omegance(15.0, mask_omega=-15.0, mask=masks[:1]), noise[1:].clone(), 4)
+    assert (shared - together[1:]).abs().max() > 100 * tol  # the tolerance would see a wrong mask

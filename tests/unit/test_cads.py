@@ -75,10 +75,18 @@ def test_reproducible_from_seed_and_distinct_otherwise():
 
 
 def test_pooled_part_only():
-    y = torch.randn(2, 2816)
-    out = anneal_condition(y, 1.0, CADSConfig(), run_seed=0, sigma=14.0, dims=1280)
-    assert torch.equal(out[:, 1280:], y[:, 1280:])
-    assert not torch.equal(out[:, :1280], y[:, :1280])
+    """SDXL's ADM vector: only the pooled text part is annealed, and as if it were alone: the size embeddings
+    after it neither change nor enter the rescale statistics (eq. 5) of the text part. Their scale differs from
+    the text part's on purpose, so statistics taken over the whole vector would move the text part by O(1)."""
+    g = torch.Generator().manual_seed(4)
+    y = torch.cat([torch.randn(2, 1280, generator=g), 5.0 + 3.0 * torch.randn(2, 1536, generator=g)], dim=1)
+    cfg = CADSConfig(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0)
+    for t in (1.0, 0.8):
+        out = anneal_condition(y, t, cfg, run_seed=0, sigma=14.0, dims=1280)
+        assert torch.equal(out[:, 1280:], y[:, 1280:])
+        assert not torch.equal(out[:, :1280], y[:, :1280])
+        alone = anneal_condition(y[:, :1280], t, cfg, run_seed=0, sigma=14.0)
+        torch.testing.assert_close(out[:, :1280], alone, rtol=0, atol=0)
 
 
 def test_config_errors():

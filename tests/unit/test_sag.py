@@ -16,6 +16,11 @@ def test_mask_marks_keys_that_receive_more_than_average_attention():
     mask = attention_mask(attn, (2, 3), threshold=1.0)
     assert mask.shape == (b, 1, 2, 3)
     assert mask.flatten(1).tolist() == [[1, 0, 0, 0, 0, 0]] * b
+    # the threshold decides the region (keys receive 1.5, 0.5 and 1): above the most a key can receive (n rows
+    # of 1) nothing, at 0 everything, in between the keys above it
+    assert not attention_mask(attn, (2, 3), threshold=float(n)).any()
+    assert attention_mask(attn, (2, 3), threshold=0.0).all()
+    assert attention_mask(attn, (2, 3), threshold=0.6).flatten(1).tolist() == [[1, 0, 1, 1, 1, 1]] * b
     with pytest.raises(ValueError, match="grid"):
         attention_mask(attn, (4, 2))
 
