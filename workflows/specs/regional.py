@@ -83,7 +83,41 @@ def _flux() -> dict:
     return prompt
 
 
+def _soft_inpaint(toy: bool) -> dict:
+    """txt2img, then a second pass over the same latent with a feathered change map: left edge kept, right half
+    redrawn, a soft ramp between."""
+    size = 128 if toy else 512
+    prompt = {**common.sd15_base(width=size, height=size), **common.ksampler(model=["1", 0], steps=20, cfg=7.0)}
+    if toy:
+        prompt["1"] = {"class_type": "PreprintProvingGroundModel", "inputs": {"architecture": "sd15"},
+                       "_meta": {"title": "Proving-ground toy (trained at 128x128)"}}
+        prompt["2"]["inputs"]["text"] = "a red circle on the left on a white background"
+        prompt["3"]["inputs"]["text"] = ""
+        prompt["7"]["inputs"].update(sampler_name="dpmpp_2m", cfg=5.0)
+    prompt["8"]["inputs"]["samples"] = ["33", 0]
+    prompt["30"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": size, "height": size}}
+    prompt["31"] = {"class_type": "FeatherMask", "inputs": {"mask": ["30", 0], "left": size * 3 // 4, "top": 0,
+                                                          "right": 0, "bottom": 0},
+                    "_meta": {"title": "Change map: 0 at the left edge, 1 from three quarters"}}
+    prompt["32"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["7", 0], "mask": ["31", 0]}}
+    prompt["34"] = {"class_type": "CLIPTextEncode", "inputs": {
+        "text": "a blue square on the right on a white background" if toy else
+        "a lighthouse on a rocky coast at dusk, a sailing ship on the right, detailed", "clip": ["1", 1]},
+                    "_meta": {"title": "Edit prompt"}}
+    prompt["35"] = {"class_type": "PreprintDifferentialDiffusion", "inputs": {"model": ["1", 0]}}
+    prompt["33"] = {"class_type": "KSampler", "inputs": {"model": ["35", 0], "seed": 7, "steps": 20,
+                                                         "cfg": 5.0 if toy else 7.0,
+                                                         "sampler_name": "dpmpp_2m" if toy else "euler",
+                                                         "scheduler": "karras", "positive": ["34", 0],
+                                                         "negative": ["3", 0], "latent_image": ["32", 0],
+                                                         "denoise": 1.0},
+                    "_meta": {"title": "Soft inpainting pass"}}
+    return prompt
+
+
 WORKFLOWS = {
+    "Soft inpainting with a feathered change map, SD1.5": _soft_inpaint(False),
+    "Soft inpainting on the proving-ground toy": _soft_inpaint(True),
     "Regional prompting, three regions in one pass, SD1.5": _sd15(),
     "Regional prompting, two regions, Flux": _flux(),
     "Regional prompting on the proving-ground toy": _toy(),
