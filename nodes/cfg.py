@@ -478,9 +478,13 @@ class PreprintAdaptiveGuidance(io.ComfyNode):
 
 
 def _pooled_dims(model) -> int | None:
+    """Width of the pooled text embedding at the front of SDXL's ADM vector (1280 on real checkpoints), read off
+    the model: the ADM input width less the size / crop embeddings (6 x 256 on SDXL, 5 x 256 on the refiner)."""
     inner = getattr(model, "model", None)
     if isinstance(inner, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)):
-        return 1280  # ADM vector = pooled CLIP-G embedding (1280) + size / crop embeddings
+        sizes = 5 * 256 if isinstance(inner, comfy.model_base.SDXLRefiner) else 6 * 256
+        adm = int(inner.diffusion_model.label_emb[0][0].in_features)
+        return adm - sizes
     return None
 
 

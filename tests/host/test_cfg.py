@@ -276,8 +276,6 @@ def test_cads_on_sdxl_anneals_the_pooled_text_and_never_the_size_embeddings():
     check_cads_keeps_the_size_embeddings(tiny_sdxl_with_pooled(1280), 1280)
 
 
-@pytest.mark.xfail(strict=True, reason="pack bug: nodes/cfg.py _pooled_dims assumes a 1280-wide pooled vector on every "
-                   "SDXL model, so on the tiny SDXL (pooled width 32) CADS anneals 1248 size-embedding features too")
 def test_cads_keeps_the_size_embeddings_whatever_the_pooled_width(models):
     check_cads_keeps_the_size_embeddings(models["sdxl"], 32)
 
