@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import comfy.patcher_extension as pe
 import comfy.samplers
@@ -10,27 +11,31 @@ import pytest
 import torch
 from comfy_extras.nodes_easycache import EasyCacheNode
 
-from .harness import run_custom_sampling, run_node, run_sampling, tiny_model
+from preprint.caching.block_profile import Profile, block_key, model_fingerprint
+
+from .harness import node_class, run_custom_sampling, run_node, run_sampling, tiny_model
 
 P = {"start_percent": 0.0, "end_percent": 1.0}
 
 
-def deepcache(m, interval=3, branch=0, schedule="uniform"):
+def deepcache(m, interval=3, branch=0, schedule="uniform", **window):
     return run_node("PreprintDeepCache", model=m, cache_interval=interval, branch_depth=branch, schedule=schedule,
-                    **P)[0]
+                    **{**P, **window})[0]
 
 
-def blockcache(m, mode="online", threshold=0.3, name="test_profile"):
-    return run_node("PreprintBlockCache", model=m, mode=mode, threshold=threshold, profile_name=name, **P)[0]
+def blockcache(m, mode="online", threshold=0.3, name="test_profile", **window):
+    return run_node("PreprintBlockCache", model=m, mode=mode, threshold=threshold, profile_name=name,
+                    **{**P, **window})[0]
 
 
-def encprop(m, key_steps="uniform", interval=2):
-    return run_node("PreprintEncoderPropagation", model=m, key_steps=key_steps, key_interval=interval, **P)[0]
+def encprop(m, key_steps="uniform", interval=2, **window):
+    return run_node("PreprintEncoderPropagation", model=m, key_steps=key_steps, key_interval=interval,
+                    **{**P, **window})[0]
 
 
-def ditcache(m, threshold=0.12, order=2, max_skips=3):
+def ditcache(m, threshold=0.12, order=2, max_skips=3, **window):
     return run_node("PreprintDiTBlockCache", model=m, threshold=threshold, extrapolation_order=order,
-                    max_consecutive_skips=max_skips, **P)[0]
+                    max_consecutive_skips=max_skips, **{**P, **window})[0]
 
 
 def report(m, key):
@@ -224,17 +229,107 @@ def test_block_cache_judges_heun_calls_at_one_noise_level_on_their_inputs(sd15):
             assert not torch.equal(a[2], b[2])
 
 
-@pytest.mark.parametrize("order,max_skips,pattern", [(1, 1, "FSFSFSFS"), (1, 2, "FSSFSSFS"), (2, 2, "FFSSFSSF")])
-def test_dit_cache_forces_a_full_call_after_max_consecutive_skips(flux, order, max_skips, pattern):
+def _pattern(log: _CallLog, not_run: set, letter: str) -> str:
+    """One letter per model call: F when every block ran, ``letter`` when exactly the blocks ``not_run`` did not,
+    ? for anything else."""
+    return "".join("F" if not c[3] else letter if c[3] == not_run else "?" for c in log.calls)
+
+
+@pytest.mark.parametrize("threshold,order,max_skips,pattern", [
+    (1e9, 1, 1, "FSFSFSFS"), (1e9, 1, 2, "FSSFSSFS"), (1e9, 1, 3, "FSSSFSSS"), (1e9, 2, 2, "FFSSFSSF"),
+    (1e9, 3, 2, "FFFSSFSS"), (1e-6, 1, 3, "FFFFFFFF")])
+def test_dit_cache_forces_a_full_call_after_max_consecutive_skips(flux, threshold, order, max_skips, pattern):
     """F: every block computed; S: only the first block, the others extrapolated. A threshold no change reaches
-    skips whenever the history allows (``order`` full calls first), so only the limit forces full calls."""
-    m, log = _logged(ditcache(flux, threshold=1e9, order=order, max_skips=max_skips), "preprint_dit_cache")
+    skips whenever the history allows (``order`` full calls first), so only the limit forces full calls; one
+    below every change of the first block's residual skips nothing."""
+    m, log = _logged(ditcache(flux, threshold=threshold, order=order, max_skips=max_skips), "preprint_dit_cache")
     sample(m, "flux", steps=len(pattern))
     keys = [k for k in m.model_options["transformer_options"]["patches_replace"]["dit"]]
     assert len(keys) > 2 and ("double_block", 0) in keys
-    others = set(keys) - {("double_block", 0)}
-    got = "".join("F" if not c[3] else "S" if c[3] == others else "?" for c in log.calls)
-    assert got == pattern
+    assert _pattern(log, set(keys) - {("double_block", 0)}, "S") == pattern
+
+
+# -- every documented knob of the UNet caches acts: which blocks run on which step ------------------------------
+@pytest.mark.parametrize("interval,schedule,branch,pattern", [
+    (3, "uniform", 0, "FRRFRRFRRF"), (2, "uniform", 0, "FRFRFRFRFR"), (4, "uniform", 9, "FRRRFRRRFR"),
+    (3, "non-uniform", 0, "FRRFFRFRRR"),  # the reference implementation's refresh steps {0, 3, 4, 6} of 10
+    (3, "non-uniform", 2, "FRRFFRFRRR")])
+def test_deepcache_refreshes_on_its_schedule_and_runs_only_its_branch(sd15, interval, schedule, branch, pattern):
+    """F: every block computed (a refresh); R: the deep feature reused, so exactly the blocks below the branch
+    (input blocks after ``branch``, the middle block, the output blocks up to its mirror) are not run. At most
+    interval - 1 steps in a row reuse."""
+    unet = sd15.model.diffusion_model
+    n_in, n_out = len(unet.input_blocks), len(unet.output_blocks)
+    deep = ({("input", i) for i in range(branch + 1, n_in)} | {("middle", 0)}
+            | {("output", j) for j in range(n_out - 1 - branch)})
+    m, log = _logged(deepcache(sd15, interval=interval, branch=branch, schedule=schedule), "preprint_deepcache")
+    sample(m, "sd15", steps=len(pattern))
+    assert _pattern(log, deep, "R") == pattern
+
+
+@pytest.mark.parametrize("key_steps,interval,pattern", [
+    ("uniform", 3, "FRRFRRFRRF"), ("uniform", 2, "FRFRFRFRFR"),
+    # the paper's 50-step key steps {0, 1, 2, 3, 5, 10, 15, 25, 35} rescaled to 10: {0, 1, 2, 3, 5, 7}; the
+    # interval is for uniform key steps only
+    ("non-uniform", 2, "FFFFRFRFRR"), ("non-uniform", 5, "FFFFRFRFRR")])
+def test_encoder_propagation_runs_the_encoder_only_on_key_steps(sd15, key_steps, interval, pattern):
+    """F: every block computed (a key step); R: the encoder (input blocks after the stem, the middle block)
+    reused, only the decoder runs."""
+    unet = sd15.model.diffusion_model
+    encoder = {("input", i) for i in range(1, len(unet.input_blocks))} | {("middle", 0)}
+    m, log = _logged(encprop(sd15, key_steps=key_steps, interval=interval), "preprint_encoder_propagation")
+    sample(m, "sd15", steps=len(pattern))
+    assert _pattern(log, encoder, "R") == pattern
+
+
+@pytest.mark.parametrize("threshold,pattern", [(0.25, "FRRFRRFRRF"), (0.45, "FRRRRFRRRR")])
+def test_block_cache_reuses_each_block_until_its_profiled_change_reaches_the_threshold(sd15, threshold, pattern):
+    """A profile saying every block changes at rate 1 per run (0.1 per step of 10), one block at rate 10: each
+    block is reused while the change accumulated since it was computed stays below the threshold (0.1 and 0.2 for
+    0.25, up to 0.4 for 0.45), the fast block never. R: every block but the stem and the fast one reused."""
+    unet = sd15.model.diffusion_model
+    names = [("input", i) for i in range(len(unet.input_blocks))] + [("middle", 0)]
+    names += [("output", j) for j in range(len(unet.output_blocks))]
+    fast = ("output", 5)
+    rates = {block_key(n): [10.0 if n == fast else 1.0] * 2 for n in names if n != ("input", 0)}
+    profile_path = sys.modules[node_class("PreprintBlockCache").__module__].profile_path
+    Profile(model_fingerprint(unet), "tiny SD1.5", [0.0, 1.0], rates, steps=10).save(profile_path("constant_rates"))
+    m, log = _logged(blockcache(sd15, mode="profile", threshold=threshold, name="constant_rates"),
+                     "preprint_blockcache")
+    sample(m, "sd15", steps=len(pattern))
+    assert _pattern(log, set(names) - {("input", 0), fast}, "R") == pattern
+
+
+# start 0.25 / end 0.65 of the run put the window edges between steps of 10 on both models
+WINDOW = {"start_percent": 0.25, "end_percent": 0.65}
+
+
+@pytest.mark.parametrize("family,make,key,exact", [
+    ("sd15", lambda m, **w: deepcache(m, interval=2, **w), "preprint_deepcache", True),
+    ("sd15", lambda m, **w: encprop(m, interval=2, **w), "preprint_encoder_propagation", True),
+    ("sd15", lambda m, **w: blockcache(m, threshold=0.5, **w), "preprint_blockcache", False),
+    ("flux", lambda m, **w: ditcache(m, threshold=1e9, order=1, max_skips=2, **w), "preprint_dit_cache", False),
+], ids=["deepcache", "encprop", "blockcache", "dit"])
+def test_caches_reuse_only_inside_their_percent_window(family, make, key, exact, request):
+    """Outside [start_percent, end_percent] of the run every block is computed; inside, the cache acts (for the
+    key-step caches exactly as it does without a window)."""
+    base = request.getfixturevalue(family)
+    ms = base.get_model_object("model_sampling")
+    hi, lo = float(ms.percent_to_sigma(WINDOW["start_percent"])), float(ms.percent_to_sigma(WINDOW["end_percent"]))
+    everywhere, log_all = _logged(make(base), key)
+    sample(everywhere, family, steps=10)
+    windowed, log_win = _logged(make(base, **WINDOW), key)
+    sample(windowed, family, steps=10)
+    inside = [lo <= c[0] <= hi for c in log_win.calls]
+    reused_all = [bool(c[3]) for c in log_all.calls]
+    reused_win = [bool(c[3]) for c in log_win.calls]
+    assert 2 <= sum(inside) <= len(inside) - 2
+    # without the window, calls outside it reuse: a window that were ignored would show
+    assert any(r and not i for r, i in zip(reused_all, inside, strict=True))
+    assert not any(r and not i for r, i in zip(reused_win, inside, strict=True)), (inside, reused_win)
+    assert any(reused_win)
+    if exact:
+        assert reused_win == [r and i for r, i in zip(reused_all, inside, strict=True)]
 
 
 # -- composition ------------------------------------------------------------------------------------------------
@@ -291,8 +386,6 @@ def test_profile_for_another_model_is_rejected(sd15, sdxl):
 
 def test_percent_window_is_validated():
     cls = comfy.samplers  # noqa: F841  (ComfyUI is booted)
-    from .harness import node_class
-
     assert "after end_percent" in node_class("PreprintDeepCache").validate_inputs(start_percent=0.8,
                                                                                    end_percent=0.2)
     assert node_class("PreprintDeepCache").validate_inputs(start_percent=0.0, end_percent=1.0) is True

@@ -38,14 +38,19 @@ def test_flux_toy_samples_through_comfyui_with_the_dit_cache(flux_toy):
 
     model, clip, vae = flux_toy
     assert vae.latent_channels == 16
-    cached = run_node("PreprintDiTBlockCache", model=model, threshold=0.12, extrapolation_order=2,
+    # at the default threshold 0.12 the toy never skips (0 of 20 calls: the comparison was of the model with
+    # itself); at 0.3 it skips 10 of 20 calls
+    cached = run_node("PreprintDiTBlockCache", model=model, threshold=0.3, extrapolation_order=2,
                       max_consecutive_skips=3, start_percent=0.0, end_percent=1.0)[0]
     text = ["a green square on the left on a white background"]
     plain = models.generate(model, clip, vae, text, steps=20, cfg=4.0, sampler="euler", scheduler="simple")
     fast = models.generate(cached, clip, vae, text, steps=20, cfg=4.0, sampler="euler", scheduler="simple")
     report = cached.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, "preprint_dit_cache")[0].last_report
-    assert report["calls"] > 0 and plain.shape == fast.shape == (1, 3, 128, 128)
-    assert torch.isfinite(fast).all() and float((fast - plain).norm() / plain.norm()) < 0.2
+    assert report["calls"] == 20 and plain.shape == fast.shape == (1, 3, 128, 128)
+    assert report["counts"].skipped_fraction() > 0.3  # 42% of block evaluations
+    # the cache costs 0.0034 of the image (relative L2); extrapolating with order 1 costs 0.025, one stream's
+    # residual added to every chunk 0.028, residuals taken after in-place blocks wrote their input 0.15
+    assert torch.isfinite(fast).all() and float((fast - plain).norm() / plain.norm()) < 0.01
 
 
 def _copy_weights(tmp_path, arch):

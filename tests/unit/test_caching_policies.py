@@ -232,13 +232,25 @@ def _dit_forward(run: DiTCacheRun, blocks, x, sigma, uuids):
     return args["img"]
 
 
-def _dit_run(threshold, order, sigmas, batch_uuids=("c", "u"), block=_Block):
+def _dit_run(threshold, order, sigmas, batch_uuids=("c", "u"), block=_Block, max_skips=10):
     blocks = [block(k) for k in range(4)]
-    run = DiTCacheRun(sigmas, [("double_block", i) for i in range(4)], threshold, order, max_skips=10)
+    run = DiTCacheRun(sigmas, [("double_block", i) for i in range(4)], threshold, order, max_skips=max_skips)
     x = torch.zeros(len(batch_uuids), 5, 3)
     # a fresh input per call: in-place blocks write into it
     outs = [_dit_forward(run, blocks, x.clone(), s, list(batch_uuids)) for s in sigmas[:-1]]
     return outs, blocks, run
+
+
+def _dit_pattern(threshold, order, sigmas, max_skips=10) -> str:
+    """F for a call that computed block 1, S for one that extrapolated it, call by call."""
+    blocks = [_Block(k) for k in range(4)]
+    run = DiTCacheRun(sigmas, [("double_block", i) for i in range(4)], threshold, order, max_skips=max_skips)
+    pattern = ""
+    for s in sigmas[:-1]:
+        before = blocks[1].calls
+        _dit_forward(run, blocks, torch.zeros(2, 5, 3), s, ["c", "u"])
+        pattern += "F" if blocks[1].calls > before else "S"
+    return pattern
 
 
 def test_dit_threshold_zero_runs_every_block():
@@ -273,3 +285,42 @@ def test_dit_cond_and_uncond_keep_their_own_residuals():
     # row 2 (uncond) has twice the residual of row 1 (cond) on every step, cached or not
     for o in out:
         torch.testing.assert_close(o[1], 2 * o[0])
+
+
+@pytest.mark.parametrize("threshold,pattern", [(0.05, "FFFFF"), (0.1, "FSFSF"), (0.16, "FSSFS"), (0.3, "FSSSF")])
+def test_dit_threshold_bounds_the_first_blocks_change_since_the_last_full_call(threshold, pattern):
+    """The first block's residual is 1 + 0.5 sigma (times the row), so its relative L1 change from the last full
+    call at sigma_r to sigma is 0.5 |sigma - sigma_r| / (1 + 0.5 sigma): 0.071 / 0.154 / 0.25 / 0.364 two, three,
+    four and five calls after the full one at sigma 1, 0.077-0.091 one step apart further down. A call skips
+    while that stays below the threshold, measured against the last *full* call (against the previous call,
+    0.16 would skip every call after the first: FSSSS)."""
+    assert _dit_pattern(threshold, 1, [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]) == pattern
+
+
+@pytest.mark.parametrize("max_skips,pattern", [(1, "FSFSFSFS"), (2, "FSSFSSFS"), (3, "FSSSFSSS")])
+def test_dit_max_skips_forces_a_full_call(max_skips, pattern):
+    sig = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.0]
+    assert _dit_pattern(1e9, 1, sig, max_skips=max_skips) == pattern
+
+
+class _QuadraticBlock(_Block):
+    """A residual quadratic in sigma: order 3 extrapolates it exactly, order 2 cannot."""
+
+    def __call__(self, args: dict) -> dict:
+        self.calls += 1
+        s = args["transformer_options"]["sigmas"][0].item()
+        return {"img": args["img"] + (self.k + 1) * (1.0 - 2.0 * s + 3.0 * s * s), "txt": args["txt"]}
+
+
+def test_dit_extrapolation_order_three_is_exact_on_quadratic_residuals_and_two_is_not():
+    sig = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0]
+    exact, _, _ = _dit_run(0.0, 1, sig, block=_QuadraticBlock)
+    ab3, blocks, run = _dit_run(1e9, 3, sig, block=_QuadraticBlock)
+    ab2, _, _ = _dit_run(1e9, 2, sig, block=_QuadraticBlock)
+    assert run.skipped_calls == 4 and blocks[1].calls == 3  # three full calls feed the quadratic, four skip
+    # float32 Lagrange weights up to four steps ahead: measured error at most 2.6e-5 (outputs of size ~7)
+    for e, a in zip(exact, ab3, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-4)
+    # a line through the two full calls before misses the curvature 3 sigma^2 by 3 * 0.2 * 0.1 = 0.06 per unit of
+    # residual, 0.54 over blocks 1-3 (weights 2 + 3 + 4) at its first skipped call, up to 8.1 later
+    assert (ab2[2] - exact[2]).abs().max().item() > 0.5

@@ -29,7 +29,10 @@ def test_denoiser_is_tweedie_on_samples():
     sigma = 0.8
     x = x0 + sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
     d = gm.denoise(x, sigma, "eps")
-    assert torch.allclose(d.mean(0), x0.mean(0), atol=0.03)
+    # Monte Carlo noise of this seed: 0.0021 (0.0020-0.0035 over seeds 0-5). A denoiser at the wrong noise level
+    # (sigma x1.1: 0.0076; x0.5: 0.021; x1.5: 0.022) or with doubled component widths (0.0071) lands above 0.005;
+    # the old bound of 0.03 let all of them through
+    assert torch.allclose(d.mean(0), x0.mean(0), atol=0.005)
     # the posterior mean has smaller error than the noisy sample and than the prior mean
     assert ((d - x0) ** 2).mean() < ((x - x0) ** 2).mean()
 
