@@ -25,13 +25,27 @@ def _families():
     return [importlib.import_module(f".{name}", __name__) for name in family_module_names()]
 
 
+def register_names() -> None:
+    """Run every family's ``on_load`` (adding the pack's sampler and scheduler names to ComfyUI's lists).
+    Each hook is idempotent, so a second call changes nothing."""
+    for module in _families():
+        hook = getattr(module, "on_load", None)
+        if hook is not None:
+            hook()
+
+
 class PreprintExtension(ComfyExtension):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded = False
+
+    async def on_load(self) -> None:
+        # Newer ComfyUI (nodes.load_custom_node) awaits on_load() before get_node_list(), the place it gives for
+        # an extension's global set-up.
+        register_names()
+        self.loaded = True
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        # ComfyUI calls this once when it loads the pack (it does not call on_load for custom nodes).
-        nodes: list[type[io.ComfyNode]] = []
-        for module in _families():
-            hook = getattr(module, "on_load", None)
-            if hook is not None:
-                hook()
-            nodes.extend(module.NODES)
-        return nodes
+        if not self.loaded:  # 0.3.64 calls only get_node_list for a custom-node pack, never on_load
+            await self.on_load()
+        return [node for module in _families() for node in module.NODES]

@@ -13,6 +13,8 @@ Both run inside the window ``[start_percent, end_percent]`` of the run and do no
 
 from __future__ import annotations
 
+import inspect
+
 import comfy.ldm.flux.model
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
@@ -108,27 +110,53 @@ def _unet_cross_attention_layers(dm) -> dict:
 
 
 class _FluxRegional:
-    """DIFFUSION_MODEL wrapper for Flux: region text appended to the positive rows, joint attention mask."""
+    """DIFFUSION_MODEL wrapper for Flux: region text appended to the positive rows, joint attention mask.
+
+    ``Flux.forward`` hands its wrappers ``_forward``'s arguments positionally: ``(x, timestep, context, y, guidance,
+    ref_latents, control, transformer_options, **kwargs)`` on 0.3.64 and on the newest sources read (0.33), with
+    ``attention_mask`` in ``kwargs``. They are bound by name against the wrapped function's signature all the same,
+    so a reordered or extended signature still reaches the right tensors."""
+
+    REQUIRED = ("x", "context", "transformer_options")
 
     def __init__(self, regions: tuple[Region, ...], base_ratio: float, window):
         self.regions, self.base_ratio, self.window = regions, base_ratio, window
+        self._signature: tuple[object, inspect.Signature, str | None] | None = None
 
-    def __call__(self, executor, x, timestep, context, y, guidance, ref_latents, control, transformer_options,
-                 **kwargs):
-        to = transformer_options or {}
+    def _bind(self, executor, args, kwargs) -> tuple[inspect.BoundArguments, str | None]:
+        fn = getattr(executor.original, "__func__", executor.original)
+        if self._signature is None or self._signature[0] is not fn:  # once per wrapped function
+            sig = inspect.signature(executor.original)
+            varkw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+            missing = [n for n in self.REQUIRED if n not in sig.parameters]
+            if varkw is None and "attention_mask" not in sig.parameters:
+                missing.append("attention_mask")
+            if missing:
+                raise RegionError(f"{NODE}: this ComfyUI's Flux forward takes {sig}, without {', '.join(missing)}; "
+                                  "regional prompting cannot place its text. Update the Preprint pack.")
+            self._signature = (fn, sig, varkw)
+        _, sig, varkw = self._signature
+        return sig.bind(*args, **kwargs), varkw
+
+    def __call__(self, executor, *args, **kwargs):
+        bound, varkw = self._bind(executor, args, kwargs)
+        a = bound.arguments
+        to = a.get("transformer_options") or {}
         if not _active(to, self.window):
-            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
-        if kwargs.get("attention_mask") is not None:
+            return executor(*args, **kwargs)
+        extra = dict(a.get(varkw) or {}) if varkw else {}
+        if a.get("attention_mask", extra.get("attention_mask")) is not None:
             raise RegionError(f"{NODE}: the conditioning already carries a Flux attention mask; regional prompting "
                               "builds its own. Remove the other mask (or this node).")
+        x, context, ref_latents = a["x"], a["context"], a.get("ref_latents")
         batch = x.shape[0]
         rows = _positive_rows(to, batch)
-        patch = 2
+        patch = int(getattr(executor.class_obj, "patch_size", 2))  # 2 on Flux.1; newer Flux.2 layouts use 1
         gh, gw = -(-x.shape[-2] // patch), -(-x.shape[-1] // patch)
         n_img = gh * gw
         n_ref = sum(-(-r.shape[-2] // patch) * -(-r.shape[-1] // patch) for r in (ref_latents or []))
         lengths = [int(context.shape[1])] + [int(r.context.shape[1]) for r in self.regions]
-        extra = sum(lengths[1:])
+        extra_len = sum(lengths[1:])
         dtype = x.dtype
         chunk = batch // len(to.get("cond_or_uncond") or [1])
         per_image = masks_on_grid([r.mask.to(x.device) for r in self.regions], chunk, gh, gw)
@@ -144,13 +172,19 @@ class _FluxRegional:
                 pieces.append(torch.cat([r.context[0].to(context.device, context.dtype) for r in self.regions]))
                 mask[b] = regional[b % chunk]
             else:  # other rows: the appended tokens are padding nobody sees
-                pieces.append(context.new_zeros(extra, context.shape[2]))
-                pad = slice(lengths[0], lengths[0] + extra)
+                pieces.append(context.new_zeros(extra_len, context.shape[2]))
+                pad = slice(lengths[0], lengths[0] + extra_len)
                 mask[b, :, pad] = float("-inf")
-                mask[b, pad, pad] = torch.where(torch.eye(extra, dtype=torch.bool, device=x.device), 0.0, float("-inf")).to(dtype)
-        context = torch.cat([context, torch.stack(pieces)], dim=1)
-        return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options,
-                        attention_mask=mask, **kwargs)
+                mask[b, pad, pad] = torch.where(torch.eye(extra_len, dtype=torch.bool, device=x.device), 0.0,
+                                                float("-inf")).to(dtype)
+        # Text positions: zeros on Flux.1 in every release; where a newer config names txt_ids_dims (Flux.2 layouts)
+        # _forward numbers the text 0..L-1 along those axes, so the region tokens simply continue the base prompt.
+        a["context"] = torch.cat([context, torch.stack(pieces)], dim=1)
+        if "attention_mask" in bound.signature.parameters:
+            a["attention_mask"] = mask
+        else:
+            a[varkw] = {**extra, "attention_mask": mask}
+        return executor(*bound.args, **bound.kwargs)
 
 
 def region_from(conditioning, mask, strength: float) -> Region:

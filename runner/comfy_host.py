@@ -171,15 +171,25 @@ def server_flags(comfy_path: Path) -> list[str]:
 
 
 def _asset_manager(prompt_server_class, args) -> object | None:
-    """Newer ComfyUI's PromptServer takes an asset manager (app.assets.manager); 0.3.64's does not. The in-process
-    host runs with assets off (``--disable-assets``): they need a database and packages a test run has no use for."""
+    """The asset manager newer ComfyUI's ``PromptServer(loop, asset_manager)`` requires (``app/assets/manager.py``);
+    None where ``PromptServer`` takes only the loop (0.3.64).
+
+    The in-process host runs with assets off, as ``main.py --disable-assets`` does: assets are on by default there
+    and need a database and packages a test run has no use for. Releases differ in which flag
+    ``default_asset_manager()`` reads (``disable_assets``, or the older, now deprecated ``enable_assets``), so both
+    are set where they exist; should a release still hand back an enabled manager, its ``NoAssets`` is used.
+    Newer-only path: it cannot run against the 0.3.64 checkout here."""
     if "asset_manager" not in inspect.signature(prompt_server_class.__init__).parameters:
         return None
-    if hasattr(args, "disable_assets"):
-        args.disable_assets = True
-    from app.assets.manager import default_asset_manager
+    for flag, value in (("disable_assets", True), ("enable_assets", False)):
+        if hasattr(args, flag):
+            setattr(args, flag, value)
+    from app.assets import manager
 
-    return default_asset_manager()
+    asset_manager = manager.default_asset_manager()
+    if getattr(asset_manager, "enabled", False) and hasattr(manager, "NoAssets"):
+        asset_manager = manager.NoAssets(args)
+    return asset_manager
 
 
 def executor_options(executor_class, asset_manager: object | None) -> dict:

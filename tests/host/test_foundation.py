@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import subprocess
@@ -134,3 +135,44 @@ def test_host_boot_adapts_to_the_server_and_executor_signatures(comfy_host):
 
     newer = executor_options(NewerExecutor, object())
     assert newer["cache_args"] == {"lru": 0, "ram": 0, "ram_inactive": 0} and "asset_manager" in newer
+
+
+def test_names_registered_in_on_load_where_the_host_calls_it_and_in_get_node_list_where_it_does_not(
+        comfy_host, monkeypatch):
+    """Newer ComfyUI awaits ``ComfyExtension.on_load()`` before ``get_node_list()``; 0.3.64 calls only
+    ``get_node_list()`` for a custom-node pack. In both orders the sampler and scheduler names are registered,
+    once each (on_load already before the node list is asked for), and the same nodes come back."""
+    def ours(names):
+        return [n for n in names if n.startswith("preprint_")]
+
+    lists = ("KSAMPLER_NAMES", "SAMPLER_NAMES", "SCHEDULER_NAMES")
+    expected = {attr: ours(getattr(comfy.samplers, attr)) for attr in lists}
+    assert all(expected.values())
+    for name in expected["SAMPLER_NAMES"]:  # registering again rebinds these: put the originals back afterwards
+        monkeypatch.setattr(k_sampling, f"sample_{name}", getattr(k_sampling, f"sample_{name}"))
+
+    def without_ours():  # ComfyUI's own lists as before the pack loaded (restored by monkeypatch)
+        for attr in lists:
+            monkeypatch.setattr(comfy.samplers, attr, [n for n in getattr(comfy.samplers, attr)
+                                                       if not n.startswith("preprint_")])
+        monkeypatch.setattr(comfy.samplers, "SCHEDULER_HANDLERS", {
+            k: v for k, v in comfy.samplers.SCHEDULER_HANDLERS.items() if not k.startswith("preprint_")})
+
+    def registered():
+        return {attr: ours(getattr(comfy.samplers, attr)) for attr in lists}
+
+    async def newer_host(extension):
+        await extension.on_load()
+        assert registered() == expected
+        return await extension.get_node_list()
+
+    async def host_0_3_64(extension):
+        return await extension.get_node_list()
+
+    for load in (newer_host, host_0_3_64):
+        without_ours()
+        extension = asyncio.run(comfy_host.pack_module.comfy_entrypoint())
+        node_list = asyncio.run(load(extension))
+        assert registered() == expected, load.__name__
+        assert set(expected["SCHEDULER_NAMES"]) <= set(comfy.samplers.SCHEDULER_HANDLERS)
+        assert {cls.GET_SCHEMA().node_id for cls in node_list} == set(comfy_host.pack_node_ids)

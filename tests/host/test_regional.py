@@ -148,6 +148,41 @@ def test_flux_gets_the_joint_mask_of_its_regions(models):
         assert torch.isfinite(att[neg_row, n0 + n1:, :n0]).all()
 
 
+def test_flux_regional_takes_its_arguments_by_name(models):
+    """The Flux wrapper binds what it is handed against the wrapped forward's signature: an earlier wrapper that
+    passes everything by keyword (as a newer Flux might) gives the same result and the same mask as the
+    positional call of 0.3.64 and the newer sources."""
+    m, (h, w) = models["flux"], (6, 10)
+    pos, neg = make_conds("flux")
+    other, _ = make_conds("flux", seed=9)
+    mask = torch.zeros(1, 48, 80)
+    mask[:, :, 40:] = 1.0
+    seen = []
+
+    def by_name(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                transformer_options=None, **kw):
+        seen.append("by_name")
+        return executor(x=x, timestep=timestep, context=context, y=y, guidance=guidance, ref_latents=ref_latents,
+                        control=control, transformer_options=transformer_options, **kw)
+
+    def spy(executor, *args, **kw):
+        seen.append((kw["context"] if "context" in kw else args[2], kw.get("attention_mask")))
+        return executor(*args, **kw)
+
+    wmp = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    positional = regional(m, region(other, mask))
+    keyed = m.clone()
+    keyed.add_wrapper_with_key(wmp, "aa_by_name", by_name)  # runs before the regional wrapper
+    keyed = regional(keyed, region(other, mask))
+    keyed.add_wrapper_with_key(wmp, "zz_spy", spy)
+    out = sample(keyed, "flux", pos, neg, h, w)
+    assert torch.equal(out, sample(positional, "flux", pos, neg, h, w))
+    assert seen[0] == "by_name"
+    context, att = seen[1]
+    assert context.shape[1] == pos[0][0].shape[1] + other[0][0].shape[1]
+    assert att is not None and att.shape[-1] == context.shape[1] + 15
+
+
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_three_regions_cost_the_model_calls_of_plain_cfg_while_core_mask_conditioning_costs_more(models, family):
     m, (h, w) = models[family], SIZES[family]
