@@ -53,7 +53,8 @@ class _UNetRegionalAttention:
     blended by the masks on this layer's grid."""
 
     def __init__(self, attn2, regions: tuple[Region, ...], base_ratio: float, window, previous=None):
-        self.attn2, self.regions, self.base_ratio, self.window, self.previous = attn2, regions, base_ratio, window, previous
+        self.attn2, self.regions, self.base_ratio = attn2, regions, base_ratio
+        self.window, self.previous = window, previous
 
     def _attend(self, q, k, v, extra_options):
         if self.previous is not None:
@@ -100,7 +101,8 @@ def _unet_cross_attention_layers(dm) -> dict:
     """``(block, id, index) -> attn2`` for every transformer block of a ComfyUI UNet, keyed as ComfyUI keys
     its ``attn2`` replacements."""
     layers = {}
-    for group, mods in (("input", list(dm.input_blocks)), ("middle", [dm.middle_block]), ("output", list(dm.output_blocks))):
+    groups = (("input", list(dm.input_blocks)), ("middle", [dm.middle_block]), ("output", list(dm.output_blocks)))
+    for group, mods in groups:
         for i, mod in enumerate(mods):
             for sub in mod.modules():
                 if isinstance(sub, comfy_attention.SpatialTransformer):

@@ -77,7 +77,8 @@ def test_held_pixels_keep_the_original_and_changed_pixels_change(sd15):
     mask = torch.zeros(1, 1, 96, 160)
     mask[..., :, 80:] = 1.0
     out, original = img2img(dd(sd15), mask=mask)
-    assert torch.allclose(out[..., :10], original[..., :10], rtol=0, atol=1e-5)  # left half held (1e-5: the last Euler step's rounding)
+    # left half held (1e-5: the last Euler step's rounding)
+    assert torch.allclose(out[..., :10], original[..., :10], rtol=0, atol=1e-5)
     assert (out[..., 10:] - original[..., 10:]).abs().mean() > 0.1
 
 

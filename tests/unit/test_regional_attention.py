@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from preprint.regional.attention import RegionError, as_mask_batch, blend_weights, joint_mask, masks_on_grid, regional_attention
+from preprint.regional.attention import (
+    RegionError,
+    as_mask_batch,
+    blend_weights,
+    joint_mask,
+    masks_on_grid,
+    regional_attention,
+)
 
 
 def test_masks_resample_to_any_grid_by_area_and_broadcast_over_the_batch():
