@@ -110,8 +110,9 @@ STACK_WIDGETS = {"PreprintAdaptiveGuidance": {"threshold": 0.99},
                  "PreprintAdaptiveDiffusionSampler": {"threshold": 0.3}}
 # Relative change (max |difference| / max |latent|) a bypassed technique must make. Noise floor: a technique that
 # is the identity but changes how the batch is laid out (PAG where the attention has one token, the untrained tiny
-# SD1.5 at 64 pixels) moved the latent by 1.5e-7 (float32 reordering); a truly inert one by exactly 0. Smallest real effect on the toy: 0.011 (attention
-# entropy scaling in the RoPE example); the others 0.036 (Adaptive Guidance) to 1.8 (Scheduled CFG).
+# SD1.5 at 64 pixels) moved the latent by 1.5e-7 (float32 reordering); a truly inert one by exactly 0. Smallest
+# real effect on the toy: 0.011 (attention entropy scaling in the RoPE example); the others 0.036 (Adaptive
+# Guidance) to 1.8 (Scheduled CFG).
 STACK_MIN_CHANGE = 1e-5
 
 
