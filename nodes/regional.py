@@ -48,11 +48,34 @@ def _active(to: dict, window: tuple[float, float]) -> bool:
     return sigmas is not None and in_window(float(sigmas.max()), *window)
 
 
+class _RegionSet:
+    """One node's regions, their masks on each token grid and their prompts on each device and dtype, made once
+    and shared by every layer and step (neither changes while sampling)."""
+
+    def __init__(self, regions: tuple[Region, ...]):
+        self.regions = regions
+        self._grids: dict = {}
+        self._contexts: dict = {}
+
+    def masks(self, batch: int, height: int, width: int, device) -> torch.Tensor:
+        """``[N, batch, height * width]`` (see ``masks_on_grid``)."""
+        key = (batch, height, width, device)
+        if key not in self._grids:
+            self._grids[key] = masks_on_grid([r.mask.to(device) for r in self.regions], batch, height, width)
+        return self._grids[key]
+
+    def contexts(self, device, dtype) -> list[torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._contexts:
+            self._contexts[key] = [r.context.to(device=device, dtype=dtype) for r in self.regions]
+        return self._contexts[key]
+
+
 class _UNetRegionalAttention:
     """``attn2`` replacement for one cross-attention layer: per-prompt attention on the positive rows,
     blended by the masks on this layer's grid."""
 
-    def __init__(self, attn2, regions: tuple[Region, ...], base_ratio: float, window, previous=None):
+    def __init__(self, attn2, regions: _RegionSet, base_ratio: float, window, previous=None):
         self.attn2, self.regions, self.base_ratio = attn2, regions, base_ratio
         self.window, self.previous = window, previous
 
@@ -73,15 +96,15 @@ class _UNetRegionalAttention:
         h, w = (int(n) for n in extra_options["activations_shape"][-2:])
         idx = torch.tensor(rows, device=q.device)
         batch = q.shape[0]
+        sel = torch.zeros(batch, 1, 1, dtype=torch.bool, device=q.device)
+        sel[idx] = True
         outs = []
-        for region in self.regions:
+        for context in self.regions.contexts(q.device, q.dtype):
             # projected and attended at the batch's own shapes, so a region prompt equal to the base prompt
             # reproduces the base output bit for bit
-            ctx = region.context.to(device=q.device, dtype=q.dtype).expand(batch, -1, -1)
+            ctx = context.expand(batch, -1, -1)
             kr, vr = self.attn2.to_k(ctx), self.attn2.to_v(ctx)
             if kr.shape == k.shape:
-                sel = torch.zeros(batch, 1, 1, dtype=torch.bool, device=q.device)
-                sel[idx] = True
                 kr, vr = torch.where(sel, kr, k), torch.where(sel, vr, v)
                 qr = q
             else:
@@ -91,7 +114,7 @@ class _UNetRegionalAttention:
                                                     transformer_options=extra_options)
             outs.append(a[idx] if qr is q else a)
         per = q.shape[0] // len(extra_options["cond_or_uncond"])
-        masks = masks_on_grid([r.mask.to(q.device) for r in self.regions], per, h, w)[:, [r % per for r in rows]]
+        masks = self.regions.masks(per, h, w, q.device)[:, [r % per for r in rows]]
         out = base.clone()
         out[idx] = regional_attention(base[idx], outs, masks, self.base_ratio)
         return out
@@ -121,9 +144,43 @@ class _FluxRegional:
 
     REQUIRED = ("x", "context", "transformer_options")
 
-    def __init__(self, regions: tuple[Region, ...], base_ratio: float, window):
+    def __init__(self, regions: _RegionSet, base_ratio: float, window):
         self.regions, self.base_ratio, self.window = regions, base_ratio, window
         self._signature: tuple[object, inspect.Signature, str | None] | None = None
+        self._built: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # last batch layout's text, mask
+
+    def _text_and_mask(self, cou: tuple, batch: int, grid: tuple[int, int], n_ref: int, context: torch.Tensor,
+                       dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens appended to each row's text ``[batch, extra, D]`` and the joint attention mask
+        ``[batch, L, L]`` for one batch layout; the same every step, so built once per layout."""
+        key = (cou, batch, grid, n_ref, int(context.shape[1]), context.dtype, dtype, device)
+        if self._built is not None and self._built[0] == key:
+            return self._built[1]
+        contexts = self.regions.contexts(context.device, context.dtype)
+        lengths = [int(context.shape[1])] + [int(c.shape[1]) for c in contexts]
+        extra_len = sum(lengths[1:])
+        rows = set(_positive_rows({"cond_or_uncond": list(cou)}, batch))
+        chunk = batch // len(cou or [1])
+        per_image = self.regions.masks(chunk, *grid, device)
+        if n_ref:  # Kontext reference tokens: image no region covers
+            per_image = torch.cat([per_image, per_image.new_zeros(*per_image.shape[:2], n_ref)], dim=2)
+        regional = joint_mask(lengths, per_image, self.base_ratio, dtype=dtype).to(device)
+        total = regional.shape[-1]
+        region_text = torch.cat([c[0] for c in contexts])
+        padding = torch.where(torch.eye(extra_len, dtype=torch.bool, device=device), 0.0, float("-inf")).to(dtype)
+        pad = slice(lengths[0], lengths[0] + extra_len)
+        mask = torch.zeros(batch, total, total, dtype=dtype, device=device)
+        pieces = []
+        for b in range(batch):
+            if b in rows:
+                pieces.append(region_text)
+                mask[b] = regional[b % chunk]
+            else:  # other rows: the appended tokens are padding nobody sees
+                pieces.append(torch.zeros_like(region_text))
+                mask[b, :, pad] = float("-inf")
+                mask[b, pad, pad] = padding
+        self._built = (key, (torch.stack(pieces), mask))
+        return self._built[1]
 
     def _bind(self, executor, args, kwargs) -> tuple[inspect.BoundArguments, str | None]:
         fn = getattr(executor.original, "__func__", executor.original)
@@ -151,37 +208,14 @@ class _FluxRegional:
             raise RegionError(f"{NODE}: the conditioning already carries a Flux attention mask; regional prompting "
                               "builds its own. Remove the other mask (or this node).")
         x, context, ref_latents = a["x"], a["context"], a.get("ref_latents")
-        batch = x.shape[0]
-        rows = _positive_rows(to, batch)
         patch = int(getattr(executor.class_obj, "patch_size", 2))  # 2 on Flux.1; newer Flux.2 layouts use 1
-        gh, gw = -(-x.shape[-2] // patch), -(-x.shape[-1] // patch)
-        n_img = gh * gw
+        grid = (-(-x.shape[-2] // patch), -(-x.shape[-1] // patch))
         n_ref = sum(-(-r.shape[-2] // patch) * -(-r.shape[-1] // patch) for r in (ref_latents or []))
-        lengths = [int(context.shape[1])] + [int(r.context.shape[1]) for r in self.regions]
-        extra_len = sum(lengths[1:])
-        dtype = x.dtype
-        chunk = batch // len(to.get("cond_or_uncond") or [1])
-        per_image = masks_on_grid([r.mask.to(x.device) for r in self.regions], chunk, gh, gw)
-        if n_ref:
-            per_image = torch.cat([per_image, per_image.new_zeros(*per_image.shape[:2], n_ref)], dim=2)
-        total = sum(lengths) + n_img + n_ref
-        mask = torch.zeros(batch, total, total, dtype=dtype, device=x.device)
-        pieces = []
-        row_set = set(rows)
-        regional = joint_mask(lengths, per_image, self.base_ratio, dtype=dtype).to(x.device)
-        for b in range(batch):
-            if b in row_set:
-                pieces.append(torch.cat([r.context[0].to(context.device, context.dtype) for r in self.regions]))
-                mask[b] = regional[b % chunk]
-            else:  # other rows: the appended tokens are padding nobody sees
-                pieces.append(context.new_zeros(extra_len, context.shape[2]))
-                pad = slice(lengths[0], lengths[0] + extra_len)
-                mask[b, :, pad] = float("-inf")
-                mask[b, pad, pad] = torch.where(torch.eye(extra_len, dtype=torch.bool, device=x.device), 0.0,
-                                                float("-inf")).to(dtype)
+        text, mask = self._text_and_mask(tuple(to.get("cond_or_uncond") or ()), x.shape[0], grid, n_ref, context,
+                                         x.dtype, x.device)
         # Text positions: zeros on Flux.1 in every release; where a newer config names txt_ids_dims (Flux.2 layouts)
         # _forward numbers the text 0..L-1 along those axes, so the region tokens simply continue the base prompt.
-        a["context"] = torch.cat([context, torch.stack(pieces)], dim=1)
+        a["context"] = torch.cat([context, text], dim=1)
         if "attention_mask" in bound.signature.parameters:
             a["attention_mask"] = mask
         else:
@@ -286,9 +320,10 @@ class PreprintRegionalPrompting(io.ComfyNode):
                     raise RegionError(f"{NODE}: region {i + 1}'s prompt has {r.context.shape[-1]} features but this "
                                       f"UNet's cross-attention takes {width}; encode it with this model's CLIP.")
             replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+            shared = _RegionSet(tuple(regions))
             for key, attn2 in layers.items():
                 prev = replaces.get(key, replaces.get(key[:2]))
-                m.set_model_attn2_replace(_UNetRegionalAttention(attn2, tuple(regions), base_ratio, window, prev), *key)
+                m.set_model_attn2_replace(_UNetRegionalAttention(attn2, shared, base_ratio, window, prev), *key)
         elif type(dm) is comfy.ldm.flux.model.Flux:
             width = int(dm.txt_in.in_features)
             for i, r in enumerate(regions):
@@ -296,7 +331,8 @@ class PreprintRegionalPrompting(io.ComfyNode):
                     raise RegionError(f"{NODE}: region {i + 1}'s prompt has {r.context.shape[-1]} features but this "
                                       f"Flux takes {width}; encode it with this model's CLIP.")
             m.remove_wrappers_with_key(WMP.DIFFUSION_MODEL, KEY)
-            m.add_wrapper_with_key(WMP.DIFFUSION_MODEL, KEY, _FluxRegional(tuple(regions), base_ratio, window))
+            wrapper = _FluxRegional(_RegionSet(tuple(regions)), base_ratio, window)
+            m.add_wrapper_with_key(WMP.DIFFUSION_MODEL, KEY, wrapper)
         else:
             raise RegionError(f"{NODE}: this model's diffusion network is a {type(dm).__name__}; regional prompting "
                               "supports UNets (SD1.x, SD2.x, SDXL) and Flux. For SD3 and other DiTs it is not built "

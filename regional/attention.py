@@ -43,7 +43,6 @@ class Region:
 
     context: torch.Tensor
     mask: torch.Tensor
-    strength: float = 1.0
 
 
 def as_mask_batch(mask: torch.Tensor) -> torch.Tensor:
@@ -70,13 +69,11 @@ def masks_on_grid(masks: list[torch.Tensor], batch: int, height: int, width: int
     return torch.stack(out)
 
 
-def blend_weights(masks: torch.Tensor, strengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def blend_weights(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position weights of each region's attention output and of the base prompt's.
 
     ``masks`` ``[N, ..., L]``; returns (region weights ``[N, ..., L]``, base weight ``[..., L]``) with
     ``sum + base == 1`` everywhere: overlapping regions share by mask value, uncovered area goes to the base."""
-    if strengths is not None:
-        masks = masks * strengths.view(-1, *([1] * (masks.ndim - 1)))
     cover = masks.sum(dim=0)
     region = masks / cover.clamp_min(1.0)
     base = (1.0 - cover).clamp_min(0.0)
@@ -84,14 +81,14 @@ def blend_weights(masks: torch.Tensor, strengths: torch.Tensor | None = None) ->
 
 
 def regional_attention(base_out: torch.Tensor, region_outs: list[torch.Tensor], masks: torch.Tensor,
-                       base_ratio: float, strengths: torch.Tensor | None = None) -> torch.Tensor:
+                       base_ratio: float) -> torch.Tensor:
     """Blend per-prompt cross-attention outputs ``[B, L, C]`` by masks ``[N, B, L]``.
 
     Exact off-switches: where the regional blend equals the base output the result is the base output
     bitwise; ``base_ratio == 1`` returns the base output unchanged."""
     if base_ratio >= 1.0 or not region_outs:
         return base_out
-    region_w, base_w = blend_weights(masks.to(base_out.dtype), strengths)
+    region_w, base_w = blend_weights(masks.to(base_out.dtype))
     mixed = base_w.unsqueeze(-1) * base_out
     for w, out in zip(region_w, region_outs, strict=True):
         mixed = mixed + w.unsqueeze(-1) * out
