@@ -51,9 +51,10 @@ class CondOnly:
 
 def bench(kind: str, scale: float, mixture: str) -> list[dict]:
     from preprint.guidance.adaptive_guidance import AdaptiveGuidanceDenoiser
-    from preprint.guidance.cfg_schedule import GuidanceInterval, ScheduledCFGDenoiser, ScheduledGuidance
+    from preprint.guidance.cfg_schedule import ScheduledCFGDenoiser, ScheduledGuidance
     from preprint.samplers.dpm_solver_pp import sample_dpmpp_multistep
     from preprint.tests.unit.conftest import Problem
+    from preprint.utils.sigma_window import SigmaWindow
 
     std_range = MIXTURES[mixture]
     problem = Problem(kind, scale, std_range=std_range)
@@ -77,9 +78,9 @@ def bench(kind: str, scale: float, mixture: str) -> list[dict]:
                  AdaptiveGuidanceDenoiser(base.cond, base.uncond, scale, thr, kind, crit))
                 for crit in CRITERIA for thr in THRESHOLDS]
     # intervals by step position: no guidance on the first quarter, on the last quarter, or outside the middle half
-    methods += [(f"interval sigma <= {q1:.3g}", scheduled(GuidanceInterval(q1, -1.0))),
-                (f"interval sigma >= {q3:.3g}", scheduled(GuidanceInterval(-1.0, q3))),
-                (f"interval [{q3:.3g}, {q1:.3g}]", scheduled(GuidanceInterval(q1, q3))),
+    methods += [(f"interval sigma <= {q1:.3g}", scheduled(SigmaWindow(q1, -1.0))),
+                (f"interval sigma >= {q3:.3g}", scheduled(SigmaWindow(-1.0, q3))),
+                (f"interval [{q3:.3g}, {q1:.3g}]", scheduled(SigmaWindow(q1, q3))),
                 ("conditional only (no guidance)", CondOnly(base))]
     rows = []
     for method, den in methods:

@@ -30,37 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.sigma_window import ScheduleError, SigmaWindow
+
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine", "power", "custom")
-
-
-class ScheduleError(ValueError):
-    """A schedule that cannot be used; the message says what is wrong and how to fix it."""
-
-
-@dataclass(frozen=True)
-class GuidanceInterval:
-    """Guidance is on for ``sigma_end <= sigma <= sigma_start``; a negative bound means "no limit"."""
-
-    sigma_start: float = -1.0
-    sigma_end: float = -1.0
-
-    def __post_init__(self) -> None:
-        for name in ("sigma_start", "sigma_end"):
-            if math.isnan(getattr(self, name)):
-                raise ScheduleError(f"guidance interval: {name} is NaN; use a sigma value or -1 for no limit.")
-        if self.sigma_start >= 0 and self.sigma_end >= 0 and self.sigma_start < self.sigma_end:
-            raise ScheduleError(
-                f"guidance interval: sigma_start ({self.sigma_start}) is below sigma_end ({self.sigma_end}), so "
-                "the interval would start after it ends (sampling runs from high to low sigma). Swap the two "
-                "values, or set either to -1 for no limit."
-            )
-
-    def contains(self, sigma: float) -> bool:
-        if self.sigma_start >= 0 and sigma > self.sigma_start:
-            return False
-        if self.sigma_end >= 0 and sigma < self.sigma_end:
-            return False
-        return True
 
 
 def parse_scale_list(text: str) -> tuple[float, ...]:
@@ -200,7 +172,7 @@ class ScheduledGuidance:
     """Scale schedule plus interval: what a run needs at each evaluation."""
 
     schedule: ScaleSchedule = ScaleSchedule()
-    interval: GuidanceInterval = GuidanceInterval()
+    interval: SigmaWindow = SigmaWindow()
 
     def active(self, sigma: float) -> bool:
         return self.interval.contains(sigma)

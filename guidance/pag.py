@@ -24,35 +24,24 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.sigma_window import SigmaWindow
+
 
 @dataclass(frozen=True)
 class GuidanceSchedule:
-    """When and how strongly to guide. A negative ``sigma_start`` / ``sigma_end`` means "no limit"."""
+    """When and how strongly to guide."""
 
     scale: float = 3.0
     adaptive_scale: float = 0.0
-    sigma_start: float = -1.0
-    sigma_end: float = -1.0
+    window: SigmaWindow = SigmaWindow()
 
     def __post_init__(self) -> None:
-        if self.sigma_start >= 0 and self.sigma_end >= 0 and self.sigma_start < self.sigma_end:
-            raise ValueError(
-                f"sigma_start ({self.sigma_start}) is below sigma_end ({self.sigma_end}): sampling runs from high "
-                "to low sigma, so guidance would never be active. Swap them, or set either to -1 for no limit."
-            )
         if self.adaptive_scale < 0:
             raise ValueError(f"adaptive_scale must be >= 0, got {self.adaptive_scale}")
 
-    def in_interval(self, sigma: float) -> bool:
-        if self.sigma_start >= 0 and sigma > self.sigma_start:
-            return False
-        if self.sigma_end >= 0 and sigma < self.sigma_end:
-            return False
-        return True
-
     def scale_at(self, sigma: float, timestep: float) -> float:
         """``s_t`` at this step (0 means: skip the perturbed pass entirely)."""
-        if not self.in_interval(sigma):
+        if sigma not in self.window:
             return 0.0
         return adaptive_pag_scale(self.scale, self.adaptive_scale, timestep)
 

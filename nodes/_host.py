@@ -7,11 +7,14 @@ import logging
 from collections.abc import Callable
 
 import comfy.k_diffusion.sampling as k_sampling
+import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_patcher
 import comfy.model_sampling
+import comfy.patcher_extension as pe
 import comfy.samplers
 
 from ..guidance.cads import content_key
+from ..guidance.pag_runtime import Host
 from ..utils.noise_schedule import Parameterisation
 
 log = logging.getLogger("preprint")
@@ -25,6 +28,21 @@ def validation_message(node: str, check: Callable[[], object]) -> bool | str:
     except ValueError as e:
         return f"{node}: {e}"
     return True
+
+
+def install_hooks(model, key: str, wrappers: dict, pre_cfg: Callable | None = None,
+                  post_cfg: Callable | None = None) -> None:
+    """Install keyed wrappers (``{WrappersMP kind: fn}``) and pre- / post-CFG functions on a cloned patcher,
+    replacing those an earlier node installed under the same ``key`` (so two such nodes do not apply twice) and
+    keeping everything else, in order."""
+    for kind, fn in wrappers.items():
+        model.remove_wrappers_with_key(kind, key)
+        model.add_wrapper_with_key(kind, key, fn)
+    for slot, fn in (("sampler_pre_cfg_function", pre_cfg), ("sampler_post_cfg_function", post_cfg)):
+        if fn is not None:
+            fn.preprint_key = key
+            kept = [f for f in model.model_options.get(slot, []) if getattr(f, "preprint_key", None) != key]
+            model.model_options[slot] = [*kept, fn]
 
 
 class RunState:
@@ -52,6 +70,25 @@ class RunState:
 
     def finished(self, run) -> None:
         """Called once the sampling call returned (or failed)."""
+
+
+def _is_flow(model_sampling) -> bool:
+    return parameterisation_of(model_sampling) == "flow"
+
+
+def _attention(q, k, v, heads, attn_precision=None, transformer_options=None):
+    # looked up at call time: ComfyUI picks its attention implementation at start-up
+    return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=attn_precision,
+                                               transformer_options=transformer_options)
+
+
+def _calc_cond_batch(model, conds, x, sigma, model_options):
+    return comfy.samplers.calc_cond_batch(model, conds, x, sigma, model_options)
+
+
+# ComfyUI's functions as the perturbed-attention engine (guidance/pag_runtime.py) calls them
+HOST = Host(attention=_attention, calc_cond_batch=_calc_cond_batch, is_flow=_is_flow,
+            apply_model=pe.WrappersMP.APPLY_MODEL)
 
 
 def model_sampling_of(model_k) -> object:

@@ -47,7 +47,6 @@ from ..guidance.adaptive_guidance import DEFAULT_THRESHOLD as ADAPTIVE_DEFAULT_T
 from ..guidance.adaptive_guidance import AdaptiveGuidanceState
 from ..guidance.cfg_schedule import (
     SCHEDULES,
-    GuidanceInterval,
     ScaleSchedule,
     ScheduledGuidance,
     noise_level,
@@ -55,6 +54,7 @@ from ..guidance.cfg_schedule import (
     retarget,
     step_index,
 )
+from ..utils.sigma_window import SigmaWindow
 from ._host import parameterisation_of, validation_message
 
 log = logging.getLogger("preprint")
@@ -419,7 +419,7 @@ class PreprintScheduledCFG(io.ComfyNode):
         """Checked by ComfyUI before anything is queued, so the editor marks the node."""
         def check() -> None:
             if sigma_start is not None and sigma_end is not None:
-                GuidanceInterval(sigma_start, sigma_end)
+                SigmaWindow(sigma_start, sigma_end)
             if schedule == "custom" and custom_scales is not None:
                 if not parse_scale_list(custom_scales):
                     raise ValueError("schedule 'custom' needs custom_scales: one CFG scale per sampler step, "
@@ -431,7 +431,7 @@ class PreprintScheduledCFG(io.ComfyNode):
                 sigma_start: float, sigma_end: float) -> io.NodeOutput:
         custom = parse_scale_list(custom_scales) if schedule == "custom" else ()
         guidance = ScheduledGuidance(ScaleSchedule(schedule, cfg_start, cfg_end, exponent, custom),
-                                     GuidanceInterval(sigma_start, sigma_end))
+                                     SigmaWindow(sigma_start, sigma_end))
         keep_uncond = bool(model.model_options.get("disable_cfg1_optimization", False))
         tech = _ScheduledCFG("Scheduled CFG", guidance, skip_at_one=not keep_uncond)
         return io.NodeOutput(_with_technique(model, "scheduled_cfg", tech, disable_cfg1=True))

@@ -22,9 +22,9 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
-from ..caching.clock import in_window
 from ..guidance.pag_runtime import rows_of
 from ..regional.attention import Region, RegionError, as_mask_batch, joint_mask, masks_on_grid, regional_attention
+from ..utils.sigma_window import SigmaWindow, check_percents
 from ._host import validation_message
 
 CATEGORY = "Preprint/regional"
@@ -43,9 +43,9 @@ def _positive_rows(to: dict, batch: int) -> list[int]:
     return rows_of([j for j, c in enumerate(cou) if c != NEGATIVE], batch, len(cou))
 
 
-def _active(to: dict, window: tuple[float, float]) -> bool:
+def _active(to: dict, window: SigmaWindow) -> bool:
     sigmas = to.get("sigmas")
-    return sigmas is not None and in_window(float(sigmas.max()), *window)
+    return sigmas is not None and float(sigmas.max()) in window
 
 
 class _RegionSet:
@@ -296,18 +296,14 @@ class PreprintRegionalPrompting(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, start_percent=None, end_percent=None, **_) -> bool | str:
-        def check():
-            if start_percent is not None and end_percent is not None and start_percent > end_percent:
-                raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}); "
-                                 "swap them (sampling runs from 0 to 1).")
-        return validation_message(NODE, check)
+        return validation_message(NODE, lambda: check_percents(start_percent, end_percent))
 
     @classmethod
     def execute(cls, model, regions, base_ratio: float, start_percent: float, end_percent: float) -> io.NodeOutput:
         if not regions:
             raise RegionError(f"{NODE}: no regions; connect at least one Region (Preprint) node.")
         ms = model.get_model_object("model_sampling")
-        window = (float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent)))
+        window = SigmaWindow.from_percents(ms.percent_to_sigma, start_percent, end_percent)
         dm = model.get_model_object("diffusion_model")
         m = model.clone()
         if isinstance(dm, UNetModel):

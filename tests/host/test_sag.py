@@ -37,9 +37,10 @@ def unets(sd15):
 @pytest.fixture
 def masks(monkeypatch):
     """The masks SAG builds from the attention map, as the node computes them: its own ``attention_mask``
-    (looked up in the maths module the node module imported, under ComfyUI's module name for the pack) wrapped
+    (looked up in the maths module the run engine imported, under ComfyUI's module name for the pack) wrapped
     to record every result. Nothing about the mask is changed."""
-    sag_math = sys.modules[node_class("PreprintSelfAttentionGuidance").__module__].sag_math
+    pack = node_class("PreprintSelfAttentionGuidance").__module__.rsplit(".", 2)[0]
+    sag_math = sys.modules[f"{pack}.guidance.pag_runtime"].sag_math
     real, seen = sag_math.attention_mask, []
 
     def record(*args, **kwargs):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from preprint.guidance.cfg_schedule import (
-    GuidanceInterval,
     ScaleSchedule,
     ScheduledCFGDenoiser,
     ScheduledGuidance,
@@ -20,6 +19,7 @@ from preprint.guidance.cfg_schedule import (
     step_index,
 )
 from preprint.samplers.dpm_solver_pp import sample_dpmpp_multistep
+from preprint.utils.sigma_window import SigmaWindow
 
 from .conftest import get_problem
 
@@ -59,7 +59,7 @@ def test_interval_skips_uncond_and_matches_cond_only_outside():
     base = get_problem("eps", cfg=1.0)
     steps = 10
     sigmas = plain.sigmas(steps)
-    interval = GuidanceInterval(sigma_start=5.0, sigma_end=0.3)
+    interval = SigmaWindow(sigma_start=5.0, sigma_end=0.3)
     inside = [interval.contains(float(s)) for s in sigmas[:-1]]
     den = ScheduledCFGDenoiser(base.model.cond, base.model.uncond, ScheduledGuidance(interval=interval), 7.5, sigmas,
                                t_of("eps"))
@@ -83,7 +83,7 @@ def test_interval_error_is_between_cond_only_and_cfg():
     sigmas = plain.sigmas(steps)
     ref = plain.reference(sigmas)
     den = ScheduledCFGDenoiser(base.model.cond, base.model.uncond,
-                               ScheduledGuidance(interval=GuidanceInterval(3.0, 0.2)), 5.0, sigmas, t_of("eps"))
+                               ScheduledGuidance(interval=SigmaWindow(3.0, 0.2)), 5.0, sigmas, t_of("eps"))
     err_interval = float((run(plain, den, steps) - ref).pow(2).mean().sqrt())
     err_cond = float((run(plain, base.model.cond, steps) - ref).pow(2).mean().sqrt())
     err_cfg = float((run(plain, plain.model, steps) - ref).pow(2).mean().sqrt())
@@ -132,7 +132,7 @@ def test_step_index():
 
 def test_bad_input_gives_clear_errors():
     with pytest.raises(ScheduleError, match="start after it ends"):
-        GuidanceInterval(sigma_start=1.0, sigma_end=2.0)
+        SigmaWindow(sigma_start=1.0, sigma_end=2.0)
     with pytest.raises(ScheduleError, match="has 3 values but this run has 5 steps"):
         ScaleSchedule("custom", custom=(1.0, 2.0, 3.0)).check_steps(5)
     with pytest.raises(ScheduleError, match="list is empty"):

@@ -33,6 +33,7 @@ from preprint.guidance.pag import (
 from preprint.guidance.pag_layers import AttentionLayout, BlockInfo, LayerSpecError, default_spec, parse_and_resolve
 from preprint.guidance.pag_runtime import chunks_of, perturbed_uuid, rows_of
 from preprint.utils.gaussian_mixture import GaussianMixture
+from preprint.utils.sigma_window import SigmaWindow
 
 from .conftest import get_problem
 
@@ -112,11 +113,11 @@ def test_adaptive_scale_and_interval():
     assert adaptive_pag_scale(3.0, 0.0, 12.0) == 3.0
     assert adaptive_pag_scale(3.0, 0.01, 999.0) == pytest.approx(2.99)
     assert adaptive_pag_scale(3.0, 0.01, 500.0) == 0.0
-    sched = GuidanceSchedule(3.0, 0.0, sigma_start=5.0, sigma_end=1.0)
+    sched = GuidanceSchedule(3.0, 0.0, SigmaWindow(sigma_start=5.0, sigma_end=1.0))
     assert [sched.scale_at(s, 0) for s in (6.0, 5.0, 2.0, 1.0, 0.5)] == [0.0, 3.0, 3.0, 3.0, 0.0]
     assert GuidanceSchedule(3.0).scale_at(1e4, 999) == 3.0
     with pytest.raises(ValueError, match="below sigma_end"):
-        GuidanceSchedule(3.0, sigma_start=1.0, sigma_end=2.0)
+        GuidanceSchedule(3.0, window=SigmaWindow(sigma_start=1.0, sigma_end=2.0))
 
 
 # ------------------------------------------------------------------------------------------ attention
