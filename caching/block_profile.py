@@ -24,6 +24,7 @@ import bisect
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +32,23 @@ import torch
 
 FORMAT = "preprint-block-cache-profile"
 VERSION = 1
+# profiles are chosen by name in a text widget: a plain name keeps the file inside the profile folder
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.\- ]{1,120}$")
 
 
 class ProfileError(ValueError):
     """A profile that cannot be used here (wrong model, malformed, missing)."""
+
+
+def profile_file_name(name: str) -> str:
+    """The file name (NAME.json) a profile name stands for; ProfileError for anything but a plain name."""
+    name = name.strip()
+    if name.endswith(".json"):
+        name = name[:-5]
+    if not _PLAIN_NAME.match(name) or name.startswith("."):
+        raise ProfileError(f"profile name {name!r} is not a plain file name; use letters, digits, spaces, '-', '_' "
+                           "or '.', without folders.")
+    return f"{name}.json"
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:

@@ -66,7 +66,3 @@ class StepClock:
         """Position as a fraction of the run, 0 at the first step and 1 at the end."""
         return self.position(sigma) / self.steps
 
-
-def in_window(sigma: float, sigma_start: float, sigma_end: float) -> bool:
-    """True when sigma lies in the active window [sigma_end, sigma_start] (both inclusive)."""
-    return sigma_end <= sigma <= sigma_start

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..utils.sigma_window import SigmaWindow
 from .block_profile import relative_l1_change
 from .clock import StepClock
 from .extrapolation import History
@@ -69,7 +70,7 @@ class DiTCacheRun:
     name = "DiT block cache"
 
     def __init__(self, sample_sigmas, block_keys: list[BlockKey], threshold: float, order: int = 2,
-                 max_skips: int = 3, sigma_start: float = float("inf"), sigma_end: float = 0.0):
+                 max_skips: int = 3, window: SigmaWindow = SigmaWindow()):
         if not block_keys:
             raise ValueError("the model has no transformer blocks to cache")
         if threshold < 0:
@@ -80,7 +81,7 @@ class DiTCacheRun:
         self.block_keys = list(block_keys)
         self.first = self.block_keys[0]
         self.threshold, self.order, self.max_skips = threshold, order, max_skips
-        self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.window = window
         self.history: dict[tuple[BlockKey, str, ChunkKey], History] = {}
         self.history_tag: dict[tuple[BlockKey, str, ChunkKey], Hashable] = {}
         self.none_streams: dict[BlockKey, set[str]] = {}
@@ -148,7 +149,7 @@ class DiTCacheRun:
         after = flat_streams(out)
         residuals = {n: split_chunks(after[n] - before[n], len(call.keys)) for n in img
                      if n in after and after[n].shape == before[n].shape}
-        active = self.sigma_end <= sigma <= self.sigma_start
+        active = sigma in self.window
         with self.lock:
             self._record(call, self.first, before, out)
             skip = active and ready and len(residuals) == len(img)

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
 import torch
 
+from ..utils.sigma_window import SigmaWindow
 from .block_profile import Calibrator, Profile, block_key, relative_l1_change
-from .clock import StepClock, in_window
+from .clock import StepClock
 from .schedules import faster_diffusion_keys, refresh_steps
 from .store import OTHER, SAME, ChunkKey, ChunkStore, ReferenceInputs, chunk_keys, split_chunks
 from .unet_runner import REUSE, RUN, SKIP, BlockCounts, BlockName, block_names
@@ -40,17 +40,6 @@ log = logging.getLogger("preprint.caching")
 def _tag(x: torch.Tensor, n_chunks: int) -> tuple:
     # what a cached entry was made for: per-chunk input shape, dtype, device
     return (x.shape[0] // n_chunks, *x.shape[1:]), x.dtype, x.device
-
-
-@dataclass(frozen=True)
-class Window:
-    """Sigma range in which a policy may reuse features (outside it every block runs)."""
-
-    sigma_start: float = float("inf")
-    sigma_end: float = 0.0
-
-    def __contains__(self, sigma: float) -> bool:
-        return in_window(sigma, self.sigma_start, self.sigma_end)
 
 
 class _Plan:
@@ -84,7 +73,7 @@ class UNetCacheRun:
 
     name = "cache"
 
-    def __init__(self, unet: torch.nn.Module, sample_sigmas, window: Window = Window()):
+    def __init__(self, unet: torch.nn.Module, sample_sigmas, window: SigmaWindow = SigmaWindow()):
         self.clock = StepClock(sample_sigmas)
         self.window = window
         self.names = block_names(unet)
@@ -173,7 +162,7 @@ class _KeyStepRun(UNetCacheRun):
     cached_blocks: list[BlockName]
     reuse_actions: dict[BlockName, str]
 
-    def __init__(self, unet, sample_sigmas, window: Window = Window()):
+    def __init__(self, unet, sample_sigmas, window: SigmaWindow = SigmaWindow()):
         super().__init__(unet, sample_sigmas, window)
         self.references = ReferenceInputs()
 
@@ -205,7 +194,7 @@ class DeepCacheRun(_KeyStepRun):
     name = "DeepCache"
 
     def __init__(self, unet, sample_sigmas, interval: int, branch: int, schedule: str = "uniform",
-                 window: Window = Window(), center: float = 0.3, power: float = 1.4):
+                 window: SigmaWindow = SigmaWindow(), center: float = 0.3, power: float = 1.4):
         super().__init__(unet, sample_sigmas, window)
         if self.n_in != self.n_out:
             raise ValueError(f"DeepCache needs mirrored input/output blocks; this UNet has {self.n_in} input and "
@@ -216,24 +205,19 @@ class DeepCacheRun(_KeyStepRun):
         self.branch = branch
         self.refresh = refresh_steps(schedule, self.clock.steps, interval, center, power)
         self.cache_name: BlockName = ("output", self.n_out - 2 - branch)
-        self.shallow_actions: dict[BlockName, str] = {}
-        for i in range(branch + 1, self.n_in):
-            self.shallow_actions[("input", i)] = SKIP
-        self.shallow_actions[("middle", 0)] = SKIP
-        for j in range(self.n_out - 2 - branch):
-            self.shallow_actions[("output", j)] = SKIP
-        self.shallow_actions[self.cache_name] = REUSE
+        # the deep branch below the cached feature: not run between refreshes
+        deep = ([("input", i) for i in range(branch + 1, self.n_in)] + [("middle", 0)]
+                + [("output", j) for j in range(self.n_out - 2 - branch)])
+        self.reuse_actions = {**dict.fromkeys(deep, SKIP), self.cache_name: REUSE}
         self.cached_blocks = [self.cache_name]
-        self.reuse_actions = self.shallow_actions
         # nothing is ever reused: leave the model alone (bitwise identical, no overhead)
         self.inert = len(self.refresh) >= self.clock.steps
-
 
 
 class EncoderPropagationRun(_KeyStepRun):
     name = "Encoder propagation"
 
-    def __init__(self, unet, sample_sigmas, interval: int | None = None, window: Window = Window()):
+    def __init__(self, unet, sample_sigmas, interval: int | None = None, window: SigmaWindow = SigmaWindow()):
         super().__init__(unet, sample_sigmas, window)
         self.refresh = faster_diffusion_keys(self.clock.steps, interval)
         # input block 0 is the stem convolution on the noisy latent: it is nearly free and carries the current
@@ -241,7 +225,6 @@ class EncoderPropagationRun(_KeyStepRun):
         self.cached_blocks = [("input", i) for i in range(1, self.n_in)] + [("middle", 0)]
         self.reuse_actions = dict.fromkeys(self.cached_blocks, REUSE)
         self.inert = len(self.refresh) >= self.clock.steps
-
 
 
 class _BlockCachePlan:
@@ -302,7 +285,7 @@ class BlockCacheRun(UNetCacheRun):
     name = "Block Caching"
 
     def __init__(self, unet, sample_sigmas, mode: str, threshold: float, profile: Profile | None = None,
-                 window: Window = Window()):
+                 window: SigmaWindow = SigmaWindow()):
         super().__init__(unet, sample_sigmas, window)
         if mode not in ("online", "profile", "calibrate"):
             raise ValueError(f"unknown block-cache mode {mode!r}")

@@ -114,7 +114,11 @@ def _take_control(control: dict | None, name: str) -> torch.Tensor | None:
 def _add_control(h: torch.Tensor, ctrl: torch.Tensor | None) -> torch.Tensor:
     if ctrl is None:
         return h
-    if h.shape != ctrl.shape and torch.broadcast_shapes(h.shape, ctrl.shape) != h.shape:
+    try:
+        fits = torch.broadcast_shapes(h.shape, ctrl.shape) == h.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
         return h  # stock forward logs a warning and leaves h unchanged
     # out of place: h may be a cached tensor (same values as the stock in-place add)
     return h + ctrl
@@ -130,10 +134,8 @@ def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable
     patches = to.get("patches", {})
 
     num_video_frames = kwargs.get("num_video_frames", getattr(unet, "default_num_video_frames", None))
-    image_only_indicator = kwargs.get("image_only_indicator", None)
-    time_context = kwargs.get("time_context", None)
-    extra = {"time_context": time_context, "num_video_frames": num_video_frames,
-             "image_only_indicator": image_only_indicator}
+    extra = {"time_context": kwargs.get("time_context"), "num_video_frames": num_video_frames,
+             "image_only_indicator": kwargs.get("image_only_indicator")}
 
     if (y is not None) != (unet.num_classes is not None):
         raise ValueError("must specify y if and only if the model is class-conditional")
@@ -144,13 +146,24 @@ def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable
     if unet.num_classes is not None:
         emb = emb + unet.label_emb(y)
 
-    def note(name: BlockName, ran: bool) -> None:
+    def compute(name: BlockName, module: torch.nn.Module, h: torch.Tensor | None, *args) -> torch.Tensor:
+        if h is None:
+            raise RuntimeError(f"cache plan runs block {name} but skipped a block it depends on")
+        out = module(h, emb, context, to, *args, **extra)
+        plan.computed(name, out)
         if counts is not None:
-            counts.add(name, ran)
+            counts.add(name, True)
+        return out
 
-    def advance(module: torch.nn.Module) -> None:
-        if "transformer_index" in to:
-            to["transformer_index"] += _transformers_in(module)
+    def bypass(name: BlockName, module: torch.nn.Module, act: str) -> torch.Tensor | None:
+        """The cached output of a reused block, None for a skipped one."""
+        out = plan.cached(name) if act == REUSE else None
+        # attention patches read the index of the transformer they run in: count the ones not run, as the
+        # stock forward would have
+        to["transformer_index"] += _transformers_in(module)
+        if counts is not None:
+            counts.add(name, False)
+        return out
 
     hs: list[torch.Tensor | None] = []
     h: torch.Tensor | None = x
@@ -158,22 +171,11 @@ def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable
         name = ("input", i)
         to["block"] = name
         act = plan.action(name)
-        if act == SKIP:
-            _take_control(control, "input")
-            advance(module)
-            note(name, False)
-            hs.append(None)
-            h = None
-            continue
-        if act == REUSE:
-            h = plan.cached(name)
-            advance(module)
-            note(name, False)
-        else:
-            h = module(h, emb, context, to, **extra)
-            plan.computed(name, h)
-            note(name, True)
+        h = compute(name, module, h) if act == RUN else bypass(name, module, act)
         ctrl = _take_control(control, "input")
+        if h is None:
+            hs.append(None)
+            continue
         h = _add_control(h, ctrl)
         for p in patches.get("input_block_patch", []):
             h = p(h, to)
@@ -185,18 +187,7 @@ def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable
     if unet.middle_block is not None:
         name = ("middle", 0)
         act = plan.action(name)
-        if act == SKIP:
-            advance(unet.middle_block)
-            note(name, False)
-            h = None
-        elif act == REUSE:
-            h = plan.cached(name)
-            advance(unet.middle_block)
-            note(name, False)
-        else:
-            h = unet.middle_block(h, emb, context, to, **extra)
-            plan.computed(name, h)
-            note(name, True)
+        h = compute(name, unet.middle_block, h) if act == RUN else bypass(name, unet.middle_block, act)
     ctrl = _take_control(control, "middle")
     if h is not None:  # a skipped middle block's output is not needed, nor the hooks on it
         h = _add_control(h, ctrl)
@@ -207,19 +198,13 @@ def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable
     for j, module in enumerate(unet.output_blocks):
         name = ("output", j)
         to["block"] = name
+        # the skip feature and the ControlNet residual are taken on every path, so later blocks get their own
         hsp = hs.pop()
         ctrl = _take_control(control, "output")
         act = plan.action(name)
-        if act == SKIP:
-            advance(module)
-            note(name, False)
-            h = None
-            continue
-        if act == REUSE:
-            # The block's output replaces h; its skip input is not needed (patches on it would be lost).
-            h = plan.cached(name)
-            advance(module)
-            note(name, False)
+        if act != RUN:
+            # a reused block's output replaces h; its skip input is not needed (patches on it would be lost)
+            h = bypass(name, module, act)
             continue
         if h is None or hsp is None:
             raise RuntimeError(f"cache plan runs block {name} but skipped a block it depends on")
@@ -233,9 +218,7 @@ def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable
         if hsp is not None:  # a patch that merged the skip feature into h itself returns None
             h = torch.cat([h, hsp], dim=1)
         del hsp
-        h = module(h, emb, context, to, output_shape, **extra)
-        plan.computed(name, h)
-        note(name, True)
+        h = compute(name, module, h, output_shape)
     if h is None:
         raise RuntimeError("cache plan skipped the last output block")
     h = h.type(x.dtype)

@@ -13,6 +13,7 @@ import comfy.model_sampling
 import comfy.patcher_extension as pe
 import comfy.samplers
 
+from ..guidance import cfg_runtime
 from ..guidance.cads import content_key
 from ..guidance.pag_runtime import Host
 from ..utils.noise_schedule import Parameterisation
@@ -50,10 +51,11 @@ class RunState:
     ``transformer_options`` under ``key`` (so patches find it there) and dropped when the call returns.
 
     ``make_run(guider, sigmas, seed)`` builds the state; ``seed`` is the run's noise seed, or a fingerprint of
-    the noise when the sampler passes none. Subclasses may override :meth:`finished`."""
+    the noise when the sampler passes none. ``finish(run)``, if given, is called once the sampling call returned
+    (or failed)."""
 
-    def __init__(self, key: str, make_run: Callable):
-        self.key, self.make_run = key, make_run
+    def __init__(self, key: str, make_run: Callable, finish: Callable | None = None):
+        self.key, self.make_run, self.finish = key, make_run, finish
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         guider = executor.class_obj
@@ -69,7 +71,9 @@ class RunState:
             self.finished(run)
 
     def finished(self, run) -> None:
-        """Called once the sampling call returned (or failed)."""
+        """Called once the sampling call returned (or failed); subclasses may override it."""
+        if self.finish is not None and run is not None:
+            self.finish(run)
 
 
 def _is_flow(model_sampling) -> bool:
@@ -89,6 +93,18 @@ def _calc_cond_batch(model, conds, x, sigma, model_options):
 # ComfyUI's functions as the perturbed-attention engine (guidance/pag_runtime.py) calls them
 HOST = Host(attention=_attention, calc_cond_batch=_calc_cond_batch, is_flow=_is_flow,
             apply_model=pe.WrappersMP.APPLY_MODEL)
+
+
+def _combines_with_cfg(guider) -> bool:
+    return type(guider).predict_noise is comfy.samplers.CFGGuider.predict_noise
+
+
+def _parameterisation(model_sampling) -> str:
+    return parameterisation_of(model_sampling)
+
+
+# ComfyUI's functions as the CFG family's engine (guidance/cfg_runtime.py) calls them
+CFG_HOST = cfg_runtime.Host(parameterisation=_parameterisation, combines_with_cfg=_combines_with_cfg)
 
 
 def model_sampling_of(model_k) -> object:

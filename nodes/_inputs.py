@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from comfy_api.latest import io
 
-from ..utils.sigma_window import check_percents, check_sigmas
+from ..utils.sigma_window import ScheduleError, check_percents, check_sigmas
+from ._host import validation_message
 
 
 class PreprintNode(io.ComfyNode):
@@ -20,19 +21,49 @@ class PreprintNode(io.ComfyNode):
     error the node raises."""
 
     NAME = ""
+    WINDOW = "sigma window"  # what the node calls its sigma window, in messages
 
     @classmethod
     def check(cls, check: Callable[[], object]) -> bool | str:
         """For ``validate_inputs``: True, or the ValueError ``check`` raises prefixed with the display name."""
-        try:
-            check()
-        except ValueError as e:
-            return f"{cls.NAME}: {e}"
-        return True
+        return validation_message(cls.NAME, check)
 
     @classmethod
     def error(cls, message: str) -> ValueError:
         return ValueError(f"{cls.NAME}: {message}")
+
+    @classmethod
+    def check_widgets(cls, **values) -> bool | str:
+        """For ``validate_inputs``: each named widget value against the node's own schema (range, options), the
+        window pairs it holds (``sigma_start`` / ``sigma_end``, ``start_percent`` / ``end_percent``), then
+        :meth:`check_values`. None is a linked input, checked when the node runs."""
+        def check() -> None:
+            widgets = {w.id: w for w in cls.define_schema().inputs}
+            given = {k: v for k, v in values.items() if v is not None}
+            for name, value in given.items():
+                _check_widget(widgets[name], value)
+            try:
+                check_sigmas(given.get("sigma_start"), given.get("sigma_end"))
+            except ScheduleError as e:
+                raise ScheduleError(f"{cls.WINDOW}: {e}") from None
+            check_percents(given.get("start_percent"), given.get("end_percent"))
+            cls.check_values(**given)
+        return cls.check(check)
+
+    @classmethod
+    def check_values(cls, **values) -> None:
+        """Checks beyond each widget's own range; ``values`` holds only the inputs given as widget values."""
+
+
+def _check_widget(widget, value) -> None:
+    options = getattr(widget, "options", None)
+    if options is not None:
+        if value not in options:
+            raise ValueError(f"{widget.id} = {value!r} is not one of its options: {', '.join(map(str, options))}.")
+        return
+    low, high = getattr(widget, "min", None), getattr(widget, "max", None)
+    if (low is not None and not value >= low) or (high is not None and not value <= high):  # NaN fails too
+        raise ValueError(f"{widget.id} = {value} is outside its range [{low}, {high}].")
 
 
 def model_input(accepts: str) -> io.Model.Input:
@@ -68,17 +99,3 @@ def rescale_input() -> io.Float.Input:
                                   "blend by this amount (0 = off), against over-saturation at high scales.")
 
 
-def check_range(name: str, value, low: float, high: float) -> None:
-    """The widget's own range, for an input a ``validate_inputs`` names (ComfyUI then leaves it unchecked)."""
-    if value is not None and not low <= value <= high:
-        raise ValueError(f"{name} is {value}; it must lie in [{low}, {high}].")
-
-
-def check_sigma_window(sigma_start, sigma_end) -> None:
-    check_range("sigma_start", sigma_start, -1.0, 10000.0)
-    check_range("sigma_end", sigma_end, -1.0, 10000.0)
-    check_sigmas(sigma_start, sigma_end)
-
-
-def check_percent_window(start_percent, end_percent) -> None:
-    check_percents(start_percent, end_percent)

@@ -12,352 +12,62 @@
 * Noise-Level Guidance: Mannering et al., "Noise-Level Diffusion Guidance: Well Begun is Half Done",
   arXiv:2509.13936.
 
-How the MODEL patches stack. Each node records its technique in
-``model_options["transformer_options"]["preprint_cfg"]`` (one entry per technique, so a second node of the
-same kind replaces the first) and installs one shared set of hooks, each under the key ``preprint_cfg``:
-
-* an OUTER_SAMPLE wrapper that builds the per-run state (sample sigmas, the run's seed, each technique's
-  state) and puts it in the run's own copy of the model options;
-* a CALC_COND_BATCH wrapper that drops the unconditional cond from the batch when a technique says it is not
-  needed at this evaluation (outside a guidance interval, scale exactly 1, Adaptive Guidance converged) and
-  hands back the conditional prediction in its place, so every later hook sees ``D_u = D_c``: guidance off,
-  and the pass really is not computed;
-* a pre-CFG function (Adaptive Guidance measures and masks) and a post-CFG function (scheduled scale).
-
-CADS adds an APPLY_MODEL wrapper ``preprint_cads`` that anneals the conditioning tensors of each chunk.
-Nothing lives on a class, a module or the shared diffusion model; a new run starts clean.
+The run engine (per-run state, the skipped unconditional pass, the shared hooks, CADS's conditioning noise)
+is ``guidance/cfg_runtime.py``; this module holds the node schemas.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import comfy.model_base
-import comfy.model_patcher
 import comfy.patcher_extension
-import comfy.sample
-import comfy.samplers
-import torch
 from comfy_api.latest import io
 
 from ..guidance import cads
 from ..guidance.adaptive_guidance import CRITERIA as ADAPTIVE_CRITERIA
 from ..guidance.adaptive_guidance import DEFAULT_THRESHOLD as ADAPTIVE_DEFAULT_THRESHOLD
 from ..guidance.adaptive_guidance import AdaptiveGuidanceState
-from ..guidance.cfg_schedule import (
-    SCHEDULES,
-    ScaleSchedule,
-    ScheduledGuidance,
-    noise_level,
-    parse_scale_list,
-    retarget,
-    step_index,
+from ..guidance.cfg_runtime import (
+    CADS,
+    RUN_KEY,
+    TECH_KEY,
+    AdaptiveGuidance,
+    Run,
+    ScheduledCFG,
+    Technique,
+    cads_apply_model,
+    calc_cond_batch,
+    make_run,
+    post_cfg,
+    pre_cfg,
 )
+from ..guidance.cfg_schedule import SCHEDULES, ScaleSchedule, ScheduledGuidance, parse_scale_list
 from ..utils.sigma_window import SigmaWindow
-from ._host import parameterisation_of, validation_message
+from ._host import CFG_HOST, RunState, install_hooks
+from ._inputs import PreprintNode, model_input, sigma_window_inputs
 
 log = logging.getLogger("preprint")
 
 CATEGORY = "Preprint/cfg"
-TECH_KEY = "preprint_cfg"
-RUN_KEY = "preprint_cfg_run"
 HOOK_KEY = "preprint_cfg"
 CADS_KEY = "preprint_cads"
 SCHEDULER_FOLDER = "guidance_schedulers"
 
 WrappersMP = comfy.patcher_extension.WrappersMP
-SCHEDULED_CFG_NAME = "Scheduled CFG / Guidance Interval (Preprint)"
-CADS_NAME = "CADS Condition Annealing (Preprint)"
 # The first is the default, kept from the node's first release so saved workflows sample as before.
 CADS_TARGETS = ("positive and negative", "positive only")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Techniques: configuration (copied with the model) + per-run behaviour (state lives in the run object)
-
-
-@dataclass(frozen=True)
-class _Technique:
-    node: str  # display name, for messages
-    needs_cfg_pair = False
-
-    def start(self, run: _Run) -> object:
-        return None
-
-    def skip_uncond(self, state, run: _Run, sigma: float, batch: int) -> bool:
-        return False
-
-    def pre_cfg(self, state, run: _Run, args: dict, out: list) -> list:
-        return out
-
-    def post_cfg(self, state, run: _Run, args: dict, denoised: torch.Tensor) -> torch.Tensor:
-        return denoised
-
-    def finish(self, state, run: _Run) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class _ScheduledCFG(_Technique):
-    guidance: ScheduledGuidance = field(default_factory=ScheduledGuidance)
-    skip_at_one: bool = True  # drop the uncond pass where the scale is exactly 1 (nothing else asked for it)
-    needs_cfg_pair = True
-
-    def start(self, run: _Run) -> dict:
-        self.guidance.schedule.check_steps(run.steps)
-        return {"skipped": 0, "evaluations": 0}
-
-    def scale(self, run: _Run, sigma: float, base: float) -> float:
-        return self.guidance.scale(sigma, run.t(sigma), run.step(sigma), base)
-
-    def skip_uncond(self, state, run, sigma, batch):
-        state["evaluations"] += 1
-        skip = not self.guidance.active(sigma) or (self.skip_at_one and self.scale(run, sigma, run.base_cfg) == 1.0)
-        state["skipped"] += int(skip)
-        return skip
-
-    def post_cfg(self, state, run, args, denoised):
-        if run.current is not None and run.current.dropped:
-            return denoised  # D_u = D_c already: the result is the conditional prediction
-        sigma = float(args["sigma"].reshape(-1)[0])
-        used = float(args["cond_scale"])
-        return retarget(denoised, args["cond_denoised"], args["uncond_denoised"], used, self.scale(run, sigma, used))
-
-    def finish(self, state, run):
-        log.info("%s: unconditional pass skipped on %d of %d evaluations", self.node, state["skipped"],
-                 state["evaluations"])
-
-
-@dataclass(frozen=True)
-class _AdaptiveGuidance(_Technique):
-    threshold: float = ADAPTIVE_DEFAULT_THRESHOLD
-    criterion: str = "velocity"
-    needs_cfg_pair = True
-
-    def start(self, run):
-        return AdaptiveGuidanceState(self.threshold, self.criterion)
-
-    def skip_uncond(self, state, run, sigma, batch):
-        return state.all_converged(batch)
-
-    def pre_cfg(self, state, run, args, out):
-        call = run.current
-        if call is None or args["conds"][1] is None or len(out) < 2:
-            return out
-        if "adaptive" in call.dropped_by:
-            state.uncond_skipped += 1
-            return out
-        if call.dropped:
-            return out  # another technique skipped the pass: nothing to measure this time
-        before = None if state.converged is None else state.converged.clone()
-        state.observe(args["input"], out[0], out[1], args["sigma"], run.kind)
-        out = list(out)
-        out[1] = state.mask_converged(out[0], out[1], before)
-        return out
-
-    def finish(self, state, run):
-        total = state.uncond_evaluations + state.uncond_skipped
-        log.info("%s: %d of %d unconditional passes saved (threshold %.4g)", self.node, state.uncond_skipped,
-                 total, self.threshold)
-
-
-@dataclass(frozen=True)
-class _CADS(_Technique):
-    config: cads.CADSConfig = field(default_factory=cads.CADSConfig)
-    pooled: bool = True
-    pooled_dims: int | None = None  # SDXL: only the first 1280 features of ``y`` are the pooled text embedding
-    positive_only: bool = False  # leave the unconditional branch's conditioning untouched
-
-    def start(self, run):
-        return {"keys": {}}
-
-
-@dataclass
-class _Call:
-    sigma: float
-    dropped_by: tuple[str, ...] = ()
-
-    @property
-    def dropped(self) -> bool:
-        return bool(self.dropped_by)
-
-
-class _Run:
-    """Everything one sampling run needs; built by the OUTER_SAMPLE wrapper, dropped when it returns."""
-
-    def __init__(self, guider, techniques: dict[str, _Technique], sigmas: torch.Tensor, seed, noise):
-        self.guider_name = type(guider).__name__
-        self.techniques = techniques
-        self.sample_sigmas = [float(s) for s in sigmas.reshape(-1)]
-        self.steps = max(len(self.sample_sigmas) - 1, 0)
-        self.model_sampling = guider.model_patcher.get_model_object("model_sampling")
-        self.kind = parameterisation_of(self.model_sampling)
-        cfg = getattr(guider, "cfg", 1.0)
-        self.base_cfg = float(cfg) if isinstance(cfg, (int, float)) else 1.0
-        self.seed = int(seed) if seed is not None else cads.content_key(noise)
-        self.current: _Call | None = None
-        self._t: dict[float, float] = {}
-        self._check_guider(guider)
-        self.states = {name: tech.start(self) for name, tech in techniques.items()}
-
-    def _check_guider(self, guider) -> None:
-        pair = [t for t in self.techniques.values() if t.needs_cfg_pair]
-        if not pair:
-            return
-        names = ", ".join(t.node for t in pair)
-        if type(guider).predict_noise is not comfy.samplers.CFGGuider.predict_noise:
-            raise ValueError(
-                f"{names}: the guider {type(guider).__name__} combines its conditionings itself, so a per-step CFG "
-                "scale or a skipped negative pass cannot be applied to it. Use KSampler, SamplerCustom or "
-                "CFGGuider with this model, or remove the node (CADS works with every guider)."
-            )
-        if getattr(guider, "conds", {}).get("negative") is None:
-            raise ValueError(
-                f"{names}: this run has no negative conditioning ({type(guider).__name__}), so there is no "
-                "classifier-free guidance to schedule. Use KSampler or CFGGuider with a negative prompt."
-            )
-
-    def t(self, sigma: float) -> float:
-        if sigma not in self._t:
-            self._t[sigma] = noise_level(sigma, self.model_sampling.percent_to_sigma)
-        return self._t[sigma]
-
-    def step(self, sigma: float) -> int:
-        return step_index(sigma, self.sample_sigmas)
-
-    def each(self):
-        for name, tech in self.techniques.items():
-            yield name, tech, self.states[name]
-
-    def finish(self) -> None:
-        for _, tech, state in self.each():
-            tech.finish(state, self)
-
-
-def _run_of(options: dict | None) -> _Run | None:
-    if not options:
-        return None
-    to = options.get("transformer_options", options)
-    return to.get(RUN_KEY)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Shared hooks
-
-
-def _outer_sample(executor, *args, **kwargs):
-    guider = executor.class_obj
-    to = guider.model_options.setdefault("transformer_options", {})
-    techniques = dict(to.get(TECH_KEY, {}))
-    if not techniques:
-        return executor(*args, **kwargs)
-    noise = args[0] if args else kwargs["noise"]
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    seed = args[7] if len(args) > 7 else kwargs.get("seed")
-    run = _Run(guider, techniques, sigmas, seed, noise)
-    to[RUN_KEY] = run
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        to.pop(RUN_KEY, None)
-        run.finish()
-
-
-def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
-    run = _run_of(model_options)
-    if run is None:
-        return executor(model, conds, x_in, timestep, model_options)
-    sigma = float(timestep.reshape(-1)[0])
-    if len(conds) < 2 or conds[1] is None:
-        run.current = _Call(sigma)
-        return executor(model, conds, x_in, timestep, model_options)
-    dropped_by = tuple(name for name, tech, state in run.each()
-                       if tech.needs_cfg_pair and tech.skip_uncond(state, run, sigma, x_in.shape[0]))
-    run.current = _Call(sigma, dropped_by)
-    if not dropped_by:
-        return executor(model, conds, x_in, timestep, model_options)
-    conds = list(conds)
-    conds[1] = None
-    out = list(executor(model, conds, x_in, timestep, model_options))
-    out[1] = out[0].clone()  # guidance off: every later hook sees D_u = D_c
-    return out
-
-
-def _pre_cfg(args: dict) -> list:
-    out = args["conds_out"]
-    run = _run_of(args.get("model_options"))
-    if run is None:
-        return out
-    for _, tech, state in run.each():
-        out = tech.pre_cfg(state, run, args, out)
-    return out
-
-
-def _post_cfg(args: dict) -> torch.Tensor:
-    denoised = args["denoised"]
-    run = _run_of(args.get("model_options"))
-    if run is None or args.get("uncond") is None:
-        return denoised
-    for _, tech, state in run.each():
-        denoised = tech.post_cfg(state, run, args, denoised)
-    return denoised
-
-
-def _anneal_chunks(t: torch.Tensor, chunks: list[int], uuids: list, run: _Run, tech: _CADS, state: dict, tn: float,
-                   sigma: float, stream: int, dims: int | None) -> torch.Tensor:
-    n = len(chunks) or 1
-    if t.shape[0] % n:
-        n = 1
-    size = t.shape[0] // n
-    parts = []
-    for i in range(n):
-        part = t[i * size:(i + 1) * size]
-        if tech.positive_only and i < len(chunks) and chunks[i] == 1:
-            parts.append(part)  # the negative / null conditioning of the unconditional branch
-            continue
-        cache_key = (uuids[i] if i < len(uuids) else i, stream, tuple(part.shape))
-        key = state["keys"].get(cache_key)
-        if key is None:
-            key = state["keys"][cache_key] = cads.content_key(part if dims is None else part[..., :dims])
-        parts.append(cads.anneal_condition(part, tn, tech.config, run.seed, sigma, stream, key=key, dims=dims))
-    return torch.cat(parts) if n > 1 else parts[0]
-
-
-def _cads_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
-                      **kwargs):
-    transformer_options = {} if transformer_options is None else transformer_options
-    run = transformer_options.get(RUN_KEY)
-    tech = run.techniques.get("cads") if run is not None else None
-    if tech is None:
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    sigma = float(t.reshape(-1)[0])
-    tn = run.t(sigma)
-    if cads.gamma(tn, tech.config.tau1, tech.config.tau2) < 1.0:
-        state = run.states["cads"]
-        chunks = list(transformer_options.get("cond_or_uncond", []))
-        uuids = list(transformer_options.get("uuids", []))
-        if c_crossattn is not None:
-            c_crossattn = _anneal_chunks(c_crossattn, chunks, uuids, run, tech, state, tn, sigma, 0, None)
-        y = kwargs.get("y")
-        if tech.pooled and isinstance(y, torch.Tensor) and y.ndim == 2:
-            dims = tech.pooled_dims if tech.pooled_dims and tech.pooled_dims < y.shape[-1] else None
-            kwargs["y"] = _anneal_chunks(y, chunks, uuids, run, tech, state, tn, sigma, 1, dims)
-    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-
-
-def _with_technique(model, name: str, technique: _Technique, disable_cfg1: bool = False):
+def _with_technique(model, name: str, technique: Technique, disable_cfg1: bool = False):
     """Clone ``model`` and add (or replace) one technique; the shared hooks are installed once."""
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
-    techniques = dict(to.get(TECH_KEY, {}))
-    techniques[name] = technique
-    to[TECH_KEY] = techniques
-    for kind, fn in ((WrappersMP.OUTER_SAMPLE, _outer_sample), (WrappersMP.CALC_COND_BATCH, _calc_cond_batch)):
-        m.remove_wrappers_with_key(kind, HOOK_KEY)
-        m.add_wrapper_with_key(kind, HOOK_KEY, fn)
-    for slot, fn in (("sampler_pre_cfg_function", _pre_cfg), ("sampler_post_cfg_function", _post_cfg)):
-        m.model_options[slot] = [f for f in m.model_options.get(slot, []) if f is not fn] + [fn]
+    to[TECH_KEY] = {**to.get(TECH_KEY, {}), name: technique}
+    install_hooks(m, HOOK_KEY, {
+        WrappersMP.OUTER_SAMPLE: RunState(RUN_KEY, lambda guider, sigmas, seed: make_run(CFG_HOST, guider, sigmas,
+                                                                                          seed), Run.finish),
+        WrappersMP.CALC_COND_BATCH: calc_cond_batch}, pre_cfg=pre_cfg, post_cfg=post_cfg)
     if disable_cfg1:
         m.model_options["disable_cfg1_optimization"] = True
     return m
@@ -375,12 +85,15 @@ def _without_techniques(model):
 # Nodes
 
 
-class PreprintScheduledCFG(io.ComfyNode):
+class PreprintScheduledCFG(PreprintNode):
+    NAME = "Scheduled CFG / Guidance Interval (Preprint)"
+    WINDOW = "guidance interval"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintScheduledCFG",
-            display_name=SCHEDULED_CFG_NAME,
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Makes the CFG scale follow the noise level (constant, linear, cosine, power or one value per step) "
@@ -391,7 +104,7 @@ class PreprintScheduledCFG(io.ComfyNode):
                 "SamplerCustom and CFGGuider; stacks with CADS, Adaptive Guidance, PAG and caching."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
+                model_input("The model to patch."),
                 io.Combo.Input("schedule", options=list(SCHEDULES), default="constant",
                                tooltip="Shape of the scale from cfg_start (pure noise) to cfg_end (clean): constant "
                                        "(cfg_start throughout), linear, cosine, power (t^exponent), or custom (one "
@@ -405,44 +118,45 @@ class PreprintScheduledCFG(io.ComfyNode):
                 io.String.Input("custom_scales", default="", multiline=True,
                                 tooltip="For schedule=custom: one scale per sampler step, separated by commas "
                                         "(exactly as many values as steps)."),
-                io.Float.Input("sigma_start", default=-1.0, min=-1.0, max=10000.0, step=0.01,
-                               tooltip="Guidance only where sigma <= sigma_start (noisy end). -1: no limit."),
-                io.Float.Input("sigma_end", default=-1.0, min=-1.0, max=10000.0, step=0.01,
-                               tooltip="Guidance only where sigma >= sigma_end (clean end). -1: no limit."),
+                *sigma_window_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with the CFG schedule and guidance interval applied.")],
         )
 
     @classmethod
-    def validate_inputs(cls, schedule=None, custom_scales=None, sigma_start=None, sigma_end=None,
-                        **_) -> bool | str:
+    def validate_inputs(cls, schedule=None, custom_scales=None, sigma_start=None, sigma_end=None) -> bool | str:
         """Checked by ComfyUI before anything is queued, so the editor marks the node."""
-        def check() -> None:
-            if sigma_start is not None and sigma_end is not None:
-                SigmaWindow(sigma_start, sigma_end)
-            if schedule == "custom" and custom_scales is not None:
-                if not parse_scale_list(custom_scales):
-                    raise ValueError("schedule 'custom' needs custom_scales: one CFG scale per sampler step, "
-                                     "separated by commas.")
-        return validation_message(SCHEDULED_CFG_NAME, check)
+        return cls.check_widgets(schedule=schedule, custom_scales=custom_scales, sigma_start=sigma_start,
+                                 sigma_end=sigma_end)
+
+    @classmethod
+    def check_values(cls, schedule=None, custom_scales=None, **_) -> None:
+        if schedule == "custom" and custom_scales is not None and not parse_scale_list(custom_scales):
+            raise ValueError("schedule 'custom' needs custom_scales: one CFG scale per sampler step, separated by "
+                             "commas.")
 
     @classmethod
     def execute(cls, model, schedule: str, cfg_start: float, cfg_end: float, exponent: float, custom_scales: str,
                 sigma_start: float, sigma_end: float) -> io.NodeOutput:
-        custom = parse_scale_list(custom_scales) if schedule == "custom" else ()
-        guidance = ScheduledGuidance(ScaleSchedule(schedule, cfg_start, cfg_end, exponent, custom),
-                                     SigmaWindow(sigma_start, sigma_end))
+        try:
+            custom = parse_scale_list(custom_scales) if schedule == "custom" else ()
+            guidance = ScheduledGuidance(ScaleSchedule(schedule, cfg_start, cfg_end, exponent, custom),
+                                         SigmaWindow(sigma_start, sigma_end))
+        except ValueError as e:
+            raise cls.error(str(e)) from None
         keep_uncond = bool(model.model_options.get("disable_cfg1_optimization", False))
-        tech = _ScheduledCFG("Scheduled CFG", guidance, skip_at_one=not keep_uncond)
+        tech = ScheduledCFG(cls.NAME, guidance, skip_at_one=not keep_uncond)
         return io.NodeOutput(_with_technique(model, "scheduled_cfg", tech, disable_cfg1=True))
 
 
-class PreprintAdaptiveGuidance(io.ComfyNode):
+class PreprintAdaptiveGuidance(PreprintNode):
+    NAME = "Adaptive Guidance (Preprint)"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintAdaptiveGuidance",
-            display_name="Adaptive Guidance (Preprint)",
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Adaptive Guidance (Castillo et al., 'Adaptive Guidance: Training-free Acceleration of Conditional "
@@ -453,7 +167,7 @@ class PreprintAdaptiveGuidance(io.ComfyNode):
                 "(flow) models. Each image of a batch converges on its own. The log reports the passes saved."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
+                model_input("The model to patch."),
                 io.Float.Input("threshold", default=ADAPTIVE_DEFAULT_THRESHOLD, min=-1.0, max=1.0, step=0.0001,
                                round=0.00001,
                                tooltip="Cosine similarity of the positive and negative predictions at which guidance "
@@ -473,7 +187,7 @@ class PreprintAdaptiveGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, model, threshold: float, criterion: str = "velocity") -> io.NodeOutput:
         AdaptiveGuidanceState(threshold, criterion)  # validates
-        tech = _AdaptiveGuidance("Adaptive Guidance", threshold, criterion)
+        tech = AdaptiveGuidance(cls.NAME, threshold, criterion)
         return io.NodeOutput(_with_technique(model, "adaptive", tech))
 
 
@@ -488,12 +202,14 @@ def _pooled_dims(model) -> int | None:
     return None
 
 
-class PreprintCADS(io.ComfyNode):
+class PreprintCADS(PreprintNode):
+    NAME = "CADS Condition Annealing (Preprint)"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintCADS",
-            display_name=CADS_NAME,
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "CADS (Sadat et al., 'CADS: Unleashing the Diversity of Diffusion Models through Condition-Annealed "
@@ -502,7 +218,7 @@ class PreprintCADS(io.ComfyNode):
                 "run's seed, so a seed reproduces its image. Works with every guider, including DualCFGGuider."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
+                model_input("The model to patch."),
                 io.Float.Input("tau1", default=0.6, min=0.0, max=1.0, step=0.01,
                                tooltip="Below this noise level (0 = clean, 1 = pure noise) the conditioning is clean."),
                 io.Float.Input("tau2", default=0.9, min=0.0, max=1.0, step=0.01,
@@ -525,23 +241,23 @@ class PreprintCADS(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tau1=None, tau2=None, noise_scale=None, psi=None, **_) -> bool | str:
-        values = (tau1, tau2, noise_scale, psi)
-        if any(v is None for v in values):
-            return True  # a linked input: checked when the node runs
-        return validation_message(CADS_NAME, lambda: cads.CADSConfig(*values))
+    def validate_inputs(cls, tau1=None, tau2=None, noise_scale=None, psi=None) -> bool | str:
+        return cls.check_widgets(tau1=tau1, tau2=tau2, noise_scale=noise_scale, psi=psi)
+
+    @classmethod
+    def check_values(cls, **values) -> None:
+        if len(values) == 4:  # a linked input is checked when the node runs
+            cads.CADSConfig(**values)
 
     @classmethod
     def execute(cls, model, tau1: float, tau2: float, noise_scale: float, psi: float,
                 noise_pooled: bool, anneal: str = CADS_TARGETS[0]) -> io.NodeOutput:
         if anneal not in CADS_TARGETS:
-            raise ValueError(f"CADS Condition Annealing: unknown anneal choice {anneal!r}; use one of "
-                             f"{', '.join(CADS_TARGETS)}.")
-        tech = _CADS("CADS", cads.CADSConfig(tau1, tau2, noise_scale, psi), noise_pooled, _pooled_dims(model),
+            raise cls.error(f"unknown anneal choice {anneal!r}; use one of {', '.join(CADS_TARGETS)}.")
+        tech = CADS(cls.NAME, cads.CADSConfig(tau1, tau2, noise_scale, psi), noise_pooled, _pooled_dims(model),
                      positive_only=anneal == "positive only")
         m = _with_technique(model, "cads", tech)
-        m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, CADS_KEY)
-        m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, CADS_KEY, _cads_apply_model)
+        install_hooks(m, CADS_KEY, {WrappersMP.APPLY_MODEL: cads_apply_model})
         return io.NodeOutput(m)
 
 

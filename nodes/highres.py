@@ -8,12 +8,9 @@ RoPE scaling for Flux-layout DiTs.
 - RoPE scaling: NTK-aware base scaling (as in I-Max, arXiv:2410.07536) or position interpolation (Chen et
   al., arXiv:2306.15595), per axis.
 
-Host glue only: the operators and the run's switches live in ``highres/hidiffusion.py``. The run is created
-in an OUTER_SAMPLE wrapper and put into that run's cloned ``transformer_options``; the patches (the
-Downsample handler of ``forward_timestep_embed_patch``, ``input_block_patch``, ``output_block_patch`` and
-``attn1`` replacements) read it from there and do nothing outside a run. While RAU-Net changes feature
-sizes, a DIFFUSION_MODEL wrapper takes ControlNet residuals out of ComfyUI's hands and adds them itself,
-resized to the features they meet.
+Host glue only: the operators and the run's switches live in ``highres/hidiffusion.py``, the patches that apply
+them to a running UNet in ``highres/hidiffusion_runtime.py``. The run is created in an OUTER_SAMPLE wrapper and
+put into that run's cloned ``transformer_options``, where the patches read it.
 """
 
 from __future__ import annotations
@@ -29,18 +26,18 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel
 from comfy_api.latest import io
 
+from ..highres import hidiffusion_runtime as rt
 from ..highres.entropy import entropy_factor, keys_at_training_size
-from ..highres.hidiffusion import LAYOUTS, PRESETS, HiDiffusionRun, pool, resize_to, strided_conv, windowed_attention
+from ..highres.hidiffusion import LAYOUTS, PRESETS, HiDiffusionRun
 from ..highres.rope import MODES as ROPE_MODES
 from ..highres.rope import scaled_rope
-from ._host import RunState, validation_message
+from ._host import RunState, install_hooks
+from ._inputs import PreprintNode
 
 log = logging.getLogger("preprint.highres")
 
 CATEGORY = "Preprint/multi-resolution"
 WMP = comfy.patcher_extension.WrappersMP
-KEY = "preprint_hidiffusion"
-CONTROL_KEY = "preprint_hidiffusion_control"
 NODE = "HiDiffusion (Preprint)"
 
 
@@ -63,49 +60,6 @@ def _first_layer(block):
     return next(iter(block.children()), None)
 
 
-def _run(options: dict) -> HiDiffusionRun | None:
-    return options.get(KEY) if options else None
-
-
-def _sigma(options: dict):
-    return options.get("sigmas")
-
-
-def _diffusion_model(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None,
-                     **kwargs):
-    """While RAU-Net reshapes features, hand ControlNet residuals to our block patches (resized there)."""
-    to = transformer_options if transformer_options is not None else {}
-    run = _run(to)
-    if run is not None and control is not None and "sigmas" in to and run.reshaping(_sigma(to)):
-        stash = {k: list(control.get(k) or []) for k in ("input", "middle", "output")}
-        control = {k: ([] if k in stash else v) for k, v in control.items()}
-        to = {**to, CONTROL_KEY: stash}
-    return executor(x, timesteps, context, y, control, to, **kwargs)
-
-
-def _add_control(h, stash: dict | None, name: str):
-    if not stash or not stash.get(name):
-        return h
-    ctrl = stash[name].pop()
-    if ctrl is None:
-        return h
-    return h + resize_to(ctrl.to(h.dtype), h.shape[-2:])
-
-
-def _downsample(layer, x, emb, context, transformer_options, output_shape, *args, **kwargs):
-    """forward_timestep_embed_patch for Downsample: stride 4 in the layout's block while the run says so."""
-    run = _run(transformer_options)
-    block = transformer_options.get("block")
-    if (run is None or "sigmas" not in transformer_options or block != ("input", run.layout.strided_block)
-            or not run.strided(_sigma(transformer_options)) or not getattr(layer, "use_conv", False)):
-        return layer(x)
-    weight, bias, offload = _cast(layer.op, x)
-    try:
-        return strided_conv(x, weight, bias)
-    finally:
-        _uncast(layer.op, weight, bias, offload)
-
-
 # newer ComfyUI casts with an optional offload stream that must be handed back; detected once
 _OFFLOADABLE = "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
 
@@ -120,49 +74,13 @@ def _uncast(op, weight, bias, offload):
         comfy.ops.uncast_bias_weight(op, weight, bias, offload)
 
 
-def _input_block(h, transformer_options):
-    run = _run(transformer_options)
-    if run is None or "sigmas" not in transformer_options:
-        return h
-    h = _add_control(h, transformer_options.get(CONTROL_KEY), "input")
-    if transformer_options.get("block") == ("input", run.layout.pooled_block) and run.pooled(
-            _sigma(transformer_options)):
-        h = pool(h)
-    return h
+def _attention(q, k, v, heads, attn_precision=None):
+    # looked up at call time: ComfyUI picks its attention implementation at start-up
+    return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=attn_precision)
 
 
-def _output_block(h, hsp, transformer_options):
-    run = _run(transformer_options)
-    if run is None or "sigmas" not in transformer_options:
-        return h, hsp
-    stash = transformer_options.get(CONTROL_KEY)
-    block = transformer_options.get("block")
-    if stash is not None and block == ("output", 0):
-        h = _add_control(h, stash, "middle")
-    hsp = _add_control(hsp, stash, "output")
-    if block == ("output", run.layout.unpool_block) and run.pooled(_sigma(transformer_options)):
-        h = resize_to(h, hsp.shape[-2:])
-    return h, hsp
-
-
-class _WindowAttention:
-    """attn1 replacement on the layout's top self-attention layers: MSW-MSA during a run, plain otherwise."""
-
-    def __init__(self, block: tuple[str, int, int]):
-        self.block = block
-
-    def __call__(self, q, k, v, extra_options):
-        heads = extra_options["n_heads"]
-        run = _run(extra_options)
-        shape = extra_options.get("activations_shape")
-        if run is None or not run.windows or shape is None or "sigmas" not in extra_options:
-            return comfy_attention.optimized_attention(q, k, v, heads,
-                                                       attn_precision=extra_options.get("attn_precision"))
-        height, width = int(shape[-2]), int(shape[-1])
-        shift = run.shift(_sigma(extra_options), height, width)
-        return windowed_attention(q, k, v, height, width, shift,
-                                  lambda a, b, c: comfy_attention.optimized_attention(
-                                      a, b, c, heads, attn_precision=extra_options.get("attn_precision")))
+HOST = rt.Host(attention=_attention, cast=_cast, uncast=_uncast)
+_downsample = rt.Downsample(HOST)  # one handler for every model, so a second node finds it already installed
 
 
 def _check_t(t1, t2) -> None:
@@ -171,7 +89,9 @@ def _check_t(t1, t2) -> None:
             raise ValueError(f"{name} = {t} is a fraction of the run and must lie in [0, 1]")
 
 
-class PreprintHiDiffusion(io.ComfyNode):
+class PreprintHiDiffusion(PreprintNode):
+    NAME = NODE
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -204,8 +124,12 @@ class PreprintHiDiffusion(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, t1=None, t2=None, **kwargs) -> bool | str:
-        return validation_message(NODE, lambda: _check_t(t1, t2))
+    def validate_inputs(cls, t1=None, t2=None) -> bool | str:
+        return cls.check_widgets(t1=t1, t2=t2)
+
+    @classmethod
+    def check_values(cls, t1=None, t2=None, **_) -> None:
+        _check_t(t1, t2)
 
     @classmethod
     def execute(cls, model, raunet: bool, msw_msa: bool, t1: float, t2: float) -> io.NodeOutput:
@@ -214,12 +138,11 @@ class PreprintHiDiffusion(io.ComfyNode):
         m = model.clone()
         if not raunet and not msw_msa:
             return io.NodeOutput(m)
-        m.remove_wrappers_with_key(WMP.OUTER_SAMPLE, KEY)
-        m.add_wrapper_with_key(WMP.OUTER_SAMPLE, KEY, RunState(
-            KEY, lambda guider, sigmas, seed: HiDiffusionRun(sigmas, layout, t1, t2, raunet, msw_msa, seed)))
+        make_run = RunState(rt.KEY, lambda guider, sigmas, seed: HiDiffusionRun(sigmas, layout, t1, t2, raunet,
+                                                                                msw_msa, seed))
+        install_hooks(m, rt.KEY, {WMP.OUTER_SAMPLE: make_run, **({WMP.DIFFUSION_MODEL: rt.diffusion_model}
+                                                                  if raunet else {})})
         if raunet:
-            m.remove_wrappers_with_key(WMP.DIFFUSION_MODEL, KEY)
-            m.add_wrapper_with_key(WMP.DIFFUSION_MODEL, KEY, _diffusion_model)
             patches = m.model_options.get("transformer_options", {}).get("patches", {})
             others = [h for cls_, h in patches.get("forward_timestep_embed_patch", [])
                       if issubclass(Downsample, cls_) and h is not _downsample]
@@ -228,18 +151,18 @@ class PreprintHiDiffusion(io.ComfyNode):
                                  "RAU-Net's stride-4 down-sampler could not run. Remove that node or HiDiffusion.")
             if not any(h is _downsample for _, h in patches.get("forward_timestep_embed_patch", [])):
                 m.set_model_forward_timestep_embed_patch((Downsample, _downsample))
-            if _input_block not in patches.get("input_block_patch", []):  # applied twice: patch once
-                m.set_model_input_block_patch(_input_block)
-            if _output_block not in patches.get("output_block_patch", []):
-                m.set_model_output_block_patch(_output_block)
+            if rt.input_block not in patches.get("input_block_patch", []):  # applied twice: patch once
+                m.set_model_input_block_patch(rt.input_block)
+            if rt.output_block not in patches.get("output_block_patch", []):
+                m.set_model_output_block_patch(rt.output_block)
         if msw_msa:
             replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
             for block in layout.window_blocks:
-                if block in replaces and not isinstance(replaces[block], _WindowAttention):
+                if block in replaces and not isinstance(replaces[block], rt.WindowAttention):
                     log.warning("%s: %s already has an attention replacement (%s); MSW-MSA leaves that layer to it",
                                 NODE, block, type(replaces[block]).__name__)
                     continue
-                m.set_model_attn1_replace(_WindowAttention(block), block[0], block[1], block[2])
+                m.set_model_attn1_replace(rt.WindowAttention(HOST, block), block[0], block[1], block[2])
         return io.NodeOutput(m)
 
 

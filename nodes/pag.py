@@ -40,7 +40,7 @@ from ..guidance.pag_runtime import (
 )
 from ..utils.sigma_window import SigmaWindow
 from ._host import HOST, RunState, install_hooks
-from ._inputs import PreprintNode, check_sigma_window, model_input, model_output, rescale_input, sigma_window_inputs
+from ._inputs import PreprintNode, model_input, model_output, rescale_input, sigma_window_inputs
 
 log = logging.getLogger("preprint")
 
@@ -205,13 +205,13 @@ class _PerturbedAttentionNode(PreprintNode):
 
     @classmethod
     def validate_inputs(cls, layers=None, sigma_start=None, sigma_end=None) -> bool | str:
-        """What the widget values alone can show wrong; the layer list is checked against the actual model when
-        the node runs."""
-        def check() -> None:
-            if isinstance(layers, str):
-                check_syntax(layers)
-            check_sigma_window(sigma_start, sigma_end)
-        return cls.check(check)
+        return cls.check_widgets(layers=layers, sigma_start=sigma_start, sigma_end=sigma_end)
+
+    @classmethod
+    def check_values(cls, layers=None, **_) -> None:
+        """The layer list's syntax; its names are checked against the actual model when the node runs."""
+        if layers is not None:
+            check_syntax(layers)
 
     @classmethod
     def apply(cls, model, scale, layers, adaptive_scale, sigma_start, sigma_end, rescale,

@@ -24,8 +24,8 @@ from comfy_api.latest import io
 
 from ..guidance.pag_runtime import rows_of
 from ..regional.attention import Region, RegionError, as_mask_batch, joint_mask, masks_on_grid, regional_attention
-from ..utils.sigma_window import SigmaWindow, check_percents
-from ._host import validation_message
+from ..utils.sigma_window import SigmaWindow
+from ._inputs import PreprintNode, model_input, model_output, percent_window_inputs
 
 CATEGORY = "Preprint/regional"
 WMP = comfy.patcher_extension.WrappersMP
@@ -236,12 +236,14 @@ def region_from(conditioning, mask, strength: float) -> Region:
     return Region(context=conditioning[0][0].detach().cpu(), mask=m.cpu())
 
 
-class PreprintRegion(io.ComfyNode):
+class PreprintRegion(PreprintNode):
+    NAME = REGION_NODE
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintRegion",
-            display_name=REGION_NODE,
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "One region for Regional Prompting (Preprint): a prompt and the mask where it applies. Chain Region "
@@ -265,12 +267,14 @@ class PreprintRegion(io.ComfyNode):
         return io.NodeOutput((*(regions or ()), region_from(conditioning, mask, strength)))
 
 
-class PreprintRegionalPrompting(io.ComfyNode):
+class PreprintRegionalPrompting(PreprintNode):
+    NAME = NODE
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintRegionalPrompting",
-            display_name=NODE,
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Different prompts in different areas, in one model pass per step (core's area / mask conditioning "
@@ -280,23 +284,21 @@ class PreprintRegionalPrompting(io.ComfyNode):
                 f"region text joins the positive text under a joint attention mask ({PAPER}). The negative prompt is "
                 "untouched. Any width, height and aspect ratio."),
             inputs=[
-                io.Model.Input("model", tooltip="A UNet (SD1.x, SD2.x, SDXL) or a Flux model."),
+                model_input("A UNet (SD1.x, SD2.x, SDXL) or a Flux model."),
                 Regions.Input("regions", tooltip="The regions: chained Region (Preprint) nodes."),
                 io.Float.Input("base_ratio", default=0.2, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of the base prompt stays inside the regions: 0 = each region's "
                                        "prompt alone, 1 = the base prompt alone (regions off)."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the run at which regions start (0 = first step)."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the run after which regions stop and the base prompt alone "
-                                       "guides (1 = to the end; layout is decided in the first ~40%)."),
+                *percent_window_inputs("Fraction of the run at which regions start (0 = first step).",
+                                       "Fraction of the run after which regions stop and the base prompt alone guides "
+                                       "(1 = to the end; layout is decided in the first ~40%)."),
             ],
-            outputs=[io.Model.Output(tooltip="The model with regional prompting.")],
+            outputs=[model_output("The model with regional prompting.")],
         )
 
     @classmethod
     def validate_inputs(cls, start_percent=None, end_percent=None, **_) -> bool | str:
-        return validation_message(NODE, lambda: check_percents(start_percent, end_percent))
+        return cls.check_widgets(start_percent=start_percent, end_percent=end_percent)
 
     @classmethod
     def execute(cls, model, regions, base_ratio: float, start_percent: float, end_percent: float) -> io.NodeOutput:

@@ -23,7 +23,7 @@ from comfy_api.latest import io
 
 from ..guidance.pag_runtime import DegradedPass, SagRunState
 from ._host import HOST
-from ._inputs import PreprintNode, check_sigma_window, model_input, model_output, sigma_window_inputs
+from ._inputs import PreprintNode, model_input, model_output, sigma_window_inputs
 from .pag import CATEGORY, attention_layout, install_guided_pass, make_schedule, resolve_layers
 
 
@@ -64,7 +64,7 @@ class PreprintSelfAttentionGuidance(PreprintNode):
 
     @classmethod
     def validate_inputs(cls, sigma_start=None, sigma_end=None) -> bool | str:
-        return cls.check(lambda: check_sigma_window(sigma_start, sigma_end))
+        return cls.check_widgets(sigma_start=sigma_start, sigma_end=sigma_end)
 
     @classmethod
     def execute(cls, model, scale, blur_sigma, threshold, layer, sigma_start, sigma_end) -> io.NodeOutput:

@@ -5,7 +5,7 @@ arXiv:2305.15583), Omegance (Hong et al., "Omegance: A Single Parameter for Vari
 Diffusion-Based Synthesis", arXiv:2411.17769) and AdaptiveDiffusion (Ye et al., "Training-Free Adaptive
 Diffusion with Bounded Difference Approximation Strategy", arXiv:2410.09873).
 
-Each wrapper replaces the denoiser the sampler function receives by a proxy (see ``samplers/time_shift.py``),
+Each wrapper replaces the denoiser the sampler function receives by a proxy (see ``samplers/wrapping.py``),
 so it works with every k-diffusion-signature sampler, core or Preprint, and wrappers stack: a wrapped
 SAMPLER can be wrapped again. Nothing is patched on the model, and all state lives in the proxy of one run.
 """
@@ -24,6 +24,9 @@ from ..samplers.time_shift import TimeAxis, TimeShiftConfig, tabulated_inverse, 
 from ._host import model_sampling_of, parameterisation_of
 
 CATEGORY = "Preprint/samplers"
+TIME_SHIFT_NAME = "Time-Shift Sampler (Preprint)"
+OMEGANCE_NAME = "Omegance Sampler (Preprint)"
+ADAPTIVE_NAME = "AdaptiveDiffusion Step Skipping (Preprint)"
 
 SAMPLER_TIP = "The sampler to wrap: any SAMPLER (KSamplerSelect, a Preprint sampler, or another wrapper)."
 OUT_TIP = "The wrapped SAMPLER, for SamplerCustom / SamplerCustomAdvanced."
@@ -66,7 +69,8 @@ def time_axis_of(model_sampling) -> TimeAxis:
     """
     top = float(model_sampling.timestep(torch.tensor([float(model_sampling.sigma_max)])).float().reshape(-1)[0])
     if not top > 0:
-        raise ValueError("Time-Shift: the model's timestep at sigma_max is not positive; unsupported model type.")
+        raise ValueError(f"{TIME_SHIFT_NAME}: the model's timestep at sigma_max is not positive; unsupported "
+                         "model type.")
 
     def t_of_sigma(sigma: torch.Tensor) -> torch.Tensor:
         # ModelSamplingDiscrete.timestep only takes 1-D input
@@ -97,7 +101,7 @@ class PreprintTimeShiftSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintTimeShiftSampler",
-            display_name="Time-Shift Sampler (Preprint)",
+            display_name=TIME_SHIFT_NAME,
             category=CATEGORY,
             description=(
                 "Time-Shift sampling (Li et al., 'Alleviating Exposure Bias in Diffusion Models through Sampling "
@@ -127,7 +131,7 @@ class PreprintTimeShiftSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler, window: float, cutoff: float, data_variance: float) -> io.NodeOutput:
-        inner = inner_ksampler(sampler, "Time-Shift Sampler")
+        inner = inner_ksampler(sampler, TIME_SHIFT_NAME)
         config = TimeShiftConfig(window=window / 1000.0, cutoff=cutoff / 1000.0, data_variance=data_variance)
         return io.NodeOutput(rewrap(inner, time_shift_sampler(inner.sampler_function, axis_and_kind, config)))
 
@@ -137,7 +141,7 @@ class PreprintOmeganceSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintOmeganceSampler",
-            display_name="Omegance Sampler (Preprint)",
+            display_name=OMEGANCE_NAME,
             category=CATEGORY,
             description=(
                 "Omegance (Hong et al., 'Omegance: A Single Parameter for Various Granularities in Diffusion-Based "
@@ -171,7 +175,7 @@ class PreprintOmeganceSampler(io.ComfyNode):
     @classmethod
     def execute(cls, sampler, omega: float, schedule: str, omega_end: float, mask_omega: float,
                 mask=None) -> io.NodeOutput:
-        inner = inner_ksampler(sampler, "Omegance Sampler")
+        inner = inner_ksampler(sampler, OMEGANCE_NAME)
         config = OmeganceConfig(omega=omega, schedule=schedule, omega_end=omega_end, mask=mask,
                                 mask_omega=mask_omega)
         return io.NodeOutput(rewrap(inner, omegance_sampler(inner.sampler_function, kind_of, config)))
@@ -182,7 +186,7 @@ class PreprintAdaptiveDiffusionSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintAdaptiveDiffusionSampler",
-            display_name="AdaptiveDiffusion Step Skipping (Preprint)",
+            display_name=ADAPTIVE_NAME,
             category=CATEGORY,
             description=(
                 "AdaptiveDiffusion (Ye et al., 'Training-Free Adaptive Diffusion with Bounded Difference "
@@ -207,7 +211,7 @@ class PreprintAdaptiveDiffusionSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler, threshold: float, max_skips: int) -> io.NodeOutput:
-        inner = inner_ksampler(sampler, "AdaptiveDiffusion Step Skipping")
+        inner = inner_ksampler(sampler, ADAPTIVE_NAME)
         fn = AdaptiveDiffusionSampler(inner.sampler_function, AdaptiveConfig(threshold=threshold,
                                                                              max_skips=max_skips))
         return io.NodeOutput(rewrap(inner, fn))

@@ -19,9 +19,19 @@ from comfy_api.latest import io
 
 from ..samplers import deis, dpm_solver_pp, evodiff
 from ..samplers import momentum as momentum_solvers
-from ._host import model_sampling_of, parameterisation_of, register_ksampler_name, with_model_parameterisation
+from ._host import (
+    model_sampling_of,
+    parameterisation_of,
+    register_ksampler_name,
+    validation_message,
+    with_model_parameterisation,
+)
 
 CATEGORY = "Preprint/samplers"
+DPMPP_NAME = "DPM-Solver++ (Preprint)"
+DEIS_NAME = "DEIS (Preprint)"
+MOMENTUM_NAME = "Momentum Solver (GHVB / Heavy Ball, Preprint)"
+EVODIFF_NAME = "EVODiff (Preprint)"
 
 DPMPP_VARIANTS = {
     "2M": functools.partial(dpm_solver_pp.sample_dpmpp_multistep, order=2),
@@ -68,12 +78,25 @@ _FLOW_LAMBDA_TIP = ("Flow models (Flux, SD3) only. log_snr: step in the true log
                     "2M / 3M and sigma suits 3S (see the README's benchmark). Ignored on EPS models.")
 
 
+def threshold_ceiling(threshold_max: float) -> float:
+    """The sampler's ceiling on the threshold s: the widget's 0 means none."""
+    return threshold_max if threshold_max > 0.0 else math.inf
+
+
+def check_thresholds(dynamic_thresholding: bool, threshold_max: float, threshold_floor: float) -> None:
+    if dynamic_thresholding and not (threshold_floor > 0.0 and math.isfinite(threshold_floor)):
+        raise ValueError(f"threshold_floor must be > 0, got {threshold_floor}; the default 1 is the official rule.")
+    if dynamic_thresholding and threshold_ceiling(threshold_max) < threshold_floor:
+        raise ValueError(f"threshold_max ({threshold_max}) is below threshold_floor ({threshold_floor}); raise "
+                         "threshold_max, set it to 0 (no ceiling) or lower the floor.")
+
+
 class PreprintSamplerDPMSolverPP(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintSamplerDPMSolverPP",
-            display_name="DPM-Solver++ (Preprint)",
+            display_name=DPMPP_NAME,
             category=CATEGORY,
             description=(
                 "DPM-Solver++ in data prediction (Lu et al., 'DPM-Solver++: Fast Solver for Guided Sampling of "
@@ -115,17 +138,26 @@ class PreprintSamplerDPMSolverPP(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, dynamic_thresholding: bool = False, threshold_max: float = 0.0,
+                        threshold_floor: float = 1.0) -> bool | str:
+        # defaults are execute's, for a prompt that leaves these optional inputs out; None is a linked input.
+        # Naming an input here turns off ComfyUI's range check on it: the floor's is repeated where it matters.
+        if None in (dynamic_thresholding, threshold_max, threshold_floor):
+            return True
+        return validation_message(DPMPP_NAME, lambda: check_thresholds(dynamic_thresholding, threshold_max,
+                                                                       threshold_floor))
+
+    @classmethod
     def execute(cls, solver: str, lower_order_final: bool, flow_lambda: str = "auto",
                 dynamic_thresholding: bool = False, threshold_percentile: float = 0.995,
                 threshold_max: float = 0.0, threshold_floor: float = 1.0) -> io.NodeOutput:
-        ceiling = threshold_max if threshold_max > 0.0 else math.inf
-        if dynamic_thresholding and ceiling < threshold_floor:
-            raise ValueError(f"DPM-Solver++: threshold_max ({threshold_max}) is below threshold_floor "
-                             f"({threshold_floor}); raise threshold_max, set it to 0 (no ceiling) or lower the floor.")
+        checked = cls.validate_inputs(dynamic_thresholding, threshold_max, threshold_floor)
+        if checked is not True:
+            raise ValueError(checked)
         fn = with_model_parameterisation(DPMPP_VARIANTS[solver])
         options = {"lower_order_final": lower_order_final, "flow_lambda": flow_lambda,
                    "threshold_percentile": threshold_percentile if dynamic_thresholding else 0.0,
-                   "threshold_max": ceiling, "threshold_floor": threshold_floor}
+                   "threshold_max": threshold_ceiling(threshold_max), "threshold_floor": threshold_floor}
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn, extra_options=options))
 
 
@@ -134,7 +166,7 @@ class PreprintSamplerDEIS(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintSamplerDEIS",
-            display_name="DEIS (Preprint)",
+            display_name=DEIS_NAME,
             category=CATEGORY,
             description=(
                 "DEIS tAB multistep solver (Zhang & Chen, 'Fast Sampling of Diffusion Models with Exponential "
@@ -167,12 +199,22 @@ MOMENTUM_SOLVERS = ("plms", "dpmpp_2m", "dpmpp_3m")
 MOMENTUM_KINDS = ("ghvb", "hb")
 
 
+def check_momentum(solver: str, momentum: str) -> None:
+    if solver not in MOMENTUM_SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {MOMENTUM_SOLVERS}.")
+    if momentum not in MOMENTUM_KINDS:
+        raise ValueError(f"unknown momentum {momentum!r}; choose one of {MOMENTUM_KINDS}.")
+    if momentum == "ghvb" and solver != "plms":
+        raise ValueError(f"GHVB is defined for PLMS (Adams-Bashforth weights); choose momentum 'hb' for {solver}, "
+                         "or solver 'plms' for GHVB.")
+
+
 class PreprintSamplerMomentum(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintSamplerMomentum",
-            display_name="Momentum Solver (GHVB / Heavy Ball, Preprint)",
+            display_name=MOMENTUM_NAME,
             category=CATEGORY,
             description=(
                 "Multistep solvers with heavy-ball momentum (Wizadwongsa et al., 'Diffusion Sampling with "
@@ -198,11 +240,11 @@ class PreprintSamplerMomentum(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, solver: str, momentum: str, **_) -> bool | str:
-        if momentum == "ghvb" and solver != "plms":
-            return ("Momentum Solver: GHVB is defined for PLMS (Adams-Bashforth weights); choose momentum 'hb' "
-                    f"for {solver}, or solver 'plms' for GHVB.")
-        return True
+    def validate_inputs(cls, solver: str | None = None, momentum: str | None = None) -> bool | str:
+        # naming these inputs here turns off ComfyUI's own list check for them, so it is repeated
+        if solver is None or momentum is None:
+            return True
+        return validation_message(MOMENTUM_NAME, lambda: check_momentum(solver, momentum))
 
     @classmethod
     def execute(cls, solver: str, momentum: str, order: int, beta: float) -> io.NodeOutput:
@@ -224,7 +266,7 @@ class PreprintSamplerEVODiff(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintSamplerEVODiff",
-            display_name="EVODiff (Preprint)",
+            display_name=EVODIFF_NAME,
             category=CATEGORY,
             description=(
                 "EVODiff (Li, Chen & Zeng, 'EVODiff: Entropy-aware Variance Optimized Diffusion Inference', "

@@ -22,12 +22,15 @@ from comfy_api.latest import io
 
 from ..samplers.gits import METRICS, TEACHERS, CostAccumulator, GITSTable, teacher_trajectory
 from ..samplers.schedules import logistic_sigmas
-from ._host import parameterisation_of
+from ._host import parameterisation_of, validation_message
 
 log = logging.getLogger("preprint")
 
 CATEGORY = "Preprint/samplers"
+LOGISTIC_NAME = "Logistic Schedule (Preprint)"
+GITS_NAME = "GITS Schedule Search (Preprint)"
 GITS_ATTR = "preprint_gits"
+TEACHER_STEPS = (4, 200)  # range of the teacher_steps widget
 
 
 def register_scheduler_name(name: str, handler, use_ms: bool = True) -> None:
@@ -50,9 +53,8 @@ def gits_for(model_sampling, steps: int) -> torch.Tensor:
     table: GITSTable | None = getattr(model_sampling, GITS_ATTR, None)
     if table is None:
         raise ValueError(
-            "Scheduler 'preprint_gits': this model carries no GITS search. Pass the model through the "
-            "'GITS Schedule Search (Preprint)' node and connect its MODEL output to the KSampler, or pick another "
-            "scheduler."
+            f"Scheduler 'preprint_gits': this model carries no GITS search. Pass the model through the "
+            f"'{GITS_NAME}' node and connect its MODEL output to the KSampler, or pick another scheduler."
         )
     return table.schedule(steps)
 
@@ -70,7 +72,7 @@ class PreprintLogisticScheduler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintLogisticScheduler",
-            display_name="Logistic Schedule (Preprint)",
+            display_name=LOGISTIC_NAME,
             category=CATEGORY,
             description=(
                 "Logistic noise schedule (Lin et al., 'Schedule Your Edit: A Simple yet Effective Diffusion Noise "
@@ -116,12 +118,21 @@ _METRIC_TIP = ("How a one-step jump is scored against the teacher. dev (official
                "SD-type models in our exact-score benchmark, where dev lost to Karras.")
 
 
+def check_gits_steps(steps: int, teacher_steps: int) -> None:
+    lo, hi = TEACHER_STEPS
+    if not lo <= teacher_steps <= hi:
+        raise ValueError(f"teacher_steps must be between {lo} and {hi}, got {teacher_steps}.")
+    if not 1 <= steps <= teacher_steps:
+        raise ValueError(f"steps ({steps}) must be between 1 and teacher_steps ({teacher_steps}): the schedule is "
+                         "chosen from the teacher's grid; raise teacher_steps.")
+
+
 class PreprintGITSScheduler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintGITSScheduler",
-            display_name="GITS Schedule Search (Preprint)",
+            display_name=GITS_NAME,
             category=CATEGORY,
             description=(
                 "GITS (Chen et al., 'On the Trajectory Regularity of ODE-based Diffusion Sampling', "
@@ -147,7 +158,7 @@ class PreprintGITSScheduler(io.ComfyNode):
                              tooltip="Warm-up samples solved by the teacher (official: 256). The search costs "
                                      "warmup_samples x teacher_steps model evaluations: lower it for a quick, "
                                      "less steady search (a few to a few dozen samples)."),
-                io.Int.Input("teacher_steps", default=60, min=4, max=200,
+                io.Int.Input("teacher_steps", default=60, min=TEACHER_STEPS[0], max=TEACHER_STEPS[1],
                              tooltip="Steps of the fine grid the schedule is chosen from (official: 60, i.e. 61 "
                                      "timestamps); also the most steps the search can serve."),
                 io.Float.Input("coeff", default=1.2, min=0.5, max=2.0, step=0.01,
@@ -173,12 +184,19 @@ class PreprintGITSScheduler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, steps: int | None = None, teacher_steps: int | None = None) -> bool | str:
+        # naming these inputs here turns off ComfyUI's range check for them, so check_gits_steps repeats it
+        if steps is None or teacher_steps is None:
+            return True
+        return validation_message(GITS_NAME, lambda: check_gits_steps(steps, teacher_steps))
+
+    @classmethod
     def execute(cls, model, positive, negative, latent_image, steps: int, cfg: float, seed: int,
                 warmup_samples: int, teacher_steps: int, coeff: float, grid: str, metric: str = "dev",
                 teacher: str = "dpmpp_2m", warmup_batch: int = 8) -> io.NodeOutput:
-        if steps > teacher_steps:
-            raise ValueError(f"GITS Schedule Search: steps ({steps}) must not exceed teacher_steps ({teacher_steps}); "
-                             "raise teacher_steps.")
+        checked = cls.validate_inputs(steps=steps, teacher_steps=teacher_steps)
+        if checked is not True:
+            raise ValueError(checked)
         ms = model.get_model_object("model_sampling")
         kind = parameterisation_of(ms)
         grid_name = ("simple" if kind == "flow" else "karras") if grid == GRID_AUTO else grid

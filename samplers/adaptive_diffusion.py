@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .time_shift import DenoiseFn, DenoiserProxy, bcast, per_sample_sigma, wrap_sampler_function
+from .wrapping import DenoiseFn, DenoiserProxy, bcast, per_sample_sigma, wrap_sampler_function
 
 log = logging.getLogger("preprint")
 

@@ -29,7 +29,8 @@ from typing import Literal
 import torch
 
 from ..utils.noise_schedule import Parameterisation, alpha, check_parameterisation, sigma_from_half_log_snr
-from .common import check_sigmas, progress, step_callback
+from .common import Evaluation, History, bind_model, check_sigmas, run_steps
+from .schedules import sd_alphas_cumprod
 
 PolySpace = Literal["t", "lambda", "rho"]
 POLY_SPACES: tuple[str, ...] = ("t", "lambda", "rho")
@@ -40,9 +41,8 @@ _GL_NODES = 24  # Gauss-Legendre nodes per step: the integrand is smooth in log 
 
 @functools.lru_cache(maxsize=1)
 def _sd_log_sigmas() -> torch.Tensor:
-    """log sigma of the 1000-step "scaled linear" VP schedule of SD1.x / SDXL (beta 0.00085..0.012)."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    acp = torch.cumprod(1.0 - betas, 0)
+    """log sigma of the 1000-step "scaled linear" VP schedule of SD1.x / SDXL."""
+    acp = sd_alphas_cumprod()
     return (((1 - acp) / acp) ** 0.5).log()
 
 
@@ -129,6 +129,39 @@ def _usable_order(sigma_hist: list[torch.Tensor], kind: Parameterisation, space:
     return k
 
 
+class DEISStep:
+    """tAB as a step of :func:`run_steps`: keeps the newest ``order`` noise predictions and their sigmas."""
+
+    def __init__(self, kind: Parameterisation, order: int, total_steps: int, poly_space: str, time_fn: TimeFn,
+                 lower_order_final: bool) -> None:
+        self.kind, self.total_steps, self.poly_space, self.time_fn = kind, total_steps, poly_space, time_fn
+        self.lower_order_final = lower_order_final
+        self.eps = History(order)
+        self.sigmas = History(order)
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        kind, sigma_next = self.kind, ev.sigma_next
+        a, a_next = alpha(ev.sigma, kind), alpha(sigma_next, kind)
+        eps = (ev.x - a * ev.denoised) / ev.sigma
+        hist_eps = self.eps.push(eps)
+        hist_sig = self.sigmas.push(ev.sigma)
+        k = min(len(hist_eps), _usable_order(hist_sig, kind, self.poly_space, self.time_fn))
+        if self.lower_order_final and self.total_steps < 10:
+            k = min(k, self.total_steps - ev.i)
+        if sigma_next == 0:
+            # the last jump is the data prediction itself (the limit g -> 0 of the first-order step)
+            return ev.denoised
+        if k == 1 or a == 0:
+            # DDIM (Eq. 13 with eps frozen), written so a flow model at sigma = 1 (alpha = 0) is exact
+            return a_next * ev.denoised + sigma_next * eps
+        c = tab_coefficients(hist_sig[-k:], sigma_next, kind, self.poly_space, self.time_fn)
+        # y_next = y_i + sum_j C_j eps_j, mapped back with x = alpha y
+        y = ev.x / a
+        for cj, ej in zip(c, hist_eps[-k:], strict=True):
+            y = y + cj * ej
+        return a_next * y
+
+
 @torch.no_grad()
 def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, order: int = 3,
                 parameterisation: Parameterisation = "eps", poly_space: PolySpace = "lambda",
@@ -141,33 +174,5 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     kind = check_parameterisation(parameterisation)
     sigmas = check_sigmas(sigmas, "DEIS")
     time_fn = default_time_fn(kind) if time_fn is None else time_fn
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
-    total = len(sigmas) - 1
-    hist_eps: list[torch.Tensor] = []
-    hist_sig: list[torch.Tensor] = []
-    for i in progress(total, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        step_callback(callback, x, i, sigma, denoised)
-        a, a_next = alpha(sigma, kind), alpha(sigma_next, kind)
-        eps = (x - a * denoised) / sigma
-        hist_eps = (hist_eps + [eps])[-order:]
-        hist_sig = (hist_sig + [sigma])[-order:]
-        k = min(len(hist_eps), _usable_order(hist_sig, kind, poly_space, time_fn))
-        if lower_order_final and total < 10:
-            k = min(k, total - i)
-        if sigma_next == 0:
-            # the last jump is the data prediction itself (the limit g -> 0 of the first-order step)
-            x = denoised
-        elif k == 1 or a == 0:
-            # DDIM (Eq. 13 with eps frozen), written so a flow model at sigma = 1 (alpha = 0) is exact
-            x = a_next * denoised + sigma_next * eps
-        else:
-            c = tab_coefficients(hist_sig[-k:], sigma_next, kind, poly_space, time_fn)
-            # y_next = y_i + sum_j C_j eps_j, mapped back with x = alpha y
-            y = x / a
-            for cj, ej in zip(c, hist_eps[-k:], strict=True):
-                y = y + cj * ej
-            x = a_next * y
-    return x
+    step = DEISStep(kind, order, len(sigmas) - 1, poly_space, time_fn, lower_order_final)
+    return run_steps(bind_model(model, extra_args), x, sigmas, step, callback, disable)

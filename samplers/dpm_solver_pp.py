@@ -23,7 +23,7 @@ for 3S in most cells.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -34,7 +34,7 @@ from ..utils.noise_schedule import (
     half_log_snr,
     sigma_from_half_log_snr,
 )
-from .common import check_sigmas, progress, step_callback
+from .common import Evaluation, History, bind_model, check_sigmas, run_steps
 
 FlowLambda = Literal["auto", "log_snr", "sigma"]
 FLOW_LAMBDAS: tuple[str, ...] = ("auto", "log_snr", "sigma")
@@ -71,13 +71,48 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float, max_value: float = ma
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-def _data_model(model, extra_args: dict, threshold_percentile: float, threshold_max: float,
+def _data_model(model, extra_args: dict | None, threshold_percentile: float, threshold_max: float,
                 threshold_floor: float = 1.0):
     """``model`` with optional dynamic thresholding of every data prediction (the paper's Sec. 4 setting)."""
+    denoise = bind_model(model, extra_args)
     if threshold_percentile <= 0.0:
-        return lambda x, sigma: model(x, sigma, **extra_args)
-    return lambda x, sigma: dynamic_threshold(model(x, sigma, **extra_args), threshold_percentile, threshold_max,
-                                              threshold_floor)
+        return denoise
+    return lambda x, sigma: dynamic_threshold(denoise(x, sigma), threshold_percentile, threshold_max, threshold_floor)
+
+
+class MultistepTerms(NamedTuple):
+    """The pieces of a DPM-Solver++ multistep step that its update and its effective data prediction share."""
+
+    h: torch.Tensor  # lambda_next - lambda
+    phi_1: torch.Tensor  # e^{-h} - 1
+    d1: torch.Tensor | None = None  # order 2: (m0 - m1) / r0; order 3: the extrapolated first difference
+    d2: torch.Tensor | None = None  # order 3: the second difference
+    phi_2: torch.Tensor | None = None
+    phi_3: torch.Tensor | None = None
+
+
+def multistep_terms(denoised: list[torch.Tensor], lambdas: list[torch.Tensor], sigma_next: torch.Tensor,
+                    kind: Parameterisation, order: int) -> MultistepTerms:
+    """Step size, exponential-integrator weights and divided differences of an order-``order`` step.
+
+    ``denoised`` and ``lambdas`` are newest-last histories; ``lambdas[-1]`` belongs to the current sigma.
+    """
+    h = half_log_snr(sigma_next, kind) - lambdas[-1]
+    phi_1 = torch.expm1(-h)
+    if order == 1:
+        return MultistepTerms(h, phi_1)
+    m0 = denoised[-1]
+    r0 = (lambdas[-1] - lambdas[-2]) / h
+    d1_0 = (m0 - denoised[-2]) / r0
+    if order == 2:
+        return MultistepTerms(h, phi_1, d1_0)
+    r1 = (lambdas[-2] - lambdas[-3]) / h
+    d1_1 = (denoised[-2] - denoised[-3]) / r1
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi_2 = phi_1 / h + 1.0
+    phi_3 = phi_2 / h - 0.5
+    return MultistepTerms(h, phi_1, d1, d2, phi_2, phi_3)
 
 
 def _multistep_update(
@@ -89,33 +124,19 @@ def _multistep_update(
     kind: Parameterisation,
     order: int,
 ) -> torch.Tensor:
-    """One DPM-Solver++ multistep update of the given order from the newest ``order`` data predictions.
-
-    ``denoised`` and ``lambdas`` are newest-last histories; ``lambdas[-1]`` belongs to ``sigma``.
-    """
+    """One DPM-Solver++ multistep update of the given order from the newest ``order`` data predictions."""
     m0 = denoised[-1]
     if sigma_next == 0:
         # lambda_next = +inf: every exponential-integrator weight collapses onto x0 (the limit of Eq. 9).
         return m0
     alpha_next = alpha(sigma_next, kind)
-    h = half_log_snr(sigma_next, kind) - lambdas[-1]
-    phi_1 = torch.expm1(-h)  # e^{-h} - 1
-    x_next = (sigma_next / sigma) * x - alpha_next * phi_1 * m0
+    t = multistep_terms(denoised, lambdas, sigma_next, kind, order)
+    x_next = (sigma_next / sigma) * x - alpha_next * t.phi_1 * m0
     if order == 1:
         return x_next
-    h_0 = lambdas[-1] - lambdas[-2]
-    r0 = h_0 / h
-    d1_0 = (m0 - denoised[-2]) / r0
     if order == 2:
-        return x_next - 0.5 * alpha_next * phi_1 * d1_0
-    h_1 = lambdas[-2] - lambdas[-3]
-    r1 = h_1 / h
-    d1_1 = (denoised[-2] - denoised[-3]) / r1
-    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
-    phi_2 = phi_1 / h + 1.0
-    phi_3 = phi_2 / h - 0.5
-    return x_next + alpha_next * phi_2 * d1 - alpha_next * phi_3 * d2
+        return x_next - 0.5 * alpha_next * t.phi_1 * t.d1
+    return x_next + alpha_next * t.phi_2 * t.d1 - alpha_next * t.phi_3 * t.d2
 
 
 def finite_tail(lambdas: list[torch.Tensor]) -> int:
@@ -145,6 +166,27 @@ def effective_order(step: int, total_steps: int, order: int, history: int, lower
     return max(k, 1)
 
 
+class MultistepStep:
+    """DPM-Solver++ multistep as a step of :func:`run_steps`: keeps the newest ``order`` data predictions and
+    their lambdas, and picks the order each step can use."""
+
+    def __init__(self, kind: Parameterisation, order: int, total_steps: int, lower_order_final: bool) -> None:
+        self.kind, self.order, self.total_steps, self.lower_order_final = kind, order, total_steps, lower_order_final
+        self.denoised = History(order)
+        self.lambdas = History(order)
+
+    def observe(self, ev: Evaluation) -> int:
+        """Record an evaluation; returns the order the step from it can use."""
+        self.denoised.push(ev.denoised)
+        lambdas = self.lambdas.push(half_log_snr(ev.sigma, self.kind))
+        return effective_order(ev.i, self.total_steps, self.order, finite_tail(lambdas), self.lower_order_final)
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        k = self.observe(ev)
+        return _multistep_update(ev.x, self.denoised.items, self.lambdas.items, ev.sigma, ev.sigma_next, self.kind,
+                                 k)
+
+
 @torch.no_grad()
 def sample_dpmpp_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, order: int = 2,
                            parameterisation: Parameterisation = "eps", lower_order_final: bool = True,
@@ -155,21 +197,9 @@ def sample_dpmpp_multistep(model, x, sigmas, extra_args=None, callback=None, dis
         raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3, got {order}")
     kind = integration_kind(check_parameterisation(parameterisation), flow_lambda)
     sigmas = check_sigmas(sigmas, "DPM-Solver++ multistep")
-    data = _data_model(model, {} if extra_args is None else extra_args, threshold_percentile, threshold_max,
-                       threshold_floor)
-    s_in = x.new_ones([x.shape[0]])
-    total = len(sigmas) - 1
-    hist_x0: list[torch.Tensor] = []
-    hist_lam: list[torch.Tensor] = []
-    for i in progress(total, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = data(x, sigma * s_in)
-        step_callback(callback, x, i, sigma, denoised)
-        hist_x0 = (hist_x0 + [denoised])[-order:]
-        hist_lam = (hist_lam + [half_log_snr(sigma, kind)])[-order:]
-        k = effective_order(i, total, order, finite_tail(hist_lam), lower_order_final)
-        x = _multistep_update(x, hist_x0, hist_lam, sigma, sigma_next, kind, k)
-    return x
+    data = _data_model(model, extra_args, threshold_percentile, threshold_max, threshold_floor)
+    step = MultistepStep(kind, order, len(sigmas) - 1, lower_order_final)
+    return run_steps(data, x, sigmas, step, callback, disable)
 
 
 @torch.no_grad()
@@ -244,12 +274,10 @@ def sample_dpmpp_singlestep(model, x, sigmas, extra_args=None, callback=None, di
         raise ValueError(f"DPM-Solver++ singlestep order must be 1, 2 or 3, got {order}")
     kind = integration_kind(check_parameterisation(parameterisation), flow_lambda, singlestep=True)
     sigmas = check_sigmas(sigmas, "DPM-Solver++ singlestep")
-    data = _data_model(model, {} if extra_args is None else extra_args, threshold_percentile, threshold_max,
-                       threshold_floor)
+    data = _data_model(model, extra_args, threshold_percentile, threshold_max, threshold_floor)
     s_in = x.new_ones([x.shape[0]])
-    for i in progress(len(sigmas) - 1, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = data(x, sigma * s_in)
-        step_callback(callback, x, i, sigma, denoised)
-        x = singlestep_update(data, x, denoised, sigma, sigma_next, kind, order, s_in)
-    return x
+
+    def step(ev: Evaluation) -> torch.Tensor:
+        return singlestep_update(data, ev.x, ev.denoised, ev.sigma, ev.sigma_next, kind, order, s_in)
+
+    return run_steps(data, x, sigmas, step, callback, disable)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..utils.noise_schedule import Parameterisation, alpha, check_parameterisation, half_log_snr
-from .common import check_sigmas, progress, step_callback
+from .common import Evaluation, History, bind_model, check_sigmas, run_steps
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,59 +77,66 @@ def _correct(p: _Pending, m_t: torch.Tensor, x_probe: torch.Tensor) -> torch.Ten
     return p.x_euler + 0.5 * p.sigma_t * p.h / zeta * b_theta
 
 
-@torch.no_grad()
-def sample_evodiff(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                   parameterisation: Parameterisation = "eps", lower_order_final: bool = True, **_ignored):
-    """EVODiff second-order variance-optimised multistep solver (Li et al., arXiv:2509.26096)."""
-    kind = check_parameterisation(parameterisation)
-    sigmas = check_sigmas(sigmas, "EVODiff")
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
-    total = len(sigmas) - 1
-    positive = sigmas[sigmas > 0]
-    t_lo = float(positive.min()) if len(positive) else 0.0
-    t_hi = float(sigmas.max())
-    big_steps = total > 20
-    m_hist: list[torch.Tensor] = []
-    s_hist: list[torch.Tensor] = []
-    pending: _Pending | None = None
-    for i in progress(total, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        if pending is not None:
-            x = _correct(pending, denoised, x)
-            pending = None
-        step_callback(callback, x, i, sigma, denoised)
-        m_hist = (m_hist + [denoised])[-2:]
-        s_hist = (s_hist + [sigma])[-2:]
+class EVODiffStep:
+    """The solver as a step of :func:`run_steps`; :meth:`correct` applies the pending correction of a probe."""
+
+    def __init__(self, kind: Parameterisation, sigmas: torch.Tensor, lower_order_final: bool) -> None:
+        self.kind, self.lower_order_final = kind, lower_order_final
+        self.total_steps = len(sigmas) - 1
+        positive = sigmas[sigmas > 0]
+        self.t_lo = float(positive.min()) if len(positive) else 0.0
+        self.t_hi = float(sigmas.max())
+        self.big_steps = self.total_steps > 20
+        self.denoised = History(2)
+        self.sigmas = History(2)
+        self.pending: _Pending | None = None
+
+    def correct(self, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        if self.pending is None:
+            return x
+        x = _correct(self.pending, denoised, x)
+        self.pending = None
+        return x
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        kind, x, i, sigma, sigma_next, denoised = self.kind, ev.x, ev.i, ev.sigma, ev.sigma_next, ev.denoised
+        m_hist = self.denoised.push(denoised)
+        s_hist = self.sigmas.push(sigma)
         if sigma_next == 0:
-            x = denoised
-            continue
+            return denoised
         lam_s, lam_t = half_log_snr(sigma, kind), half_log_snr(sigma_next, kind)
         ratio = sigma_next / sigma
         if not torch.isfinite(lam_s):
             # alpha = 0 (flow at sigma = 1): DDIM is x_t = sigma_t x + alpha_t m_0
-            x = ratio * x + alpha(sigma_next, kind) * denoised
-            continue
+            return ratio * x + alpha(sigma_next, kind) * denoised
         h = lam_t.exp() - lam_s.exp()
         x_euler = ratio * x + sigma_next * h * denoised
         lam_prev = half_log_snr(s_hist[0], kind) if len(s_hist) == 2 else None
-        last_step = lower_order_final and i == total - 1
+        last_step = self.lower_order_final and i == self.total_steps - 1
         if lam_prev is None or not torch.isfinite(lam_prev) or last_step:
-            x = x_euler
-            continue
+            return x_euler
         m0, m1 = m_hist[-1], m_hist[-2]
         m0_m0 = _dot(m0, m0)
         # r_i of the paper: ratio of the previous to the current step in log-SNR (DPM-Solver++'s r0)
         r_logh = (lam_s - lam_prev) / (lam_t - lam_s)
-        t_norm = (float(sigma_next) + t_lo) / (t_hi + t_lo)
+        t_norm = (float(sigma_next) + self.t_lo) / (self.t_hi + self.t_lo)
         w = 0.5 * (1 - t_norm**2)
         baser = torch.sqrt(ratio / (sigma / s_hist[0]))
         r1 = (1 - w) * baser + w * _proj(m0, m1)
         d1_0 = m0 - r1 * m1  # variance-reduced difference (the paper's balanced difference)
         r_i = (torch.sigmoid(0.25 * r1.abs()) * r_logh).clamp(0.25 * r_logh, 1.5 * r_logh)
         x = x_euler + 0.5 * sigma_next * h / r_i * d1_0
-        if i + 1 < total:  # the next model call, at this probe, corrects it
-            pending = _Pending(x_euler, d1_0, r_logh, r_i, h, sigma_next, ratio, w, baser, m0, m1, m0_m0, big_steps)
-    return x
+        if i + 1 < self.total_steps:  # the next model call, at this probe, corrects it
+            self.pending = _Pending(x_euler, d1_0, r_logh, r_i, h, sigma_next, ratio, w, baser, m0, m1, m0_m0,
+                                    self.big_steps)
+        return x
 
+
+@torch.no_grad()
+def sample_evodiff(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                   parameterisation: Parameterisation = "eps", lower_order_final: bool = True, **_ignored):
+    """EVODiff second-order variance-optimised multistep solver (Li et al., arXiv:2509.26096)."""
+    kind = check_parameterisation(parameterisation)
+    sigmas = check_sigmas(sigmas, "EVODiff")
+    step = EVODiffStep(kind, sigmas, lower_order_final)
+    return run_steps(bind_model(model, extra_args), x, sigmas, step, callback, disable, correct=step.correct)

@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 
 from ..utils.noise_schedule import Parameterisation, check_parameterisation
-from .common import check_sigmas
+from .common import Evaluation, History, bind_model, check_sigmas, run_steps
 from .dpm_solver_pp import sample_dpmpp_multistep
 from .time_shift import vp_norm
 
@@ -57,30 +57,34 @@ TEACHERS: tuple[str, ...] = ("ipndm", "dpmpp_2m")
 _IPNDM = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
 
+class _IPNDMTeacher:
+    """iPNDM as a step of :func:`run_steps` that keeps every state and derivative (float32, on the CPU)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.states = [x.detach().float().cpu()]
+        self.derivs: list[torch.Tensor] = []
+        self.history = History(len(_IPNDM))
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        d = (ev.x - ev.denoised) / ev.sigma
+        newest_first = self.history.push(d)[::-1]
+        weights = _IPNDM[len(newest_first) - 1]
+        step = sum(w * h for w, h in zip(weights, newest_first, strict=True))
+        x = ev.x + (ev.sigma_next - ev.sigma) * step
+        self.derivs.append(d.detach().float().cpu())
+        self.states.append(x.detach().float().cpu())
+        return x
+
+
 @torch.no_grad()
 def ipndm_trajectory(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                      callback=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve with iPNDM on ``sigmas`` and keep the path: states ``[N+1, B, ...]`` and derivatives ``[N, B, ...]``
     (float32, on the CPU)."""
-    extra_args = {} if extra_args is None else extra_args
     sigmas = check_sigmas(sigmas, "GITS teacher")
-    s_in = x.new_ones([x.shape[0]])
-    states = [x.detach().float().cpu()]
-    derivs: list[torch.Tensor] = []
-    history: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        d = (x - denoised) / sigma
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        history = ([d] + history)[:4]
-        weights = _IPNDM[len(history) - 1]
-        step = sum(w * h for w, h in zip(weights, history, strict=True))
-        x = x + (sigma_next - sigma) * step
-        derivs.append(d.detach().float().cpu())
-        states.append(x.detach().float().cpu())
-    return torch.stack(states), torch.stack(derivs)
+    teacher = _IPNDMTeacher(x)
+    run_steps(bind_model(model, extra_args), x, sigmas, teacher, callback, disable=True)
+    return torch.stack(teacher.states), torch.stack(teacher.derivs)
 
 
 def dpmpp_2m_trajectory(model, x: torch.Tensor, sigmas: torch.Tensor, kind: Parameterisation = "eps",

@@ -25,15 +25,16 @@ from typing import Literal
 
 import torch
 
-from ..utils.noise_schedule import Parameterisation, alpha, check_parameterisation, half_log_snr
-from .common import check_sigmas, progress, step_callback
+from ..utils.noise_schedule import Parameterisation, alpha, check_parameterisation
+from .common import Evaluation, History, bind_model, check_sigmas, run_steps
 from .dpm_solver_pp import (
     FlowLambda,
+    MultistepStep,
+    MultistepTerms,
     _data_model,
     _multistep_update,
-    effective_order,
-    finite_tail,
     integration_kind,
+    multistep_terms,
 )
 
 MomentumKind = Literal["hb", "ghvb"]
@@ -74,25 +75,48 @@ def ghvb_mix(order: int, hist: list[torch.Tensor], b: float) -> torch.Tensor:
     raise ValueError(f"GHVB supports orders 1 to 4, got {k}")
 
 
-def _multistep_direction(denoised: list[torch.Tensor], lambdas: list[torch.Tensor], sigma_next: torch.Tensor,
-                         kind: Parameterisation, order: int) -> torch.Tensor:
+class HeavyBall:
+    """Polyak's heavy ball, ``v_n = (1 - beta) v_{n-1} + beta d_n`` from ``v_0 = d_0`` (paper Eq. 11)."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+        self.velocity: torch.Tensor | None = None
+
+    def __call__(self, direction: torch.Tensor) -> torch.Tensor:
+        v = self.velocity
+        self.velocity = direction if v is None else (1.0 - self.beta) * v + self.beta * direction
+        return self.velocity
+
+
+def _multistep_direction(denoised: list[torch.Tensor], terms: MultistepTerms, order: int) -> torch.Tensor:
     """Effective data prediction D of a DPM-Solver++ multistep step: x_next = r x - alpha_next phi_1 D."""
     m0 = denoised[-1]
     if order == 1:
         return m0
-    h = half_log_snr(sigma_next, kind) - lambdas[-1]
-    r0 = (lambdas[-1] - lambdas[-2]) / h
-    d1_0 = (m0 - denoised[-2]) / r0
     if order == 2:
-        return m0 + 0.5 * d1_0
-    phi_1 = torch.expm1(-h)
-    r1 = (lambdas[-2] - lambdas[-3]) / h
-    d1_1 = (denoised[-2] - denoised[-3]) / r1
-    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
-    phi_2 = phi_1 / h + 1.0
-    phi_3 = phi_2 / h - 0.5
-    return m0 - (phi_2 / phi_1) * d1 + (phi_3 / phi_1) * d2
+        return m0 + 0.5 * terms.d1
+    return m0 - (terms.phi_2 / terms.phi_1) * terms.d1 + (terms.phi_3 / terms.phi_1) * terms.d2
+
+
+class HeavyBallStep(MultistepStep):
+    """DPM-Solver++ multistep whose effective data prediction runs through a heavy ball (Sec. 4.1)."""
+
+    def __init__(self, kind: Parameterisation, order: int, total_steps: int, lower_order_final: bool,
+                 beta: float) -> None:
+        super().__init__(kind, order, total_steps, lower_order_final)
+        self.ball = HeavyBall(beta)
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        k = self.observe(ev)
+        denoised, lambdas = self.denoised.items, self.lambdas.items
+        if self.ball.beta == 1.0 or ev.sigma_next == 0 or (k == 1 and self.ball.velocity is None):
+            # no momentum: exactly the plain solver's arithmetic; the last jump to 0 is the denoised state, and
+            # the first-order warm-up step stays plain (the velocity starts at the first multistep direction,
+            # as in the official scheduler)
+            return _multistep_update(ev.x, denoised, lambdas, ev.sigma, ev.sigma_next, self.kind, k)
+        terms = multistep_terms(denoised, lambdas, ev.sigma_next, self.kind, k)
+        vel = self.ball(_multistep_direction(denoised, terms, k))
+        return (ev.sigma_next / ev.sigma) * ev.x - alpha(ev.sigma_next, self.kind) * terms.phi_1 * vel
 
 
 @torch.no_grad()
@@ -105,30 +129,35 @@ def sample_dpmpp_hb(model, x, sigmas, extra_args=None, callback=None, disable=No
     beta = check_beta(beta)
     kind = integration_kind(check_parameterisation(parameterisation), flow_lambda)
     sigmas = check_sigmas(sigmas, "DPM-Solver++ heavy ball")
-    data = _data_model(model, {} if extra_args is None else extra_args, 0.0, math.inf)
-    s_in = x.new_ones([x.shape[0]])
-    total = len(sigmas) - 1
-    hist_x0: list[torch.Tensor] = []
-    hist_lam: list[torch.Tensor] = []
-    vel: torch.Tensor | None = None
-    for i in progress(total, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = data(x, sigma * s_in)
-        step_callback(callback, x, i, sigma, denoised)
-        hist_x0 = (hist_x0 + [denoised])[-order:]
-        hist_lam = (hist_lam + [half_log_snr(sigma, kind)])[-order:]
-        k = effective_order(i, total, order, finite_tail(hist_lam), lower_order_final)
-        if beta == 1.0 or sigma_next == 0 or (k == 1 and vel is None):
-            # no momentum: exactly the plain solver's arithmetic; the last jump to 0 is the denoised state, and
-            # the first-order warm-up step stays plain (the velocity starts at the first multistep direction,
-            # as in the official scheduler)
-            x = _multistep_update(x, hist_x0, hist_lam, sigma, sigma_next, kind, k)
-            continue
-        direction = _multistep_direction(hist_x0, hist_lam, sigma_next, kind, k)
-        vel = direction if vel is None else (1.0 - beta) * vel + beta * direction
-        h = half_log_snr(sigma_next, kind) - hist_lam[-1]
-        x = (sigma_next / sigma) * x - alpha(sigma_next, kind) * torch.expm1(-h) * vel
-    return x
+    data = _data_model(model, extra_args, 0.0, math.inf)
+    step = HeavyBallStep(kind, order, len(sigmas) - 1, lower_order_final, beta)
+    return run_steps(data, x, sigmas, step, callback, disable)
+
+
+class PLMSMomentumStep:
+    """PLMS (Adams-Bashforth on the noise prediction) in ``y = x / alpha``, ``g = sigma / alpha``, with GHVB or HB."""
+
+    def __init__(self, kind: Parameterisation, order: int, beta: float, momentum: MomentumKind) -> None:
+        self.kind, self.order, self.momentum = kind, order, momentum
+        self.ball = HeavyBall(beta)
+        self.history = History(order)
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        a, a_next = alpha(ev.sigma, self.kind), alpha(ev.sigma_next, self.kind)
+        eps = (ev.x - a * ev.denoised) / ev.sigma
+        if self.momentum == "ghvb":
+            # velocity of the raw evaluations, then beta-dependent AB weights (Eq. 15)
+            update = ghvb_mix(self.order, self.history.push(self.ball(eps)), self.ball.beta)
+        else:
+            # HB: average the AB-k direction itself (Eq. 11)
+            update = self.ball(ghvb_mix(self.order, self.history.push(eps), 1.0))
+        if ev.sigma_next == 0:
+            return ev.denoised
+        if a == 0:
+            # flow model at sigma = 1 (g infinite): the first step is DDIM, exact in the limit
+            return a_next * ev.denoised + ev.sigma_next * update
+        # y_next = y + (g_next - g) * update  with y = x / alpha, g = sigma / alpha
+        return (a_next / a) * ev.x + (ev.sigma_next - a_next * ev.sigma / a) * update
 
 
 @torch.no_grad()
@@ -142,33 +171,5 @@ def sample_plms_momentum(model, x, sigmas, extra_args=None, callback=None, disab
         raise ValueError(f"momentum order must be at most 4 (4.0 = fourth-order PLMS), got {order}")
     kind = check_parameterisation(parameterisation)
     sigmas = check_sigmas(sigmas, "PLMS momentum")
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
-    hist: list[torch.Tensor] = []
-    vel: torch.Tensor | None = None
-    for i in progress(len(sigmas) - 1, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        step_callback(callback, x, i, sigma, denoised)
-        a, a_next = alpha(sigma, kind), alpha(sigma_next, kind)
-        eps = (x - a * denoised) / sigma
-        if momentum == "ghvb":
-            # velocity of the raw evaluations, then beta-dependent AB weights (Eq. 15)
-            vel = eps if vel is None else (1.0 - beta) * vel + beta * eps
-            hist = (hist + [vel])[-k:]
-            update = ghvb_mix(k, hist, beta)
-        else:
-            # HB: average the AB-k direction itself (Eq. 11)
-            hist = (hist + [eps])[-k:]
-            direction = ghvb_mix(k, hist, 1.0)
-            vel = direction if vel is None else (1.0 - beta) * vel + beta * direction
-            update = vel
-        if sigma_next == 0:
-            x = denoised
-        elif a == 0:
-            # flow model at sigma = 1 (g infinite): the first step is DDIM, exact in the limit
-            x = a_next * denoised + sigma_next * update
-        else:
-            # y_next = y + (g_next - g) * update  with y = x / alpha, g = sigma / alpha
-            x = (a_next / a) * x + (sigma_next - a_next * sigma / a) * update
-    return x
+    step = PLMSMomentumStep(kind, k, beta, momentum)
+    return run_steps(bind_model(model, extra_args), x, sigmas, step, callback, disable)

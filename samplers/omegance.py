@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.noise_schedule import Parameterisation, check_parameterisation
-from .time_shift import DenoiseFn, DenoiserProxy, per_sample_sigma, wrap_sampler_function
+from .wrapping import DenoiseFn, DenoiserProxy, per_sample_sigma, wrap_sampler_function
 
 SCHEDULES = ("constant", "linear", "cosine")
 SCALE_RANGE: dict[str, tuple[float, float]] = {"eps": (0.95, 1.05), "flow": (0.9, 1.1)}

@@ -1,4 +1,4 @@
-"""Noise schedules as sigma lists (pure torch).
+"""Noise schedules: the logistic schedule as sigma lists, and Stable Diffusion's training schedule (pure torch).
 
 Logistic schedule: Lin et al., "Schedule Your Edit: A Simple yet Effective Diffusion Noise Schedule for Image
 Editing", arXiv:2410.18756 (NeurIPS 2024). The signal fraction follows a logistic curve in the (normalised)
@@ -65,3 +65,12 @@ def logistic_sigmas(steps: int, kind: Parameterisation, sigma_min: float, sigma_
     sig = sigma_from_half_log_snr(logistic_half_log_snr(t, k, t0), kind)
     sig = sig.clamp(sigma_min, sigma_max)
     return torch.cat([sig, sig.new_zeros(1)]).to(torch.float32)
+
+
+def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """``abar_k`` of Stable Diffusion's "scaled linear" DDPM training schedule (SD1.x / SDXL), in float64.
+
+    Samplers that need a model's time but are given no host fall back to it, and tests model SD with it.
+    """
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)

@@ -30,9 +30,7 @@ On ComfyUI's sigma axis (``x = alpha(sigma) x0 + sigma eps``):
   so ``window`` and ``cutoff`` are fractions of the training schedule (the paper's 30 and 300 of 1000 steps are
   0.03 and 0.3).
 
-This module also holds the small plumbing every sampler wrapper in this pack uses: a denoiser proxy that keeps
-the attributes ComfyUI's samplers read from the model (``inner_model``, ``sigmas``...), and a function that
-wraps any k-diffusion-signature sampler function.
+The proxy that carries the shifted call into any sampler function is in ``wrapping.py``.
 """
 
 from __future__ import annotations
@@ -44,55 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils.noise_schedule import Parameterisation, alpha, check_parameterisation
-
-DenoiseFn = Callable[..., torch.Tensor]
-
-
-class DenoiserProxy:
-    """A k-diffusion denoiser ``model(x, sigma, **kw)`` whose call is replaced by ``fn(inner, x, sigma, **kw)``.
-
-    Every other attribute is read from the wrapped denoiser, because ComfyUI's sampler functions reach through
-    the model they are given (``model.inner_model.model_patcher``, ``model.inner_model.inner_model.model_sampling``).
-    """
-
-    def __init__(self, inner: DenoiseFn, fn: Callable[..., torch.Tensor]) -> None:
-        self.__dict__["_inner"] = inner
-        self.__dict__["_fn"] = fn
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self._fn(self._inner, x, sigma, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self.__dict__["_inner"], name)
-
-
-def wrap_sampler_function(sampler_fn: Callable, make_denoiser: Callable[..., DenoiserProxy],
-                          on_finish: Callable[[DenoiserProxy], None] | None = None) -> Callable:
-    """Wrap a sampler ``fn(model, x, sigmas, extra_args, callback, disable, **opts)`` so it samples through
-    ``make_denoiser(model, x, sigmas)``; state lives in that proxy, so every run starts clean."""
-
-    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-        proxy = make_denoiser(model, x, sigmas)
-        try:
-            return sampler_fn(proxy, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
-        finally:
-            if on_finish is not None:
-                on_finish(proxy)
-
-    sampler.__name__ = getattr(sampler_fn, "__name__", "sampler")
-    sampler.__doc__ = getattr(sampler_fn, "__doc__", None)
-    return sampler
-
-
-def per_sample_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    s = torch.as_tensor(sigma, device=x.device)
-    s = s.reshape(-1)
-    return s.expand(x.shape[0]) if s.numel() == 1 else s
-
-
-def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample vector ``[B]`` to broadcast against ``x``."""
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
+from .wrapping import DenoiseFn, DenoiserProxy, bcast, per_sample_sigma, wrap_sampler_function
 
 
 @dataclass(frozen=True)
@@ -124,12 +74,6 @@ def vp_discrete_axis(alphas_cumprod: torch.Tensor) -> TimeAxis:
         return ((idx - 1 + frac) / (n - 1)).reshape(sigma.shape).to(sigma.dtype)
 
     return TimeAxis(t_of_sigma, sigma_of_t)
-
-
-def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
-    """Stable Diffusion's scaled-linear training schedule (for tests and model-free defaults)."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0)
 
 
 def flow_axis() -> TimeAxis:

@@ -391,6 +391,66 @@ def test_percent_window_is_validated():
     assert node_class("PreprintDeepCache").validate_inputs(start_percent=0.0, end_percent=1.0) is True
 
 
+
+# (node, widget values that cannot run, values that can): checked by validate_inputs before anything is queued
+WIDGET_CHECKS = [
+    ("PreprintDeepCache", {"start_percent": 0.8, "end_percent": 0.2}, {"start_percent": 0.2, "end_percent": 0.8}),
+    ("PreprintDeepCache", {"cache_interval": 0}, {"cache_interval": 1}),
+    ("PreprintDeepCache", {"schedule": "sometimes"}, {"schedule": "non-uniform"}),
+    ("PreprintBlockCache", {"start_percent": 0.5, "end_percent": 1.5}, {"start_percent": 0.5, "end_percent": 1.0}),
+    ("PreprintBlockCache", {"mode": "offline"}, {"mode": "calibrate"}),
+    ("PreprintBlockCache", {"threshold": -0.1}, {"threshold": 0.0}),
+    ("PreprintBlockCache", {"mode": "profile", "profile_name": "../escape"},
+     {"mode": "profile", "profile_name": "my profile.json"}),
+    ("PreprintEncoderPropagation", {"start_percent": 0.9, "end_percent": 0.1},
+     {"start_percent": 0.1, "end_percent": 0.9}),
+    ("PreprintEncoderPropagation", {"key_steps": "every other"}, {"key_steps": "uniform"}),
+    ("PreprintEncoderPropagation", {"key_interval": 0}, {"key_interval": 50}),
+    ("PreprintDiTBlockCache", {"start_percent": 0.7, "end_percent": 0.3}, {"start_percent": 0.3, "end_percent": 0.7}),
+    ("PreprintDiTBlockCache", {"threshold": -1.0}, {"threshold": 2.0}),
+    ("PreprintDiTBlockCache", {"extrapolation_order": 4}, {"extrapolation_order": 3}),
+]
+
+
+@pytest.mark.parametrize("node_id,bad,good", WIDGET_CHECKS,
+                         ids=[f"{n}-{'-'.join(bad)}" for n, bad, _ in WIDGET_CHECKS])
+def test_widget_values_that_cannot_run_are_rejected_before_a_run(node_id, bad, good):
+    cls = node_class(node_id)
+    message = cls.validate_inputs(**bad)
+    assert isinstance(message, str) and message.startswith(cls.define_schema().display_name + ": "), message
+    assert cls.validate_inputs(**good) is True
+
+
+def test_linked_inputs_and_unused_widgets_are_left_to_the_run():
+    for node_id in ("PreprintDeepCache", "PreprintBlockCache", "PreprintEncoderPropagation", "PreprintDiTBlockCache"):
+        assert node_class(node_id).validate_inputs() is True  # every checked input linked
+    block_cache = node_class("PreprintBlockCache")
+    # online mode reads no profile; a linked mode may turn out online
+    assert block_cache.validate_inputs(mode="online", profile_name="../escape") is True
+    assert block_cache.validate_inputs(profile_name="../escape") is True
+
+
+def test_comfyui_validation_runs_the_checks_and_keeps_its_own():
+    """Through ComfyUI's own prompt validation: the node's check answers for the inputs it names, ComfyUI's range
+    check still holds for the others."""
+    import asyncio
+
+    import execution
+
+    def errors(**widgets):
+        prompt = {"1": {"class_type": "PreprintTinyTestModel", "inputs": {"architecture": "sd15", "weights_seed": 0}},
+                  "2": {"class_type": "PreprintDeepCache",
+                        "inputs": {"model": ["1", 0], "cache_interval": 3, "branch_depth": 0, "schedule": "uniform",
+                                   **P, **widgets}}}
+        return asyncio.run(execution.validate_inputs("test", prompt, "2", {}))[1]
+
+    assert errors() == []
+    ours = errors(cache_interval=0)  # ComfyUI files the message once per input the check names
+    assert ours and all(e["type"] == "custom_validation_failed" for e in ours)
+    assert "DeepCache (Preprint): cache_interval" in ours[0]["details"]
+    (theirs,) = errors(branch_depth=21)
+    assert theirs["type"] == "value_bigger_than_max"
+
 def test_deepcache_composes_with_preprint_pag(sd15):
     def pag(m):
         return run_node("PreprintPerturbedAttentionGuidance", model=m, scale=3.0, layers="", adaptive_scale=0.0,

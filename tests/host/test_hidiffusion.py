@@ -86,15 +86,16 @@ def test_msw_msa_attends_in_windows_on_the_top_layers(sd15, monkeypatch):
 
     from .harness import node_class
 
-    glue = sys.modules[node_class("PreprintHiDiffusion").__module__]  # the module ComfyUI loaded
+    pack = node_class("PreprintHiDiffusion").__module__.rsplit(".", 2)[0]  # the package ComfyUI loaded
+    runtime = sys.modules[f"{pack}.highres.hidiffusion_runtime"]
     seen = []
-    real = glue.windowed_attention
+    real = runtime.windowed_attention
 
     def spy(q, k, v, height, width, shift, attention):
         seen.append((height, width, shift))
         return real(q, k, v, height, width, shift, attention)
 
-    monkeypatch.setattr(glue, "windowed_attention", spy)
+    monkeypatch.setattr(runtime, "windowed_attention", spy)
     m = hidiff(sd15, raunet=False)
     out = run_sampling(m, "sd15", steps=4, height=12, width=10)
     assert {(h, w) for h, w, _ in seen} == {(12, 10)}  # input 1, 2 and output 9-11: full latent size

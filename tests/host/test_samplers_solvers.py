@@ -121,6 +121,58 @@ def test_dpmpp_thresholding_inputs_reach_the_sampler():
                  threshold_max=1.5, threshold_floor=2.0)
 
 
+def comfy_validation(class_type: str, **inputs) -> list[str]:
+    """The errors ComfyUI's own prompt validator reports for a one-node prompt of widget values (a failed
+    validate_inputs is reported once per input it names)."""
+    import asyncio
+
+    import execution
+
+    prompt = {"1": {"class_type": class_type, "inputs": inputs}}
+    ok, errors, _ = asyncio.run(execution.validate_inputs("preprint-test", prompt, "1", {}))
+    assert ok == (not errors)
+    return [f"{e['message']}: {e['details']}" for e in errors]
+
+
+def test_dpmpp_threshold_range_is_refused_before_queueing():
+    from preprint.nodes.samplers import PreprintSamplerDPMSolverPP as node
+
+    msg = node.validate_inputs(dynamic_thresholding=True, threshold_max=1.5, threshold_floor=2.0)
+    assert isinstance(msg, str) and msg.startswith("DPM-Solver++ (Preprint): threshold_max (1.5)"), msg
+    msg = node.validate_inputs(dynamic_thresholding=True, threshold_max=0.0, threshold_floor=0.0)
+    assert isinstance(msg, str) and msg.startswith("DPM-Solver++ (Preprint): threshold_floor"), msg
+    assert node.validate_inputs(dynamic_thresholding=True, threshold_max=10.0, threshold_floor=2.0) is True
+    assert node.validate_inputs(dynamic_thresholding=False, threshold_max=1.5, threshold_floor=2.0) is True
+    assert node.validate_inputs(dynamic_thresholding=True, threshold_max=None, threshold_floor=2.0) is True
+    widgets = {"solver": "2M", "lower_order_final": True, "dynamic_thresholding": True, "threshold_floor": 2.0}
+    errors = comfy_validation("PreprintSamplerDPMSolverPP", **widgets, threshold_max=1.5)
+    assert errors and all("DPM-Solver++ (Preprint): threshold_max (1.5) is below threshold_floor" in e for e in errors)
+    assert comfy_validation("PreprintSamplerDPMSolverPP", **widgets, threshold_max=0.0) == []
+    # options left out take execute's defaults: threshold_max 0.5 is below the default floor 1, refused only when on
+    assert comfy_validation("PreprintSamplerDPMSolverPP", solver="2M", lower_order_final=True, threshold_max=0.5) == []
+    assert comfy_validation("PreprintSamplerDPMSolverPP", solver="2M", lower_order_final=True,
+                            dynamic_thresholding=True, threshold_max=0.5) != []
+
+
+def test_momentum_choices_are_refused_before_queueing():
+    from preprint.nodes.samplers import PreprintSamplerMomentum as node
+
+    msg = node.validate_inputs(solver="dpmpp_2m", momentum="ghvb")
+    assert isinstance(msg, str) and msg.startswith("Momentum Solver (GHVB / Heavy Ball, Preprint): GHVB is defined")
+    msg = node.validate_inputs(solver="dpmpp_4m", momentum="hb")
+    assert isinstance(msg, str) and msg.startswith("Momentum Solver (GHVB / Heavy Ball, Preprint): unknown solver")
+    assert node.validate_inputs(solver="dpmpp_2m", momentum="hb") is True
+    assert node.validate_inputs(solver="plms", momentum="ghvb") is True
+    widgets = {"solver": "dpmpp_2m", "order": 2, "beta": 0.8}
+    errors = comfy_validation("PreprintSamplerMomentum", **widgets, momentum="ghvb")
+    assert errors and all("Momentum Solver (GHVB / Heavy Ball, Preprint): GHVB is defined for PLMS" in e
+                          for e in errors)
+    assert comfy_validation("PreprintSamplerMomentum", **widgets, momentum="hb") == []
+    # the inputs the check does not name keep ComfyUI's own range check
+    (error,) = comfy_validation("PreprintSamplerMomentum", **{**widgets, "beta": 5.0}, momentum="hb")
+    assert "bigger than max" in error
+
+
 def direct(fn, **options):
     """A SAMPLER calling a solver function of samplers/ directly, with its parameters spelled out."""
     return comfy.samplers.KSAMPLER(lambda model, x, sigmas, extra_args=None, callback=None, disable=None:

@@ -74,6 +74,20 @@ def test_gits_defaults_are_the_official_stable_diffusion_recipe():
     assert defaults["teacher_steps"] == 60
 
 
+def test_gits_step_counts_are_refused_before_queueing():
+    from preprint.nodes.schedules import PreprintGITSScheduler as node
+
+    msg = node.validate_inputs(steps=9, teacher_steps=8)
+    assert isinstance(msg, str) and msg.startswith("GITS Schedule Search (Preprint): steps (9)"), msg
+    msg = node.validate_inputs(steps=2, teacher_steps=1)
+    assert isinstance(msg, str) and msg.startswith("GITS Schedule Search (Preprint): teacher_steps"), msg
+    assert node.validate_inputs(steps=8, teacher_steps=8) is True
+    assert node.validate_inputs(steps=None, teacher_steps=8) is True
+    with pytest.raises(ValueError, match=r"^GITS Schedule Search \(Preprint\): steps \(9\)"):
+        node.execute(None, None, None, None, steps=9, cfg=1.0, seed=0, warmup_samples=1, teacher_steps=8,
+                     coeff=1.2, grid="auto")
+
+
 @pytest.mark.parametrize("metric,teacher", [("dev", "dpmpp_2m"), ("vp_l2", "ipndm")])
 def test_gits_warm_up_batches_do_not_change_the_search(models, metric, teacher):
     model = models["sd15"]

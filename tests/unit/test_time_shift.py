@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from preprint.samplers.dpm_solver_pp import sample_dpmpp_2m
+from preprint.samplers.schedules import sd_alphas_cumprod
 from preprint.samplers.time_shift import (
-    DenoiserProxy,
     TimeShiftConfig,
     flow_axis,
-    sd_alphas_cumprod,
     shifted_sigma,
     tabulated_inverse,
     time_shift_denoise,
@@ -18,6 +17,7 @@ from preprint.samplers.time_shift import (
     vp_discrete_axis,
     vp_norm,
 )
+from preprint.samplers.wrapping import DenoiserProxy
 
 from .conftest import get_problem
 from .test_omegance import euler
