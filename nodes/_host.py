@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 
@@ -10,6 +11,7 @@ import comfy.k_diffusion.sampling as k_sampling
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_patcher
 import comfy.model_sampling
+import comfy.ops
 import comfy.patcher_extension as pe
 import comfy.samplers
 
@@ -80,10 +82,27 @@ def _is_flow(model_sampling) -> bool:
     return parameterisation_of(model_sampling) == "flow"
 
 
-def _attention(q, k, v, heads, attn_precision=None, transformer_options=None):
-    # looked up at call time: ComfyUI picks its attention implementation at start-up
+def attention(q, k, v, heads, attn_precision=None, transformer_options=None):
+    """ComfyUI's attention, looked up at call time (it picks its implementation at start-up); with the call's
+    ``transformer_options`` an attention override another node set still applies."""
     return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=attn_precision,
                                                transformer_options=transformer_options)
+
+
+# newer ComfyUI casts with an optional offload stream that must be handed back; detected once
+_OFFLOADABLE = "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
+
+
+def cast_weights(op, x) -> tuple:
+    """A ComfyUI layer's ``(weight, bias, offload)`` on ``x``'s device and dtype; hand them back with
+    :func:`uncast_weights`."""
+    out = comfy.ops.cast_bias_weight(op, x, offloadable=True) if _OFFLOADABLE else comfy.ops.cast_bias_weight(op, x)
+    return out if len(out) == 3 else (*out, None)
+
+
+def uncast_weights(op, weight, bias, offload) -> None:
+    if offload is not None and hasattr(comfy.ops, "uncast_bias_weight"):
+        comfy.ops.uncast_bias_weight(op, weight, bias, offload)
 
 
 def _calc_cond_batch(model, conds, x, sigma, model_options):
@@ -91,7 +110,7 @@ def _calc_cond_batch(model, conds, x, sigma, model_options):
 
 
 # ComfyUI's functions as the perturbed-attention engine (guidance/pag_runtime.py) calls them
-HOST = Host(attention=_attention, calc_cond_batch=_calc_cond_batch, is_flow=_is_flow,
+HOST = Host(attention=attention, calc_cond_batch=_calc_cond_batch, is_flow=_is_flow,
             apply_model=pe.WrappersMP.APPLY_MODEL)
 
 

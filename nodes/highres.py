@@ -15,10 +15,8 @@ put into that run's cloned ``transformer_options``, where the patches read it.
 
 from __future__ import annotations
 
-import inspect
 import logging
 
-import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_base
 import comfy.ops
 import comfy.patcher_extension
@@ -31,7 +29,7 @@ from ..highres.entropy import entropy_factor, keys_at_training_size
 from ..highres.hidiffusion import LAYOUTS, PRESETS, HiDiffusionRun
 from ..highres.rope import MODES as ROPE_MODES
 from ..highres.rope import scaled_rope
-from ._host import RunState, install_hooks
+from ._host import RunState, attention, cast_weights, install_hooks, uncast_weights
 from ._inputs import PreprintNode
 
 log = logging.getLogger("preprint.highres")
@@ -60,26 +58,7 @@ def _first_layer(block):
     return next(iter(block.children()), None)
 
 
-# newer ComfyUI casts with an optional offload stream that must be handed back; detected once
-_OFFLOADABLE = "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
-
-
-def _cast(op, x):
-    out = comfy.ops.cast_bias_weight(op, x, offloadable=True) if _OFFLOADABLE else comfy.ops.cast_bias_weight(op, x)
-    return out if len(out) == 3 else (*out, None)
-
-
-def _uncast(op, weight, bias, offload):
-    if offload is not None and hasattr(comfy.ops, "uncast_bias_weight"):
-        comfy.ops.uncast_bias_weight(op, weight, bias, offload)
-
-
-def _attention(q, k, v, heads, attn_precision=None):
-    # looked up at call time: ComfyUI picks its attention implementation at start-up
-    return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=attn_precision)
-
-
-HOST = rt.Host(attention=_attention, cast=_cast, uncast=_uncast)
+HOST = rt.Host(attention=attention, cast=cast_weights, uncast=uncast_weights)
 _downsample = rt.Downsample(HOST)  # one handler for every model, so a second node finds it already installed
 
 
