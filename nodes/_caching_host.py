@@ -22,7 +22,7 @@ from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from ..caching.block_profile import profile_file_name
 from ..caching.unet_runner import run_unet, unhandled_patches
 from ..utils.sigma_window import SigmaWindow, check_percents
-from ._host import RunState
+from ._host import RunState, install_hooks
 from ._inputs import PreprintNode, percent_window_inputs
 
 log = logging.getLogger("preprint.caching")
@@ -176,10 +176,8 @@ def _run_with_plan(unet, plan, run, x, timesteps=None, context=None, y=None, con
 
 
 def install_unet(model, key: str, node: str, make_run: Callable) -> None:
-    for w in (WMP.OUTER_SAMPLE, WMP.DIFFUSION_MODEL):
-        model.remove_wrappers_with_key(w, key)
-    model.add_wrapper_with_key(WMP.OUTER_SAMPLE, key, _OuterSample(key, node, make_run))
-    model.add_wrapper_with_key(WMP.DIFFUSION_MODEL, key, functools.partial(_unet_forward, key))
+    install_hooks(model, key, {WMP.OUTER_SAMPLE: _OuterSample(key, node, make_run),
+                               WMP.DIFFUSION_MODEL: functools.partial(_unet_forward, key)})
 
 
 class _DiTBlockPatch:
@@ -207,5 +205,4 @@ def install_dit(model, keys: list[tuple[str, int]], node: str, make_run: Callabl
         while isinstance(previous, _DiTBlockPatch):  # a second cache node replaces ours, never nests it
             previous = previous.previous
         model.set_model_patch_replace(_DiTBlockPatch(key, previous), "dit", key[0], key[1])
-    model.remove_wrappers_with_key(WMP.OUTER_SAMPLE, DIT_KEY)
-    model.add_wrapper_with_key(WMP.OUTER_SAMPLE, DIT_KEY, _OuterSample(DIT_KEY, node, make_run))
+    install_hooks(model, DIT_KEY, {WMP.OUTER_SAMPLE: _OuterSample(DIT_KEY, node, make_run)})

@@ -185,6 +185,10 @@ class PreprintAdaptiveGuidance(PreprintNode):
         )
 
     @classmethod
+    def validate_inputs(cls, criterion="velocity") -> bool | str:
+        return cls.check_widgets(criterion=criterion)
+
+    @classmethod
     def execute(cls, model, threshold: float, criterion: str = "velocity") -> io.NodeOutput:
         AdaptiveGuidanceState(threshold, criterion)  # validates
         tech = AdaptiveGuidance(cls.NAME, threshold, criterion)
@@ -241,11 +245,12 @@ class PreprintCADS(PreprintNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tau1=None, tau2=None, noise_scale=None, psi=None) -> bool | str:
-        return cls.check_widgets(tau1=tau1, tau2=tau2, noise_scale=noise_scale, psi=psi)
+    def validate_inputs(cls, tau1=None, tau2=None, noise_scale=None, psi=None,
+                        anneal=CADS_TARGETS[0]) -> bool | str:
+        return cls.check_widgets(tau1=tau1, tau2=tau2, noise_scale=noise_scale, psi=psi, anneal=anneal)
 
     @classmethod
-    def check_values(cls, **values) -> None:
+    def check_values(cls, anneal=None, **values) -> None:
         if len(values) == 4:  # a linked input is checked when the node runs
             cads.CADSConfig(**values)
 

@@ -27,6 +27,7 @@ from ..guidance import annealing
 from ..guidance.cfg_schedule import noise_level
 from ..guidance.noise_level_guidance import NLGConfig, direction_from_denoised, refine_noise
 from ._host import model_sampling_of, parameterisation_of
+from ._inputs import PreprintNode
 from .cfg import CATEGORY, SCHEDULER_FOLDER, TECH_KEY, _without_techniques
 
 log = logging.getLogger("preprint")
@@ -110,12 +111,14 @@ def annealing_sampler_function(model, x, sigmas, extra_args=None, callback=None,
                                                disable=disable)
 
 
-class PreprintSamplerAnnealingGuidance(io.ComfyNode):
+class PreprintSamplerAnnealingGuidance(PreprintNode):
+    NAME = "Annealing Guidance Sampler (Preprint)"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintSamplerAnnealingGuidance",
-            display_name="Annealing Guidance Sampler (Preprint)",
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Annealing guidance scale (Yehezkel et al., 'Navigating with Annealing Guidance Scale in Diffusion "
@@ -137,6 +140,10 @@ class PreprintSamplerAnnealingGuidance(io.ComfyNode):
             ],
             outputs=[io.Sampler.Output(tooltip="A SAMPLER for SamplerCustom / SamplerCustomAdvanced.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, scheduler_file=None, renoise=None) -> bool | str:
+        return cls.check_widgets(scheduler_file=scheduler_file, renoise=renoise)
 
     @classmethod
     def execute(cls, scheduler_file: str, guidance_lambda: float, renoise: str) -> io.NodeOutput:
@@ -206,12 +213,14 @@ class NoiseLevelGuidedNoise:
         return result["noise"].to(device=noise.device, dtype=noise.dtype)
 
 
-class PreprintNoiseLevelGuidance(io.ComfyNode):
+class PreprintNoiseLevelGuidance(PreprintNode):
+    NAME = "Noise-Level Guidance (Preprint)"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintNoiseLevelGuidance",
-            display_name="Noise-Level Guidance (Preprint)",
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Noise-Level Guidance (Mannering et al., 'Noise-Level Diffusion Guidance: Well Begun is Half Done', "

@@ -204,7 +204,9 @@ def _training_latent(model, width: int, height: int) -> tuple[int, int]:
     return max(1, height // factor), max(1, width // factor)
 
 
-class PreprintAttentionEntropyScaling(io.ComfyNode):
+class PreprintAttentionEntropyScaling(PreprintNode):
+    NAME = ENTROPY_NODE
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -239,8 +241,7 @@ class PreprintAttentionEntropyScaling(io.ComfyNode):
         while isinstance(previous, _EntropyOverride):  # a second node replaces ours, never nests it
             previous = previous.previous
         to["optimized_attention_override"] = _EntropyOverride(train, patch, previous)
-        m.remove_wrappers_with_key(WMP.APPLY_MODEL, LATENT_KEY)
-        m.add_wrapper_with_key(WMP.APPLY_MODEL, LATENT_KEY, _RecordLatentSize())
+        install_hooks(m, LATENT_KEY, {WMP.APPLY_MODEL: _RecordLatentSize()})
         return io.NodeOutput(m)
 
 
@@ -275,7 +276,9 @@ def _rope_embedder(model):
     return pe
 
 
-class PreprintRoPEScaling(io.ComfyNode):
+class PreprintRoPEScaling(PreprintNode):
+    NAME = ROPE_NODE
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -300,6 +303,10 @@ class PreprintRoPEScaling(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with scaled position embedding.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, mode=None) -> bool | str:
+        return cls.check_widgets(mode=mode)
 
     @classmethod
     def execute(cls, model, mode: str, training_width: int, training_height: int) -> io.NodeOutput:

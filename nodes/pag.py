@@ -204,8 +204,12 @@ class _PerturbedAttentionNode(PreprintNode):
         )
 
     @classmethod
-    def validate_inputs(cls, layers=None, sigma_start=None, sigma_end=None) -> bool | str:
-        return cls.check_widgets(layers=layers, sigma_start=sigma_start, sigma_end=sigma_end)
+    def validate_inputs(cls, layers=None, sigma_start=None, sigma_end=None,
+                        joint_attention="image-to-image") -> bool | str:
+        values = {"layers": layers, "sigma_start": sigma_start, "sigma_end": sigma_end}
+        if any(w.id == "joint_attention" for w in cls.extra_inputs()):  # SEG has no such input
+            values["joint_attention"] = joint_attention
+        return cls.check_widgets(**values)
 
     @classmethod
     def check_values(cls, layers=None, **_) -> None:

@@ -123,7 +123,7 @@ class PreprintRegionalPrompting(PreprintNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent=None, end_percent=None, **_) -> bool | str:
+    def validate_inputs(cls, start_percent=None, end_percent=None) -> bool | str:
         return cls.check_widgets(start_percent=start_percent, end_percent=end_percent)
 
     @classmethod

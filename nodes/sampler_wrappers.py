@@ -22,6 +22,7 @@ from ..samplers.adaptive_diffusion import AdaptiveConfig, AdaptiveDiffusionSampl
 from ..samplers.omegance import SCHEDULES, OmeganceConfig, omegance_sampler
 from ..samplers.time_shift import TimeAxis, TimeShiftConfig, tabulated_inverse, time_shift_sampler
 from ._host import model_sampling_of, parameterisation_of
+from ._inputs import PreprintNode
 
 CATEGORY = "Preprint/samplers"
 TIME_SHIFT_NAME = "Time-Shift Sampler (Preprint)"
@@ -96,7 +97,9 @@ def kind_of(model_k):
     return parameterisation_of(model_sampling_of(model_k))
 
 
-class PreprintTimeShiftSampler(io.ComfyNode):
+class PreprintTimeShiftSampler(PreprintNode):
+    NAME = TIME_SHIFT_NAME
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -136,7 +139,9 @@ class PreprintTimeShiftSampler(io.ComfyNode):
         return io.NodeOutput(rewrap(inner, time_shift_sampler(inner.sampler_function, axis_and_kind, config)))
 
 
-class PreprintOmeganceSampler(io.ComfyNode):
+class PreprintOmeganceSampler(PreprintNode):
+    NAME = OMEGANCE_NAME
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -173,6 +178,10 @@ class PreprintOmeganceSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, schedule=None) -> bool | str:
+        return cls.check_widgets(schedule=schedule)
+
+    @classmethod
     def execute(cls, sampler, omega: float, schedule: str, omega_end: float, mask_omega: float,
                 mask=None) -> io.NodeOutput:
         inner = inner_ksampler(sampler, OMEGANCE_NAME)
@@ -181,7 +190,9 @@ class PreprintOmeganceSampler(io.ComfyNode):
         return io.NodeOutput(rewrap(inner, omegance_sampler(inner.sampler_function, kind_of, config)))
 
 
-class PreprintAdaptiveDiffusionSampler(io.ComfyNode):
+class PreprintAdaptiveDiffusionSampler(PreprintNode):
+    NAME = ADAPTIVE_NAME
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

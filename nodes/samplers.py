@@ -19,13 +19,8 @@ from comfy_api.latest import io
 
 from ..samplers import deis, dpm_solver_pp, evodiff
 from ..samplers import momentum as momentum_solvers
-from ._host import (
-    model_sampling_of,
-    parameterisation_of,
-    register_ksampler_name,
-    validation_message,
-    with_model_parameterisation,
-)
+from ._host import model_sampling_of, parameterisation_of, register_ksampler_name, with_model_parameterisation
+from ._inputs import PreprintNode
 
 CATEGORY = "Preprint/samplers"
 DPMPP_NAME = "DPM-Solver++ (Preprint)"
@@ -91,7 +86,9 @@ def check_thresholds(dynamic_thresholding: bool, threshold_max: float, threshold
                          "threshold_max, set it to 0 (no ceiling) or lower the floor.")
 
 
-class PreprintSamplerDPMSolverPP(io.ComfyNode):
+class PreprintSamplerDPMSolverPP(PreprintNode):
+    NAME = DPMPP_NAME
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -138,20 +135,23 @@ class PreprintSamplerDPMSolverPP(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dynamic_thresholding: bool = False, threshold_max: float = 0.0,
-                        threshold_floor: float = 1.0) -> bool | str:
-        # defaults are execute's, for a prompt that leaves these optional inputs out; None is a linked input.
-        # Naming an input here turns off ComfyUI's range check on it: the floor's is repeated where it matters.
-        if None in (dynamic_thresholding, threshold_max, threshold_floor):
-            return True
-        return validation_message(DPMPP_NAME, lambda: check_thresholds(dynamic_thresholding, threshold_max,
-                                                                       threshold_floor))
+    def validate_inputs(cls, solver=None, flow_lambda="auto", dynamic_thresholding: bool = False,
+                        threshold_max: float = 0.0, threshold_floor: float = 1.0) -> bool | str:
+        # defaults are execute's, for a prompt that leaves these optional inputs out; None is a linked input
+        return cls.check_widgets(solver=solver, flow_lambda=flow_lambda, dynamic_thresholding=dynamic_thresholding,
+                                 threshold_max=threshold_max, threshold_floor=threshold_floor)
+
+    @classmethod
+    def check_values(cls, **values) -> None:
+        names = ("dynamic_thresholding", "threshold_max", "threshold_floor")
+        if all(n in values for n in names):
+            check_thresholds(*(values[n] for n in names))
 
     @classmethod
     def execute(cls, solver: str, lower_order_final: bool, flow_lambda: str = "auto",
                 dynamic_thresholding: bool = False, threshold_percentile: float = 0.995,
                 threshold_max: float = 0.0, threshold_floor: float = 1.0) -> io.NodeOutput:
-        checked = cls.validate_inputs(dynamic_thresholding, threshold_max, threshold_floor)
+        checked = cls.validate_inputs(solver, flow_lambda, dynamic_thresholding, threshold_max, threshold_floor)
         if checked is not True:
             raise ValueError(checked)
         fn = with_model_parameterisation(DPMPP_VARIANTS[solver])
@@ -161,7 +161,9 @@ class PreprintSamplerDPMSolverPP(io.ComfyNode):
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn, extra_options=options))
 
 
-class PreprintSamplerDEIS(io.ComfyNode):
+class PreprintSamplerDEIS(PreprintNode):
+    NAME = DEIS_NAME
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -189,6 +191,10 @@ class PreprintSamplerDEIS(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, poly_space=None) -> bool | str:
+        return cls.check_widgets(poly_space=poly_space)
+
+    @classmethod
     def execute(cls, order: int, poly_space: str, lower_order_final: bool) -> io.NodeOutput:
         fn = with_model_time(deis.sample_deis)
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn, extra_options={
@@ -209,7 +215,9 @@ def check_momentum(solver: str, momentum: str) -> None:
                          "or solver 'plms' for GHVB.")
 
 
-class PreprintSamplerMomentum(io.ComfyNode):
+class PreprintSamplerMomentum(PreprintNode):
+    NAME = MOMENTUM_NAME
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -241,10 +249,12 @@ class PreprintSamplerMomentum(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, solver: str | None = None, momentum: str | None = None) -> bool | str:
-        # naming these inputs here turns off ComfyUI's own list check for them, so it is repeated
-        if solver is None or momentum is None:
-            return True
-        return validation_message(MOMENTUM_NAME, lambda: check_momentum(solver, momentum))
+        return cls.check_widgets(solver=solver, momentum=momentum)
+
+    @classmethod
+    def check_values(cls, solver=None, momentum=None, **_) -> None:
+        if solver is not None and momentum is not None:
+            check_momentum(solver, momentum)
 
     @classmethod
     def execute(cls, solver: str, momentum: str, order: int, beta: float) -> io.NodeOutput:
@@ -261,7 +271,9 @@ class PreprintSamplerMomentum(io.ComfyNode):
         return io.NodeOutput(comfy.samplers.KSAMPLER(with_model_parameterisation(fn), extra_options=options))
 
 
-class PreprintSamplerEVODiff(io.ComfyNode):
+class PreprintSamplerEVODiff(PreprintNode):
+    NAME = EVODIFF_NAME
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

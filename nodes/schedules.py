@@ -22,7 +22,8 @@ from comfy_api.latest import io
 
 from ..samplers.gits import METRICS, TEACHERS, CostAccumulator, GITSTable, teacher_trajectory
 from ..samplers.schedules import logistic_sigmas
-from ._host import parameterisation_of, validation_message
+from ._host import parameterisation_of
+from ._inputs import PreprintNode
 
 log = logging.getLogger("preprint")
 
@@ -67,7 +68,9 @@ def tail_for_denoise(full_steps_fn, steps: int, denoise: float) -> torch.Tensor:
     return full_steps_fn(total)[-(steps + 1):]
 
 
-class PreprintLogisticScheduler(io.ComfyNode):
+class PreprintLogisticScheduler(PreprintNode):
+    NAME = LOGISTIC_NAME
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -127,7 +130,9 @@ def check_gits_steps(steps: int, teacher_steps: int) -> None:
                          "chosen from the teacher's grid; raise teacher_steps.")
 
 
-class PreprintGITSScheduler(io.ComfyNode):
+class PreprintGITSScheduler(PreprintNode):
+    NAME = GITS_NAME
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -184,17 +189,21 @@ class PreprintGITSScheduler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps: int | None = None, teacher_steps: int | None = None) -> bool | str:
-        # naming these inputs here turns off ComfyUI's range check for them, so check_gits_steps repeats it
-        if steps is None or teacher_steps is None:
-            return True
-        return validation_message(GITS_NAME, lambda: check_gits_steps(steps, teacher_steps))
+    def validate_inputs(cls, steps: int | None = None, teacher_steps: int | None = None, grid=None, metric="dev",
+                        teacher="dpmpp_2m") -> bool | str:
+        return cls.check_widgets(steps=steps, teacher_steps=teacher_steps, grid=grid, metric=metric, teacher=teacher)
+
+    @classmethod
+    def check_values(cls, steps=None, teacher_steps=None, **_) -> None:
+        if steps is not None and teacher_steps is not None:
+            check_gits_steps(steps, teacher_steps)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, steps: int, cfg: float, seed: int,
                 warmup_samples: int, teacher_steps: int, coeff: float, grid: str, metric: str = "dev",
                 teacher: str = "dpmpp_2m", warmup_batch: int = 8) -> io.NodeOutput:
-        checked = cls.validate_inputs(steps=steps, teacher_steps=teacher_steps)
+        checked = cls.validate_inputs(steps=steps, teacher_steps=teacher_steps, grid=grid, metric=metric,
+                                      teacher=teacher)
         if checked is not True:
             raise ValueError(checked)
         ms = model.get_model_object("model_sampling")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..regional.soft_inpaint import active_mask
+from ._inputs import PreprintNode
 
 NODE = "Differential Diffusion, sigma space (Preprint)"
 
@@ -25,7 +26,9 @@ class _ChangeMap:
         return active_mask(denoise_mask, sigma, extra_options["sigmas"])
 
 
-class PreprintDifferentialDiffusion(io.ComfyNode):
+class PreprintDifferentialDiffusion(PreprintNode):
+    NAME = NODE
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -12,14 +12,17 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..runner.tiny_models import latent_channels, tiny_clip, tiny_model, tiny_vae
+from ._inputs import PreprintNode
 
 
-class PreprintTinyTestModel(io.ComfyNode):
+class PreprintTinyTestModel(PreprintNode):
+    NAME = "Tiny Test Model (untrained, Preprint)"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PreprintTinyTestModel",
-            display_name="Tiny Test Model (untrained, Preprint)",
+            display_name=cls.NAME,
             category="Preprint/testing",
             description=(
                 "Builds an UNTRAINED model with a real model family's block layout (SD1.5, SDXL, Flux or SD3), "
@@ -44,6 +47,10 @@ class PreprintTinyTestModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, architecture=None) -> bool | str:
+        return cls.check_widgets(architecture=architecture)
+
+    @classmethod
     def execute(cls, architecture: str, weights_seed: int) -> io.NodeOutput:
         return io.NodeOutput(tiny_model(architecture, seed=weights_seed),
                              tiny_clip(weights_seed + 1, family=architecture),
@@ -51,14 +58,16 @@ class PreprintTinyTestModel(io.ComfyNode):
 
 
 
-class PreprintProvingGroundModel(io.ComfyNode):
+class PreprintProvingGroundModel(PreprintNode):
+    NAME = "Proving Ground Model (trained toy, Preprint)"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         from ..proving.models import ARCHITECTURES, REBUILD_COMMAND
 
         return io.Schema(
             node_id="PreprintProvingGroundModel",
-            display_name="Proving Ground Model (trained toy, Preprint)",
+            display_name=cls.NAME,
             category="Preprint/testing",
             description=(
                 "Loads one of the pack's toy models, trained by the pack on generated pictures of flat-coloured "
@@ -83,6 +92,10 @@ class PreprintProvingGroundModel(io.ComfyNode):
                 io.Vae.Output(tooltip="The toy's trained VAE."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, architecture=None) -> bool | str:
+        return cls.check_widgets(architecture=architecture)
 
     @classmethod
     def execute(cls, architecture: str) -> io.NodeOutput:

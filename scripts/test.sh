@@ -6,6 +6,9 @@ VENV=${PREPRINT_VENV:-.venv}
 if ! "$VENV/bin/python" -c 'import preprint, torch, pytest' >/dev/null 2>&1; then
   bash scripts/setup.sh || exit 1
 fi
+# The test models are tiny: one thread per process is faster than torch's default of one per core, which on a
+# small machine spends more time synchronising threads than computing (and fights any other job for the cores).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PREPRINT_TIER_SUMMARY="${PREPRINT_TIER_SUMMARY:-$PWD/.pytest_tiers.json}"
 rm -f "$PREPRINT_TIER_SUMMARY"
 "$VENV/bin/python" -m pytest tests/unit tests/host --durations=15 "$@"

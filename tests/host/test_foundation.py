@@ -42,6 +42,28 @@ def test_every_node_documents_itself(comfy_host):
         assert all(info["output_tooltips"]), f"{node_id} has an output without tooltip"
 
 
+def test_every_node_keeps_a_widget_check_on_every_input(comfy_host):
+    """ComfyUI skips its own range and option checks for the inputs a validate_inputs names (for all of them when
+    it takes **kwargs), and 0.3.64 checks no V3 combo at all; so every node names its combos and takes no
+    **kwargs, and what it names is checked against its own widgets. Its display name is written once (NAME)."""
+    from comfy_api.internal import first_real_override
+
+    for node_id in comfy_host.pack_node_ids:
+        cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert cls.NAME == cls.GET_SCHEMA().display_name, node_id
+        info = cls.INPUT_TYPES()
+        combos = {k for section in ("required", "optional") for k, v in info.get(section, {}).items()
+                  if v[0] == "COMBO"}
+        check = first_real_override(cls, "validate_inputs")
+        spec = inspect.getfullargspec(check) if check is not None else None
+        assert spec is None or spec.varkw is None, f"{node_id}.validate_inputs takes **kwargs"
+        named = set(spec.args[1:]) if spec is not None else set()
+        assert combos <= named, f"{node_id}: combo(s) {sorted(combos - named)} left unchecked"
+        for name in combos:
+            message = check(**{name: "no such option"})
+            assert isinstance(message, str) and message.startswith(f"{cls.NAME}: {name}"), (node_id, message)
+
+
 def test_ksampler_lists_carry_preprint_samplers(comfy_host):
     names = nodes.KSampler.INPUT_TYPES()["required"]["sampler_name"][0]
     assert "preprint_dpmpp_2m" in names and "preprint_dpmpp_3m" in names

@@ -154,3 +154,31 @@ def test_bad_pag_layer_lists_are_refused_before_anything_is_queued(server, case)
     assert status == 400, answer
     text = " ".join(f"{e['message']} {e.get('details', '')}" for e in answer["node_errors"]["20"]["errors"])
     assert "Perturbed-Attention Guidance (Preprint):" in text and expected in text, text
+
+
+PAG = "Perturbed-Attention Guidance (Preprint)"
+PAG_OUT_OF_RANGE = {
+    # an input the node's validate_inputs does not name keeps ComfyUI's own range and option checks
+    "scale above its max": ({"scale": 500.0}, "bigger than max of 100.0"),
+    "joint attention not an option": ({"joint_attention": "sideways"}, "joint_attention"),
+    # an input it names is checked by the node against its own widget
+    "sigma_start below its min": ({"sigma_start": -5.0}, f"{PAG}: sigma_start = -5.0 is outside its range"),
+}
+
+
+@pytest.mark.parametrize("case", list(PAG_OUT_OF_RANGE))
+def test_values_outside_a_widget_are_refused_before_anything_is_queued(server, case):
+    """Every input keeps a range / option check at validation, whether ComfyUI or the node's validate_inputs
+    makes it (ComfyUI skips its own for the inputs a validate_inputs accepts)."""
+    url, _ = server
+    prompt = json.loads(SMOKE.read_text())
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "KSampler")
+    widgets, expected = PAG_OUT_OF_RANGE[case]
+    prompt["20"] = {"class_type": "PreprintPerturbedAttentionGuidance", "inputs": {
+        "model": ["1", 0], "scale": 2.0, "layers": "", "adaptive_scale": 0.0, "sigma_start": -1.0,
+        "sigma_end": -1.0, "rescale": 0.0, "joint_attention": "image-to-image", **widgets}}
+    prompt[sampler]["inputs"]["model"] = ["20", 0]
+    status, answer = _post_prompt(url, prompt)
+    assert status == 400, answer
+    text = " ".join(f"{e['message']} {e.get('details', '')}" for e in answer["node_errors"]["20"]["errors"])
+    assert expected in text, text
