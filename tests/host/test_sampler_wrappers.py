@@ -292,3 +292,61 @@ def test_adaptive_diffusion_logs_the_calls_it_saved(models, caplog):
     # the run really skips (measured: 6 of 12, calls 4 5 7 8 10 11), so the numbers above are not trivially 0
     assert saved >= 2
     assert listed == never_seen and len(listed) == saved
+
+
+def masked_omegance(omega, mask_omega=0.0, mask=None):
+    return run_node("PreprintOmeganceSampler", sampler=comfy.samplers.sampler_object("euler"), omega=omega,
+                    schedule="constant", omega_end=0.0, mask_omega=mask_omega, mask=mask)[0]
+
+
+def sample_noise(m, family, sampler, noise, steps):
+    """SamplerCustomAdvanced's path with explicit starting noise (one row of a batch can be sampled alone)."""
+    ms = m.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "simple" if family == "flux" else "karras", steps)
+    pos, neg = make_conds(family)
+    guider = comfy.samplers.CFGGuider(m)
+    guider.set_conds(pos, neg)
+    guider.set_cfg(4.0)
+    return guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=0, disable_pbar=True)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_omegance_mask_gets_mask_omega_and_the_rest_omega(models, family):
+    """One Euler step to sigma 0 returns the (Omegance-scaled) prediction itself, so where each omega applies is
+    visible pixel by pixel: outside the mask the result is the plain omega run's, inside it the mask_omega run's,
+    bit for bit (the scale map holds exactly w or w_in there). The region matters: inside, omega 10 and -10 differ
+    by 0.13 (SD1.5, latent magnitude 220) and 0.26 (Flux, 11) (measured)."""
+    m = models[family]
+    noise = make_noise(make_latent(family), 2)
+    mask = torch.zeros(1, 24, 40)  # any size: resized to the latent (8x8) explicitly
+    mask[:, :, :15] = 1.0  # the left 3 latent columns exactly
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[:, :3] = True
+    outer = sample_noise(m, family, masked_omegance(10.0), noise, 1)
+    inner = sample_noise(m, family, masked_omegance(-10.0), noise, 1)
+    both = sample_noise(m, family, masked_omegance(10.0, mask_omega=-10.0, mask=mask), noise, 1)
+    assert torch.equal(both[..., ~inside], outer[..., ~inside])
+    assert torch.equal(both[..., inside], inner[..., inside])
+    assert (inner[..., inside] - outer[..., inside]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_omegance_batch_of_masks_gives_each_image_its_own(models, family):
+    """A batch of latents sampled together with one mask per image: each row equals its latent sampled alone
+    with its own mask. A batch size changes only the summation order in the network: measured 4.6e-5 (SD1.5,
+    latent magnitude 180-230) and 3.3e-6 (Flux, 8-9) over 4 steps, 2e-7 of the magnitude; the tolerance is 1e-6 of
+    it. Giving the second image the first image's mask moves it by 0.28 (SD1.5) and 0.31 (Flux)."""
+    m = models[family]
+    noise = make_noise(make_latent(family, batch=2), 3)
+    noise[1] = noise[1] * 0.5 + 1.0  # rows of different scale, so anything pooled over the batch shows
+    masks = torch.zeros(2, 16, 16)
+    masks[0, :, :8] = 1.0
+    masks[1, 8:, :] = 1.0
+    together = sample_noise(m, family, masked_omegance(15.0, mask_omega=-15.0, mask=masks), noise, 4)
+    tol = 1e-6 * float(together.abs().max())
+    for row in range(2):
+        alone = sample_noise(m, family, masked_omegance(15.0, mask_omega=-15.0, mask=masks[row:row + 1]),
+                             noise[row:row + 1].clone(), 4)
+        torch.testing.assert_close(together[row:row + 1], alone, rtol=0, atol=tol)
+    shared = sample_noise(m, family, masked_omegance(15.0, mask_omega=-15.0, mask=masks[:1]), noise[1:].clone(), 4)
+    assert (shared - together[1:]).abs().max() > 100 * tol  # the tolerance would see a wrong mask
