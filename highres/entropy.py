@@ -36,3 +36,46 @@ def keys_at_training_size(keys_now: int, image_tokens_now: int, image_tokens_tra
     other = max(keys_now - image_tokens_now, 0)
     image_now = keys_now - other
     return other + max(1, round(image_now * image_tokens_train / image_tokens_now))
+
+
+# The hooks that apply the factor in a running model. ComfyUI hands an attention override the query and key tensors,
+# not the image size, so an APPLY_MODEL wrapper records the latent's size for it.
+LATENT_KEY = "preprint_entropy_latent"
+
+
+class RecordLatentSize:
+    """APPLY_MODEL wrapper: the latent's height and width, for the attention override to count image tokens."""
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        to = {**(transformer_options or {}), LATENT_KEY: tuple(int(n) for n in x.shape[-2:])}
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+
+
+class EntropyOverride:
+    """``optimized_attention_override``: self-attention queries times sqrt(log T / log N); chains an earlier
+    override."""
+
+    def __init__(self, train_latent: tuple[int, int], patch: int, previous=None):
+        self.patch, self.previous = patch, previous
+        self.train_tokens = self._image_tokens(*train_latent)
+
+    def _image_tokens(self, h: int, w: int) -> int:
+        p = self.patch
+        return -(-h // p) * -(-w // p)
+
+    def __call__(self, func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        latent = to.get(LATENT_KEY)
+        if latent is not None and len(args) >= 3:
+            q, k = args[0], args[1]
+            token_dim = 2 if kwargs.get("skip_reshape", False) else 1
+            n_q, n_k = q.shape[token_dim], k.shape[token_dim]
+            if n_q == n_k:  # self-attention (cross-attention keys are the text's)
+                now = self._image_tokens(*latent)
+                factor = entropy_factor(n_k, keys_at_training_size(n_k, now, self.train_tokens))
+                if factor != 1.0:
+                    args = (q * factor, *args[1:])
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)

@@ -65,3 +65,16 @@ def scaled_rope(ids: torch.Tensor, axes_dim: list[int], theta: float, train_exte
         else:
             parts.append(rope_rotations(pos, dim, ntk_theta(theta, s, dim) if mode == "NTK-aware" else theta))
     return torch.cat(parts, dim=-3).unsqueeze(1)
+
+
+class ScaledRoPE(torch.nn.Module):
+    """Stands in for a Flux-layout model's ``pe_embedder`` (an object patch): each image axis scaled to its
+    training extent."""
+
+    def __init__(self, original, train_extent: list[float | None], mode: str):
+        super().__init__()
+        self.axes_dim, self.theta = list(original.axes_dim), float(original.theta)
+        self.train_extent, self.mode = train_extent, mode
+
+    def forward(self, ids):
+        return scaled_rope(ids, self.axes_dim, self.theta, self.train_extent, self.mode)

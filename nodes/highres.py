@@ -25,10 +25,10 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel
 from comfy_api.latest import io
 
 from ..highres import hidiffusion_runtime as rt
-from ..highres.entropy import entropy_factor, keys_at_training_size
+from ..highres.entropy import LATENT_KEY, EntropyOverride, RecordLatentSize
 from ..highres.hidiffusion import LAYOUTS, PRESETS, HiDiffusionRun
 from ..highres.rope import MODES as ROPE_MODES
-from ..highres.rope import scaled_rope
+from ..highres.rope import ScaledRoPE, scaled_rope
 from ._host import RunState, attention, cast_weights, install_hooks, uncast_weights
 from ._inputs import PreprintNode
 
@@ -146,48 +146,9 @@ class PreprintHiDiffusion(PreprintNode):
 
 
 ENTROPY_NODE = "Attention Entropy Scaling (Preprint)"
-LATENT_KEY = "preprint_entropy_latent"
 # Training sizes (pixels) by model class, for the 'auto' setting.
 TRAINING_SIZES = {"SD15": 512, "SD20": 512, "SDXL": 1024, "SDXLRefiner": 1024, "SD3": 1024, "Flux": 1024,
                   "FluxSchnell": 1024}
-
-
-class _RecordLatentSize:
-    """APPLY_MODEL wrapper: the latent's height and width, for the attention override to count image tokens."""
-
-    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
-                 **kwargs):
-        to = {**(transformer_options or {}), LATENT_KEY: tuple(int(n) for n in x.shape[-2:])}
-        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
-
-
-class _EntropyOverride:
-    """``optimized_attention_override``: self-attention queries times sqrt(log T / log N); chains an earlier
-    override."""
-
-    def __init__(self, train_latent: tuple[int, int], patch: int, previous=None):
-        self.patch, self.previous = patch, previous
-        self.train_tokens = self._image_tokens(*train_latent)
-
-    def _image_tokens(self, h: int, w: int) -> int:
-        p = self.patch
-        return -(-h // p) * -(-w // p)
-
-    def __call__(self, func, *args, **kwargs):
-        to = kwargs.get("transformer_options") or {}
-        latent = to.get(LATENT_KEY)
-        if latent is not None and len(args) >= 3:
-            q, k = args[0], args[1]
-            token_dim = 2 if kwargs.get("skip_reshape", False) else 1
-            n_q, n_k = q.shape[token_dim], k.shape[token_dim]
-            if n_q == n_k:  # self-attention (cross-attention keys are the text's)
-                now = self._image_tokens(*latent)
-                factor = entropy_factor(n_k, keys_at_training_size(n_k, now, self.train_tokens))
-                if factor != 1.0:
-                    args = (q * factor, *args[1:])
-        if self.previous is not None:
-            return self.previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
 
 
 def _training_latent(model, width: int, height: int) -> tuple[int, int]:
@@ -238,27 +199,14 @@ class PreprintAttentionEntropyScaling(PreprintNode):
         m = model.clone()
         to = m.model_options.setdefault("transformer_options", {})
         previous = to.get("optimized_attention_override")
-        while isinstance(previous, _EntropyOverride):  # a second node replaces ours, never nests it
+        while isinstance(previous, EntropyOverride):  # a second node replaces ours, never nests it
             previous = previous.previous
-        to["optimized_attention_override"] = _EntropyOverride(train, patch, previous)
-        install_hooks(m, LATENT_KEY, {WMP.APPLY_MODEL: _RecordLatentSize()})
+        to["optimized_attention_override"] = EntropyOverride(train, patch, previous)
+        install_hooks(m, LATENT_KEY, {WMP.APPLY_MODEL: RecordLatentSize()})
         return io.NodeOutput(m)
 
 
 ROPE_NODE = "RoPE Scaling (Preprint)"
-
-
-class _ScaledRoPE(torch.nn.Module):
-    """Stands in for a Flux-layout model's ``pe_embedder`` (an object patch): each image axis scaled to its
-    training extent."""
-
-    def __init__(self, original, train_extent: list[float | None], mode: str):
-        super().__init__()
-        self.axes_dim, self.theta = list(original.axes_dim), float(original.theta)
-        self.train_extent, self.mode = train_extent, mode
-
-    def forward(self, ids):
-        return scaled_rope(ids, self.axes_dim, self.theta, self.train_extent, self.mode)
 
 
 def _rope_embedder(model):
@@ -318,7 +266,7 @@ class PreprintRoPEScaling(PreprintNode):
         rows = (training_height or 1024) / factor / patch
         cols = (training_width or 1024) / factor / patch
         m = model.clone()
-        m.add_object_patch("diffusion_model.pe_embedder", _ScaledRoPE(pe, [None, rows, cols], mode))
+        m.add_object_patch("diffusion_model.pe_embedder", ScaledRoPE(pe, [None, rows, cols], mode))
         return io.NodeOutput(m)
 
 
