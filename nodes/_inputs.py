@@ -8,6 +8,8 @@ for all of them when it takes ``**kwargs``.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 
 from comfy_api.latest import io
@@ -15,13 +17,26 @@ from comfy_api.latest import io
 from ..utils.sigma_window import ScheduleError, check_percents, check_sigmas
 from ._host import validation_message
 
+# Newer ComfyUI releases add search aliases to a node's schema and an "advanced" flag to its inputs (the editor
+# folds those widgets away); 0.3.64 has neither, so both are set only where the host knows them.
+_SCHEMA_ALIASES = "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}
+_ADVANCED = "advanced" in inspect.signature(io.Float.Input.__init__).parameters
+
 
 class PreprintNode(io.ComfyNode):
     """Base of the pack's nodes: ``NAME`` is the display name, written once and used by the schema and by every
-    error the node raises."""
+    error the node raises; ``ALIASES`` are the words users search for it by."""
 
     NAME = ""
+    ALIASES: tuple[str, ...] = ()
     WINDOW = "sigma window"  # what the node calls its sigma window, in messages
+
+    @classmethod
+    def schema(cls, **fields) -> io.Schema:
+        """The node's ``io.Schema`` under its display name, with its search aliases where the host has them."""
+        if cls.ALIASES and _SCHEMA_ALIASES:
+            fields["search_aliases"] = list(cls.ALIASES)
+        return io.Schema(display_name=cls.NAME, **fields)
 
     @classmethod
     def check(cls, check: Callable[[], object]) -> bool | str:
@@ -66,6 +81,13 @@ def _check_widget(widget, value) -> None:
         raise ValueError(f"{widget.id} = {value} is outside its range [{low}, {high}].")
 
 
+def advanced(widget):
+    """A secondary widget: the editors that know the flag show it folded away, so the node opens compact."""
+    if _ADVANCED:
+        widget.advanced = True
+    return widget
+
+
 def model_input(accepts: str) -> io.Model.Input:
     return io.Model.Input("model", tooltip=f"{accepts} It is cloned, never changed.")
 
@@ -78,24 +100,25 @@ def sigma_window_inputs(verb: str = "Guide") -> list:
     """``sigma_start`` / ``sigma_end``: the technique acts only on steps with sigma_end <= sigma <= sigma_start
     (``utils.sigma_window.SigmaWindow``; -1 is no limit on that side)."""
     return [
-        io.Float.Input("sigma_start", default=-1.0, min=-1.0, max=10000.0, step=0.01, round=0.001,
-                       tooltip=f"{verb} only while sigma <= this value (-1: from the first step)."),
-        io.Float.Input("sigma_end", default=-1.0, min=-1.0, max=10000.0, step=0.01, round=0.001,
-                       tooltip=f"{verb} only while sigma >= this value (-1: to the last step)."),
+        advanced(io.Float.Input("sigma_start", default=-1.0, min=-1.0, max=10000.0, step=0.01, round=0.001,
+                                tooltip=f"{verb} only while sigma <= this value (-1: from the first step).")),
+        advanced(io.Float.Input("sigma_end", default=-1.0, min=-1.0, max=10000.0, step=0.01, round=0.001,
+                                tooltip=f"{verb} only while sigma >= this value (-1: to the last step).")),
     ]
 
 
 def percent_window_inputs(start_tooltip: str, end_tooltip: str) -> list:
     """``start_percent`` / ``end_percent``: a window as fractions of the run (0 = first step, 1 = end)."""
     return [
-        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=start_tooltip),
-        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=end_tooltip),
+        advanced(io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=start_tooltip)),
+        advanced(io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=end_tooltip)),
     ]
 
 
 def rescale_input() -> io.Float.Input:
-    return io.Float.Input("rescale", default=0.0, min=0.0, max=1.0, step=0.01,
-                          tooltip="Match the guided prediction's standard deviation to the positive prediction's and "
-                                  "blend by this amount (0 = off), against over-saturation at high scales.")
+    return advanced(io.Float.Input("rescale", default=0.0, min=0.0, max=1.0, step=0.01,
+                                   tooltip="Match the guided prediction's standard deviation to the positive "
+                                           "prediction's and blend by this amount (0 = off), against over-saturation "
+                                           "at high scales."))
 
 

@@ -43,12 +43,12 @@ log = logging.getLogger("preprint.caching")
 
 class PreprintDeepCache(CacheNode):
     NAME = DEEPCACHE
+    ALIASES = ("DeepCache", "cache", "speed up", "faster")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintDeepCache",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "DeepCache (Ma et al., 'DeepCache: Accelerating Diffusion Models for Free', arXiv:2312.00858) for "
@@ -100,12 +100,12 @@ class PreprintDeepCache(CacheNode):
 
 class PreprintBlockCache(CacheNode):
     NAME = BLOCK_CACHE
+    ALIASES = ("block caching", "cache", "speed up", "faster")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintBlockCache",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Block Caching (Wimbauer et al., 'Cache Me if You Can: Accelerating Diffusion Models through "
@@ -180,12 +180,12 @@ class PreprintBlockCache(CacheNode):
 
 class PreprintEncoderPropagation(CacheNode):
     NAME = ENCODER_PROPAGATION
+    ALIASES = ("Faster Diffusion", "encoder propagation", "cache", "speed up")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintEncoderPropagation",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Encoder propagation from 'Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion "
@@ -228,12 +228,12 @@ class PreprintEncoderPropagation(CacheNode):
 
 class PreprintDiTBlockCache(CacheNode):
     NAME = DIT_CACHE
+    ALIASES = ("TeaCache", "FBCache", "first block cache", "DiT cache", "Flux cache", "speed up")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintDiTBlockCache",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Block caching for diffusion transformers (Flux, SD3, Chroma, HunyuanVideo, Wan, Qwen-Image, "

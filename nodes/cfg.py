@@ -87,13 +87,13 @@ def _without_techniques(model):
 
 class PreprintScheduledCFG(PreprintNode):
     NAME = "Scheduled CFG / Guidance Interval (Preprint)"
+    ALIASES = ("CFG schedule", "guidance interval", "limited interval guidance", "dynamic CFG")
     WINDOW = "guidance interval"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintScheduledCFG",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Makes the CFG scale follow the noise level (constant, linear, cosine, power or one value per step) "
@@ -151,12 +151,12 @@ class PreprintScheduledCFG(PreprintNode):
 
 class PreprintAdaptiveGuidance(PreprintNode):
     NAME = "Adaptive Guidance (Preprint)"
+    ALIASES = ("adaptive guidance", "AG", "skip uncond", "faster CFG")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintAdaptiveGuidance",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Adaptive Guidance (Castillo et al., 'Adaptive Guidance: Training-free Acceleration of Conditional "
@@ -208,12 +208,12 @@ def _pooled_dims(model) -> int | None:
 
 class PreprintCADS(PreprintNode):
     NAME = "CADS Condition Annealing (Preprint)"
+    ALIASES = ("CADS", "condition annealing", "diversity")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintCADS",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "CADS (Sadat et al., 'CADS: Unleashing the Diversity of Diffusion Models through Condition-Annealed "

@@ -113,12 +113,12 @@ def annealing_sampler_function(model, x, sigmas, extra_args=None, callback=None,
 
 class PreprintSamplerAnnealingGuidance(PreprintNode):
     NAME = "Annealing Guidance Sampler (Preprint)"
+    ALIASES = ("annealing guidance", "learned CFG")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintSamplerAnnealingGuidance",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Annealing guidance scale (Yehezkel et al., 'Navigating with Annealing Guidance Scale in Diffusion "
@@ -215,12 +215,12 @@ class NoiseLevelGuidedNoise:
 
 class PreprintNoiseLevelGuidance(PreprintNode):
     NAME = "Noise-Level Guidance (Preprint)"
+    ALIASES = ("NLG", "noise refinement", "golden noise")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintNoiseLevelGuidance",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Noise-Level Guidance (Mannering et al., 'Noise-Level Diffusion Guidance: Well Begun is Half Done', "

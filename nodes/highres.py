@@ -70,12 +70,12 @@ def _check_t(t1, t2) -> None:
 
 class PreprintHiDiffusion(PreprintNode):
     NAME = NODE
+    ALIASES = ("HiDiffusion", "RAU-Net", "MSW-MSA", "high resolution", "upscale")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintHiDiffusion",
-            display_name=NODE,
             category=CATEGORY,
             description=(
                 "HiDiffusion (Zhang et al., arXiv:2311.17528) for SD1.x, SD2.x and SDXL above their training size: "
@@ -167,12 +167,12 @@ def _training_latent(model, width: int, height: int) -> tuple[int, int]:
 
 class PreprintAttentionEntropyScaling(PreprintNode):
     NAME = ENTROPY_NODE
+    ALIASES = ("entropy scaling", "high resolution", "attention scaling")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintAttentionEntropyScaling",
-            display_name=ENTROPY_NODE,
             category=CATEGORY,
             description=(
                 "Attention entropy scaling (Jin et al., arXiv:2306.08645) for sizes other than the training size, "
@@ -226,12 +226,12 @@ def _rope_embedder(model):
 
 class PreprintRoPEScaling(PreprintNode):
     NAME = ROPE_NODE
+    ALIASES = ("RoPE", "NTK", "position interpolation", "high resolution", "Flux")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintRoPEScaling",
-            display_name=ROPE_NODE,
             category=CATEGORY,
             description=(
                 "Rotary position scaling for Flux-layout DiTs above their training size, per axis, so a wide image "

@@ -183,8 +183,8 @@ class _PerturbedAttentionNode(PreprintNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=cls.NODE_ID, display_name=cls.NAME, category=CATEGORY, description=cls.DESCRIPTION,
+        return cls.schema(
+            node_id=cls.NODE_ID, category=CATEGORY, description=cls.DESCRIPTION,
             inputs=[
                 model_input("The diffusion model to patch (UNet: SD1.x/SDXL; DiT: Flux, SD3)."),
                 io.Float.Input("scale", default=3.0, min=-100.0, max=100.0, step=0.1, round=0.01,
@@ -231,6 +231,7 @@ def _joint(choice: str) -> str:
 class PreprintPerturbedAttentionGuidance(_PerturbedAttentionNode):
     NODE_ID = "PreprintPerturbedAttentionGuidance"
     NAME = "Perturbed-Attention Guidance (Preprint)"
+    ALIASES = ("PAG", "perturbed attention")
     SCALE_NOTE = PAG_SCALE_NOTE
     DESCRIPTION = (
         "PAG (Ahn et al., 'Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance', arXiv:2403.17377): "
@@ -257,6 +258,7 @@ class PreprintPerturbedAttentionGuidance(_PerturbedAttentionNode):
 class PreprintSoftPAG(_PerturbedAttentionNode):
     NODE_ID = "PreprintSoftPAG"
     NAME = "SoftPAG / Head Selection (Preprint)"
+    ALIASES = ("SoftPAG", "PAG", "head selection", "HeadHunter")
     TECHNIQUE = SOFT_PAG
     SCALE_NOTE = PAG_SCALE_NOTE
     DESCRIPTION = (
@@ -282,6 +284,7 @@ class PreprintSoftPAG(_PerturbedAttentionNode):
 class PreprintSmoothedEnergyGuidance(_PerturbedAttentionNode):
     NODE_ID = "PreprintSmoothedEnergyGuidance"
     NAME = "Smoothed Energy Guidance (Preprint)"
+    ALIASES = ("SEG", "smoothed energy", "PAG")
     TECHNIQUE = SEG
     DESCRIPTION = (
         "SEG (Hong, 'Smoothed Energy Guidance: Guiding Diffusion Models with Reduced Energy Curvature of Attention', "

@@ -64,12 +64,12 @@ def region_from(conditioning, mask, strength: float) -> Region:
 
 class PreprintRegion(PreprintNode):
     NAME = REGION_NODE
+    ALIASES = ("region", "area prompt", "regional prompt")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintRegion",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "One region for Regional Prompting (Preprint): a prompt and the mask where it applies. Chain Region "
@@ -95,12 +95,12 @@ class PreprintRegion(PreprintNode):
 
 class PreprintRegionalPrompting(PreprintNode):
     NAME = NODE
+    ALIASES = ("regional prompting", "area prompt", "attention couple", "multi-prompt")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintRegionalPrompting",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Different prompts in different areas, in one model pass per step (core's area / mask conditioning "

@@ -29,12 +29,12 @@ from .pag import CATEGORY, attention_layout, install_guided_pass, make_schedule,
 
 class PreprintSelfAttentionGuidance(PreprintNode):
     NAME = "Self-Attention Guidance (Preprint)"
+    ALIASES = ("SAG", "self-attention guidance")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintSelfAttentionGuidance",
-            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "SAG (Hong et al., 'Improving Sample Quality of Diffusion Models Using Self-Attention Guidance', "

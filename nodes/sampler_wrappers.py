@@ -99,12 +99,12 @@ def kind_of(model_k):
 
 class PreprintTimeShiftSampler(PreprintNode):
     NAME = TIME_SHIFT_NAME
+    ALIASES = ("time shift", "exposure bias")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintTimeShiftSampler",
-            display_name=TIME_SHIFT_NAME,
             category=CATEGORY,
             description=(
                 "Time-Shift sampling (Li et al., 'Alleviating Exposure Bias in Diffusion Models through Sampling "
@@ -141,12 +141,12 @@ class PreprintTimeShiftSampler(PreprintNode):
 
 class PreprintOmeganceSampler(PreprintNode):
     NAME = OMEGANCE_NAME
+    ALIASES = ("Omegance", "detail", "granularity")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintOmeganceSampler",
-            display_name=OMEGANCE_NAME,
             category=CATEGORY,
             description=(
                 "Omegance (Hong et al., 'Omegance: A Single Parameter for Various Granularities in Diffusion-Based "
@@ -192,12 +192,12 @@ class PreprintOmeganceSampler(PreprintNode):
 
 class PreprintAdaptiveDiffusionSampler(PreprintNode):
     NAME = ADAPTIVE_NAME
+    ALIASES = ("AdaptiveDiffusion", "step skipping", "speed up")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintAdaptiveDiffusionSampler",
-            display_name=ADAPTIVE_NAME,
             category=CATEGORY,
             description=(
                 "AdaptiveDiffusion (Ye et al., 'Training-Free Adaptive Diffusion with Bounded Difference "

@@ -88,12 +88,12 @@ def check_thresholds(dynamic_thresholding: bool, threshold_max: float, threshold
 
 class PreprintSamplerDPMSolverPP(PreprintNode):
     NAME = DPMPP_NAME
+    ALIASES = ("DPM-Solver++", "dpmpp", "2M", "3M", "sampler")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintSamplerDPMSolverPP",
-            display_name=DPMPP_NAME,
             category=CATEGORY,
             description=(
                 "DPM-Solver++ in data prediction (Lu et al., 'DPM-Solver++: Fast Solver for Guided Sampling of "
@@ -163,12 +163,12 @@ class PreprintSamplerDPMSolverPP(PreprintNode):
 
 class PreprintSamplerDEIS(PreprintNode):
     NAME = DEIS_NAME
+    ALIASES = ("DEIS", "sampler")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintSamplerDEIS",
-            display_name=DEIS_NAME,
             category=CATEGORY,
             description=(
                 "DEIS tAB multistep solver (Zhang & Chen, 'Fast Sampling of Diffusion Models with Exponential "
@@ -217,12 +217,12 @@ def check_momentum(solver: str, momentum: str) -> None:
 
 class PreprintSamplerMomentum(PreprintNode):
     NAME = MOMENTUM_NAME
+    ALIASES = ("GHVB", "heavy ball", "momentum", "PLMS", "sampler")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintSamplerMomentum",
-            display_name=MOMENTUM_NAME,
             category=CATEGORY,
             description=(
                 "Multistep solvers with heavy-ball momentum (Wizadwongsa et al., 'Diffusion Sampling with "
@@ -273,12 +273,12 @@ class PreprintSamplerMomentum(PreprintNode):
 
 class PreprintSamplerEVODiff(PreprintNode):
     NAME = EVODIFF_NAME
+    ALIASES = ("EVODiff", "sampler")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintSamplerEVODiff",
-            display_name=EVODIFF_NAME,
             category=CATEGORY,
             description=(
                 "EVODiff (Li, Chen & Zeng, 'EVODiff: Entropy-aware Variance Optimized Diffusion Inference', "

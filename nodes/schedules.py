@@ -70,12 +70,12 @@ def tail_for_denoise(full_steps_fn, steps: int, denoise: float) -> torch.Tensor:
 
 class PreprintLogisticScheduler(PreprintNode):
     NAME = LOGISTIC_NAME
+    ALIASES = ("logistic schedule", "scheduler", "sigmas")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintLogisticScheduler",
-            display_name=LOGISTIC_NAME,
             category=CATEGORY,
             description=(
                 "Logistic noise schedule (Lin et al., 'Schedule Your Edit: A Simple yet Effective Diffusion Noise "
@@ -132,12 +132,12 @@ def check_gits_steps(steps: int, teacher_steps: int) -> None:
 
 class PreprintGITSScheduler(PreprintNode):
     NAME = GITS_NAME
+    ALIASES = ("GITS", "optimal steps", "scheduler", "sigmas")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintGITSScheduler",
-            display_name=GITS_NAME,
             category=CATEGORY,
             description=(
                 "GITS (Chen et al., 'On the Trajectory Regularity of ODE-based Diffusion Sampling', "

@@ -28,12 +28,12 @@ class _ChangeMap:
 
 class PreprintDifferentialDiffusion(PreprintNode):
     NAME = NODE
+    ALIASES = ("differential diffusion", "soft inpainting", "inpaint")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintDifferentialDiffusion",
-            display_name=NODE,
             category="Preprint/regional",
             description=(
                 "Soft inpainting (Levin and Fried, Differential Diffusion, arXiv:2306.00950): the latent's noise mask "

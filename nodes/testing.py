@@ -17,12 +17,12 @@ from ._inputs import PreprintNode
 
 class PreprintTinyTestModel(PreprintNode):
     NAME = "Tiny Test Model (untrained, Preprint)"
+    ALIASES = ("test model",)
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintTinyTestModel",
-            display_name=cls.NAME,
             category="Preprint/testing",
             description=(
                 "Builds an UNTRAINED model with a real model family's block layout (SD1.5, SDXL, Flux or SD3), "
@@ -60,14 +60,14 @@ class PreprintTinyTestModel(PreprintNode):
 
 class PreprintProvingGroundModel(PreprintNode):
     NAME = "Proving Ground Model (trained toy, Preprint)"
+    ALIASES = ("toy model", "proving ground")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         from ..proving.models import ARCHITECTURES, REBUILD_COMMAND
 
-        return io.Schema(
+        return cls.schema(
             node_id="PreprintProvingGroundModel",
-            display_name=cls.NAME,
             category="Preprint/testing",
             description=(
                 "Loads one of the pack's toy models, trained by the pack on generated pictures of flat-coloured "

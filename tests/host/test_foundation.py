@@ -64,6 +64,27 @@ def test_every_node_keeps_a_widget_check_on_every_input(comfy_host):
             assert isinstance(message, str) and message.startswith(f"{cls.NAME}: {name}"), (node_id, message)
 
 
+def test_search_aliases_and_advanced_widgets_reach_the_host_that_knows_them(comfy_host):
+    """Users search "PAG", "DeepCache", "HiDiffusion": every node declares the words; newer hosts get them in the
+    node info (and the window / rescale widgets marked advanced), 0.3.64, which has neither field, builds the
+    schemas all the same."""
+    import dataclasses
+
+    from comfy_api.latest import io
+
+    knows_aliases = "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}
+    knows_advanced = "advanced" in inspect.signature(io.Float.Input.__init__).parameters
+    for node_id in comfy_host.pack_node_ids:
+        cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert cls.ALIASES, f"{node_id} declares no search aliases"
+        info = cls.GET_NODE_INFO_V1()
+        assert info.get("search_aliases") == (list(cls.ALIASES) if knows_aliases else None), node_id
+    pag = nodes.NODE_CLASS_MAPPINGS["PreprintPerturbedAttentionGuidance"]
+    assert "PAG" in pag.ALIASES
+    window = pag.INPUT_TYPES()["required"]["sigma_start"][1]
+    assert window.get("advanced") is (True if knows_advanced else None)
+
+
 def test_ksampler_lists_carry_preprint_samplers(comfy_host):
     names = nodes.KSampler.INPUT_TYPES()["required"]["sampler_name"][0]
     assert "preprint_dpmpp_2m" in names and "preprint_dpmpp_3m" in names
