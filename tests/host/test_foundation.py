@@ -89,10 +89,10 @@ def test_ksampler_lists_carry_preprint_samplers(comfy_host):
     names = nodes.KSampler.INPUT_TYPES()["required"]["sampler_name"][0]
     assert "preprint_dpmpp_2m" in names and "preprint_dpmpp_3m" in names
     select = nodes.NODE_CLASS_MAPPINGS["KSamplerSelect"]
-    kind, options = select.INPUT_TYPES()["required"]["sampler_name"][:2]
+    spec = select.INPUT_TYPES()["required"]["sampler_name"]
     # a V1 node lists its options as the type; newer releases made KSamplerSelect a V3 node, whose combo carries
     # them in its options
-    assert "preprint_dpmpp_2m" in (kind if isinstance(kind, list) else options["options"])
+    assert "preprint_dpmpp_2m" in (spec[0] if isinstance(spec[0], list) else spec[1]["options"])
     assert callable(k_sampling.sample_preprint_dpmpp_2m)
 
 
