@@ -211,7 +211,10 @@ ROPE_NODE = "RoPE Scaling (Preprint)"
 
 def _rope_embedder(model):
     dm = model.model.diffusion_model
-    pe = getattr(dm, "pe_embedder", None)
+    # the model's own embedder: while a sampled patcher's object patches are still applied, the attribute holds the
+    # last run's replacement and the original waits in the backup
+    backup = getattr(model, "object_patches_backup", {})
+    pe = backup.get("diffusion_model.pe_embedder", getattr(dm, "pe_embedder", None))
     if pe is None or not hasattr(pe, "axes_dim") or not hasattr(pe, "theta") or len(pe.axes_dim) != 3:
         raise ValueError(f"{ROPE_NODE}: this model is a {type(model.model).__name__} ({type(dm).__name__}) without "
                          "Flux's three-axis rotary position embedding (index, row, column); it serves Flux, Flux "

@@ -55,4 +55,15 @@ if [ -n "$COMFY" ]; then
 else
   say "no ComfyUI checkout found (COMFYUI_PATH, an enclosing ComfyUI, ~/ComfyUI): only the unit tier can run"
 fi
+# The browser tier drives the distribution's Chromium through Playwright (Playwright's own browser downloads are
+# never used). Install Debian's package where this machine can; otherwise the tier is skipped with the reason.
+if [ -n "$COMFY" ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's chromium for the browser tier"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+      || say "could not install chromium (no network or no package): the browser tier will be skipped"
+  else
+    say "no Chromium found and no way to install it here: the browser tier will be skipped"
+  fi
+fi
 say "done"

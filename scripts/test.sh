@@ -11,7 +11,7 @@ fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PREPRINT_TIER_SUMMARY="${PREPRINT_TIER_SUMMARY:-$PWD/.pytest_tiers.json}"
 rm -f "$PREPRINT_TIER_SUMMARY"
-"$VENV/bin/python" -m pytest tests/unit tests/host --durations=15 "$@"
+"$VENV/bin/python" -m pytest tests/unit tests/host tests/browser --durations=15 "$@"
 status=$?
 "$VENV/bin/python" - "$PREPRINT_TIER_SUMMARY" <<'PYEOF'
 import json, sys
@@ -30,5 +30,9 @@ if data["comfyui"]:
     print(line("host") + f" against ComfyUI at {data['comfyui']}")
 else:
     print(f"host tier: SKIPPED, {data['host_skip_reason']}; set COMFYUI_PATH to a ComfyUI checkout to run it")
+if data.get("browser_skip_reason"):
+    print(f"browser tier: SKIPPED, {data['browser_skip_reason']}")
+else:
+    print(line("browser") + " in headless Chromium against a ComfyUI server")
 PYEOF
 exit $status

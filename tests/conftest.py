@@ -11,12 +11,12 @@ from preprint.runner.comfy_host import find_comfyui, why_not_found
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_FILE = Path(os.environ.get("PREPRINT_TIER_SUMMARY", ROOT / ".pytest_tiers.json"))
 COMFYUI = find_comfyui()
-_counts: dict[str, dict[str, int]] = {"unit": {}, "host": {}}
+_counts: dict[str, dict[str, int]] = {"unit": {}, "host": {}, "browser": {}}
 
 
 def pytest_runtest_logreport(report):
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        tier = "host" if "tests/host/" in report.nodeid else "unit"
+        tier = next((t for t in ("host", "browser") if f"tests/{t}/" in report.nodeid), "unit")
         outcome = report.outcome
         _counts[tier][outcome] = _counts[tier].get(outcome, 0) + 1
 
@@ -26,4 +26,11 @@ def pytest_sessionfinish(session, exitstatus):
         "counts": _counts,
         "comfyui": str(COMFYUI) if COMFYUI else None,
         "host_skip_reason": None if COMFYUI else why_not_found(),
+        "browser_skip_reason": _browser_skip_reason(),
     }))
+
+
+def _browser_skip_reason() -> str | None:
+    from .browser.conftest import SKIP_REASON
+
+    return SKIP_REASON

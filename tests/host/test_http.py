@@ -3,62 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from preprint.runner.comfy_host import PACK_DIR, server_flags
+from preprint.runner.comfy_host import PACK_DIR
 
-from .conftest import HYPHENATED_NAME
+from ..comfy_server import HYPHENATED_NAME, ServerError, comfy_server
+from ..comfy_server import get_json as _get
 
 SMOKE = PACK_DIR / "workflows" / "api" / "Tiny test model smoke test (untrained).json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
 
 
 @pytest.fixture(scope="module")
 def server(comfy_host, tmp_path_factory):
     base = tmp_path_factory.mktemp("server")
-    (base / "custom_nodes").mkdir()
-    os.symlink(PACK_DIR, base / "custom_nodes" / HYPHENATED_NAME)
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-                             *server_flags(comfy_host.path)],
-                            cwd=comfy_host.path, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("ComfyUI exited:\n" + (base / "server.log").read_text()[-3000:])
-        try:
-            _get(url + "/system_stats")
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("ComfyUI server did not start")
-    yield url, base
-    proc.terminate()
-    proc.wait(30)
-    log.close()
+    try:
+        with comfy_server(comfy_host.path, base) as url:
+            yield url, base
+    except ServerError as e:
+        pytest.fail(str(e))
 
 
 def test_object_info_lists_nodes_with_description_and_tooltips(server):

@@ -62,3 +62,15 @@ def test_ntk_base_follows_the_formula():
 def test_models_without_flux_rope_get_a_clear_error():
     with pytest.raises(ValueError, match="rotary position embedding"):
         rope(tiny_model("sd15"))
+
+
+def test_a_second_node_after_a_run_reads_the_models_own_embedder(flux):
+    """After sampling, ComfyUI may leave the last run's object patches applied to the shared model; the node must
+    still scale the model's own embedder, not the previous run's replacement (a 64 px training size puts the probe
+    outside that replacement's extent, which used to be refused as a different embedding)."""
+    first = rope(flux, width=64, height=64)
+    run_sampling(first, "flux", steps=2, height=16, width=16)
+    again = rope(flux, width=64, height=64)
+    torch.testing.assert_close(run_sampling(again, "flux", steps=3, height=16, width=16),
+                               run_sampling(rope(tiny_model("flux"), width=64, height=64), "flux", steps=3, height=16,
+                                            width=16), rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""Attention entropy scaling factor (pure torch): the paper's sqrt(log T / log N) and the key counts."""
+"""Attention entropy scaling (pure torch): the paper's sqrt(log T / log N), the key counts, and the attention
+override and latent recorder that apply it (driven with plain attention functions and options dicts)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import math
 import pytest
 import torch
 
-from preprint.highres.entropy import entropy_factor, keys_at_training_size
+from preprint.highres.entropy import (
+    LATENT_KEY,
+    EntropyOverride,
+    RecordLatentSize,
+    entropy_factor,
+    keys_at_training_size,
+)
 
 
 def test_factor_is_the_papers_and_one_at_the_training_size():
@@ -39,3 +46,116 @@ def test_keys_at_training_size_scale_image_tokens_and_keep_text_tokens():
     assert keys_at_training_size(512 + 4096, 4096, 1024) == 512 + 1024  # joint attention: text kept
     with pytest.raises(ValueError):
         keys_at_training_size(10, 0, 64)
+
+
+def test_two_keys_are_the_smallest_count_with_an_entropy():
+    """log 2 > 0: two keys now or at the training size get the paper's factor; one key has no entropy."""
+    assert entropy_factor(2, 4096) == pytest.approx(math.sqrt(math.log(2) / math.log(4096)), rel=1e-12)
+    assert entropy_factor(4096, 2) == pytest.approx(math.sqrt(math.log(4096) / math.log(2)), rel=1e-12)
+    assert entropy_factor(3, 2) == pytest.approx(math.sqrt(math.log(3) / math.log(2)), rel=1e-12)
+    assert entropy_factor(1, 2) == 1.0 and entropy_factor(2, 1) == 1.0 and entropy_factor(0, 64) == 1.0
+
+
+def test_a_single_image_token_is_a_valid_layer():
+    assert keys_at_training_size(1, 1, 64) == 64  # the deepest level of a tiny latent: 1 token now, 64x the area
+    assert keys_at_training_size(8 + 1, 1, 4) == 8 + 4  # with 8 text tokens in joint attention
+
+
+def test_a_layer_keeps_at_least_one_image_key_at_the_training_size():
+    """An image share that rounds to 0 keys at the (smaller) training size still counts one key."""
+    assert keys_at_training_size(1, 4096, 1024) == 1  # 1 * 1024 / 4096 = 0.25 keys
+    assert keys_at_training_size(2, 4096, 1024) == 1  # 0.5 rounds to even, 0: floored at 1
+    assert keys_at_training_size(3, 4096, 1024) == 1  # 0.75 rounds to 1
+
+
+# ---------------------------------------------------------------------------------------------- the hooks
+
+def _record():
+    calls = []
+
+    def attention(*args, **kwargs):
+        calls.append((args, kwargs))
+        return args[0]
+
+    return attention, calls
+
+
+def test_record_latent_size_hands_the_latent_height_and_width_to_the_model():
+    seen = []
+
+    def executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        seen.append((x, t, c_concat, c_crossattn, control, transformer_options, kwargs))
+        return "out"
+
+    x, t = torch.zeros(2, 4, 13, 7), torch.tensor([1.0, 1.0])
+    options = {"sigmas": t, "other": 1}
+    assert RecordLatentSize()(executor, x, t, "concat", "cross", "ctrl", options, extra=5) == "out"
+    got = seen[0]
+    assert got[:5] == (x, t, "concat", "cross", "ctrl") and got[6] == {"extra": 5}
+    assert got[5] == {"sigmas": t, "other": 1, LATENT_KEY: (13, 7)}
+    assert LATENT_KEY not in options  # the caller's options are left as they were
+    assert type(got[5][LATENT_KEY][0]) is int
+    RecordLatentSize()(executor, torch.zeros(1, 16, 5, 9, 11), t)  # a video latent: the last two sides
+    assert seen[1][5] == {LATENT_KEY: (9, 11)}
+
+
+@pytest.mark.parametrize("patch,latent,train,image_now,image_train", [
+    (1, (16, 12), (8, 8), 192, 64),  # a UNet: one token per latent pixel
+    (2, (17, 11), (7, 8), 9 * 6, 16),  # Flux: 2x2 patches, odd sides rounded up (now and at the training size)
+])
+def test_override_scales_self_attention_queries_by_the_papers_factor(patch, latent, train, image_now, image_train):
+    attention, calls = _record()
+    override = EntropyOverride(train, patch)
+    q, k, v = (torch.randn(2, image_now, 8) for _ in range(3))
+    options = {LATENT_KEY: latent}
+    override(attention, q, k, v, 4, transformer_options=options, mask=None)
+    args, kwargs = calls[0]
+    factor = math.sqrt(math.log(image_now) / math.log(image_train))
+    assert torch.allclose(args[0], q * factor, rtol=1e-6, atol=0)
+    assert args[1] is k and args[2] is v and args[3] == 4
+    assert kwargs == {"transformer_options": options, "mask": None}
+    override(attention, q, k, v, heads=4, transformer_options=options)  # q, k, v alone are enough
+    assert torch.allclose(calls[1][0][0], q * factor, rtol=1e-6, atol=0) and calls[1][1]["heads"] == 4
+
+
+def test_override_counts_text_tokens_in_joint_attention_on_the_token_axis_of_skip_reshape():
+    """Flux hands ``[B, heads, text + image, d]`` with skip_reshape: T = 8 + 48 keys now, N = 8 + 16."""
+    attention, calls = _record()
+    override = EntropyOverride((8, 8), 2)
+    q = torch.randn(1, 4, 8 + 48, 16)
+    override(attention, q, q.clone(), q.clone(), 4, skip_reshape=True, transformer_options={LATENT_KEY: (16, 12)})
+    want = math.sqrt(math.log(56) / math.log(24))
+    assert torch.allclose(calls[0][0][0], q * want, rtol=1e-6, atol=0)
+    assert calls[0][1]["skip_reshape"] is True
+
+
+def test_override_leaves_cross_attention_other_calls_and_the_training_size_alone():
+    override = EntropyOverride((8, 8), 1)
+    q = torch.randn(2, 192, 8)
+    text = torch.randn(2, 77, 8)
+    cases = [
+        ((q, text, text, 4), {"transformer_options": {LATENT_KEY: (16, 12)}}),  # cross-attention
+        ((q, q.clone(), q.clone(), 4), {"transformer_options": {}}),  # no latent recorded (not our run)
+        ((q, q.clone(), q.clone(), 4), {}),  # no options at all
+        ((q, q.clone()), {"transformer_options": {LATENT_KEY: (16, 12)}}),  # not q, k, v
+        ((q[:, :64], q[:, :64].clone(), q[:, :64].clone(), 4), {"transformer_options": {LATENT_KEY: (8, 8)}}),
+    ]
+    for args, kwargs in cases:
+        attention, calls = _record()
+        override(attention, *args, **kwargs)
+        assert calls[0][0][0] is args[0] and calls[0][1] == kwargs
+
+
+def test_override_chains_the_previous_override_with_the_scaled_queries():
+    inner, calls = _record()
+    seen = []
+
+    def previous(func, *args, **kwargs):
+        seen.append(func)
+        return func(*args, **kwargs)
+
+    override = EntropyOverride((8, 8), 1, previous=previous)
+    q = torch.randn(1, 256, 4)
+    override(inner, q, q.clone(), q.clone(), 2, transformer_options={LATENT_KEY: (16, 16)})
+    assert seen == [inner]
+    assert torch.allclose(calls[0][0][0], q * math.sqrt(math.log(256) / math.log(64)), rtol=1e-6, atol=0)

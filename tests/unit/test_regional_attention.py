@@ -1,13 +1,17 @@
-"""Regional prompting maths: mask resampling, blend weights, the per-layer blend and the joint DiT mask."""
+"""Regional prompting maths: mask resampling, blend weights, the per-layer blend and the joint DiT mask; and the
+runtime (the UNet attn2 replacement and the Flux wrapper) driven with a plain attention function, plain
+projections and options dicts."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from preprint.regional.attention import (
+    Region,
     RegionError,
     as_mask_batch,
     blend_weights,
@@ -15,6 +19,8 @@ from preprint.regional.attention import (
     masks_on_grid,
     regional_attention,
 )
+from preprint.regional.runtime import FluxRegional, RegionSet, UNetRegionalAttention, active, positive_rows
+from preprint.utils.sigma_window import SigmaWindow
 
 
 def test_masks_resample_to_any_grid_by_area_and_broadcast_over_the_batch():
@@ -85,3 +91,363 @@ def test_joint_mask_keeps_regions_with_their_text():
     assert torch.isinf(joint_mask([2, 1, 1], masks, base_ratio=0.0)[0, 4, 0])
     with pytest.raises(RegionError):
         joint_mask([2, 1], masks, base_ratio=0.2)
+
+
+def test_region_is_an_immutable_record():
+    ctx, mask = torch.zeros(1, 3, 4), torch.ones(1, 2, 2)
+    r = Region(context=ctx, mask=mask)
+    assert r.context is ctx and r.mask is mask
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.mask = torch.zeros(1, 2, 2)
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 5), (1, 5, 0), (0, 5), (5, 0), (2, 0, 0)])
+def test_a_mask_with_an_empty_side_is_an_error(shape):
+    with pytest.raises(RegionError, match="region mask must be"):
+        as_mask_batch(torch.ones(shape))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5), (1, 5, 1), (1, 1), (3, 1, 1)])
+def test_a_one_pixel_side_is_a_valid_mask(shape):
+    m = as_mask_batch(torch.full(shape, 0.25))
+    assert m.shape == (shape if len(shape) == 3 else (1, *shape)) and torch.equal(m, torch.full(m.shape, 0.25))
+
+
+def test_mask_values_are_clamped_to_zero_and_one_and_kept_between():
+    m = as_mask_batch(torch.tensor([[-1.0, -0.2, 0.0, 0.3, 1.0, 1.7]]))
+    assert m.dtype == torch.float32 and m.tolist() == [[[0.0, 0.0, 0.0, pytest.approx(0.3), 1.0, 1.0]]]
+    assert as_mask_batch(torch.tensor([[True, False]])).tolist() == [[[1.0, 0.0]]]
+
+
+def test_masks_and_outputs_must_pair_up():
+    base = torch.zeros(1, 4, 2)
+    with pytest.raises(ValueError):
+        regional_attention(base, [torch.ones(1, 4, 2)], torch.ones(2, 1, 4), base_ratio=0.0)
+    with pytest.raises(ValueError):
+        regional_attention(base, [torch.ones(1, 4, 2)] * 2, torch.ones(1, 1, 4), base_ratio=0.0)
+
+
+def test_a_token_half_covered_belongs_to_the_region():
+    masks = torch.tensor([[[0.5, 0.49, 0.51, 0.0]]])
+    bias = joint_mask([1, 1], masks, base_ratio=0.5)[0]
+    ok = torch.isfinite(bias)
+    assert ok[1, 2:].tolist() == [True, False, True, False]  # region text sees image tokens 0 and 2
+    assert ok[2:, 1].tolist() == [True, False, True, False]
+    assert bias[2:, 0].tolist() == [pytest.approx(math.log(0.5)), 0.0, pytest.approx(math.log(0.5)), 0.0]
+
+
+def test_joint_mask_gives_each_image_of_a_batch_its_own_regions():
+    # image 0: region on tokens 0, 1; image 1: region on tokens 2, 3 (text: base 1 token, region 1 token)
+    masks = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]])
+    bias = joint_mask([1, 1], masks, base_ratio=0.0)
+    ok = torch.isfinite(bias)
+    assert ok[0, 1, 2:].tolist() == [True, True, False, False] and ok[1, 1, 2:].tolist() == [False, False, True, True]
+    assert ok[0, 2:, 1].tolist() == [True, True, False, False] and ok[1, 2:, 1].tolist() == [False, False, True, True]
+    assert ok[0, 2:, 0].tolist() == [False, False, True, True] and ok[1, 2:, 0].tolist() == [True, True, False, False]
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+
+def test_positive_rows_are_the_rows_of_every_chunk_but_the_negative_prompts():
+    assert positive_rows({"cond_or_uncond": [0, 1]}, 4) == [0, 1]
+    assert positive_rows({"cond_or_uncond": [1, 0]}, 6) == [3, 4, 5]
+    assert positive_rows({"cond_or_uncond": [0, 2, 1]}, 3) == [0, 1]  # other conds (e.g. PAG's) count as positive
+    assert positive_rows({"cond_or_uncond": [1]}, 2) == [] and positive_rows({}, 2) == []
+
+
+def test_active_reads_the_calls_highest_sigma_against_the_window():
+    window = SigmaWindow(5.0, 2.0)
+    assert active({"sigmas": torch.tensor([5.0, 1.0])}, window)
+    assert active({"sigmas": torch.tensor([2.0])}, window)
+    assert not active({"sigmas": torch.tensor([5.5, 3.0])}, window)
+    assert not active({"sigmas": torch.tensor([1.9])}, window)
+    assert not active({}, window) and not active({}, SigmaWindow())
+
+
+def test_region_set_lays_out_masks_per_grid_and_casts_prompts_once():
+    masks = [torch.rand(1, 8, 12, generator=torch.Generator().manual_seed(0)),
+             torch.rand(2, 8, 12, generator=torch.Generator().manual_seed(1))]
+    ctx = [torch.randn(1, 3, 4), torch.randn(1, 5, 4)]
+    rs = RegionSet(tuple(Region(c, m) for c, m in zip(ctx, masks, strict=True)))
+    got = rs.masks(2, 4, 3, torch.device("cpu"))
+    assert torch.equal(got, masks_on_grid(masks, 2, 4, 3)) and got.shape == (2, 2, 12)
+    assert rs.masks(2, 4, 3, torch.device("cpu")) is got
+    assert rs.masks(2, 2, 3, torch.device("cpu")).shape == (2, 2, 6)
+    c64 = rs.contexts(torch.device("cpu"), torch.float64)
+    assert [c.dtype for c in c64] == [torch.float64] * 2 and all(torch.equal(a.double(), b) for a, b in zip(ctx, c64,
+                                                                                                           strict=True))
+    assert rs.contexts(torch.device("cpu"), torch.float64)[0] is c64[0]
+    assert rs.contexts(torch.device("cpu"), torch.float32)[0].dtype == torch.float32
+
+
+class _Attention:
+    """ComfyUI's optimized attention, plain: heads split off [b, n, heads * d]; records what it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, heads, attn_precision=None, transformer_options=None):
+        self.calls.append((tuple(q.shape), tuple(k.shape), heads, attn_precision, transformer_options))
+        b, n, c = q.shape
+        split = [t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v)]
+        w = torch.softmax(split[0] @ split[1].transpose(-1, -2) / (c // heads) ** 0.5, dim=-1)
+        return (w @ split[2]).transpose(1, 2).reshape(b, n, c)
+
+
+class _Attn2(torch.nn.Module):
+    def __init__(self, dim_in, dim):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.to_k = torch.nn.Linear(dim_in, dim, bias=False, dtype=torch.float64)
+        self.to_v = torch.nn.Linear(dim_in, dim, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.to_k.weight.copy_(torch.randn(dim, dim_in, generator=g, dtype=torch.float64))
+            self.to_v.weight.copy_(torch.randn(dim, dim_in, generator=g, dtype=torch.float64))
+
+
+def _blend_by_hand(base, outs, masks, base_ratio):
+    """out = base + (1 - b) (sum_r m_r A_r / max(1, c) + max(0, 1 - c) base - base), per position (the docstring)."""
+    cover = sum(masks)
+    regional = sum(m[:, None] * a for m, a in zip(masks, outs, strict=True)) / cover.clamp_min(1.0)[:, None]
+    regional = regional + (1.0 - cover).clamp_min(0.0)[:, None] * base
+    return base + (1.0 - base_ratio) * (regional - base)
+
+
+def _unet_case(cou=(0, 1), base_ratio=0.25, region_lengths=(5, 3)):
+    """Two images per chunk on a 2 x 3 token grid, prompts of 5 tokens, two regions; masks exact on the grid."""
+    g = torch.Generator().manual_seed(9)
+    per, c, d_in = 2, 4, 6
+    batch = per * len(cou)
+    attn2 = _Attn2(d_in, c)
+    prompts = torch.randn(batch, 5, d_in, generator=g, dtype=torch.float64)
+    q = torch.randn(batch, 6, c, generator=g, dtype=torch.float64)
+    k, v = attn2.to_k(prompts).detach(), attn2.to_v(prompts).detach()
+    left = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    m1 = left[None]  # one mask for every image: the left two columns
+    m2 = torch.stack([torch.ones(4, 6) * 0.5, 1.0 - left])  # image 0: half everywhere; image 1: the right column
+    contexts = [torch.randn(1, n, d_in, generator=g, dtype=torch.float64) for n in region_lengths]
+    regions = RegionSet((Region(contexts[0], m1), Region(contexts[1], m2)))
+    grid = [m1[0, ::2, ::2].reshape(-1).expand(per, 6), m2[:, ::2, ::2].reshape(per, 6)]
+    return attn2, regions, contexts, q, k, v, grid
+
+
+@pytest.mark.parametrize("cou", [(0, 1), (1, 0), (0,)])
+@pytest.mark.parametrize("region_lengths", [(5, 3), (5, 5)])  # (5, 5): both branches of the projection path
+def test_unet_regional_attention_blends_each_prompts_attention_on_the_positive_rows(cou, region_lengths):
+    attn2, regions, contexts, q, k, v, grid = _unet_case(cou, region_lengths=region_lengths)
+    attention = _Attention()
+    patch = UNetRegionalAttention(attention, attn2, regions, 0.25, SigmaWindow(8.0, 2.0))
+    opts = {"n_heads": 2, "attn_precision": "fp32", "cond_or_uncond": list(cou), "sigmas": torch.tensor([8.0]),
+            "activations_shape": (len(cou) * 2, 4, 2, 3)}
+    with torch.no_grad():
+        out = patch(q, k, v, opts)
+    base = attention(q, k, v, 2)
+    assert attention.calls[0][2:] == (2, "fp32", opts)  # heads, precision and the options reach the attention
+    for j, c in enumerate(cou):
+        rows = slice(2 * j, 2 * j + 2)
+        if c == 1:  # the negative prompt's rows: the layer's own output
+            assert torch.equal(out[rows], base[rows])
+            continue
+        for i in range(2):
+            row = 2 * j + i
+            with torch.no_grad():
+                outs = [attention(q[row:row + 1], attn2.to_k(ctx), attn2.to_v(ctx), 2)[0] for ctx in contexts]
+            want = _blend_by_hand(base[row], outs, [m[i] for m in grid], 0.25)
+            assert torch.allclose(out[row], want, atol=1e-12, rtol=0)
+
+
+def test_unet_regional_attention_outside_its_window_or_without_positive_rows_is_the_layer():
+    attn2, regions, _, q, k, v, _ = _unet_case()
+    attention = _Attention()
+    patch = UNetRegionalAttention(attention, attn2, regions, 0.0, SigmaWindow(8.0, 2.0))
+    base = attention(q, k, v, 2)
+    for sigma, cou in ((9.0, [0, 1]), (1.0, [0, 1]), (5.0, [1, 1])):
+        opts = {"n_heads": 2, "cond_or_uncond": cou, "sigmas": torch.tensor([sigma]), "activations_shape": (4, 4, 2, 3)}
+        attention.calls.clear()
+        assert torch.equal(patch(q, k, v, opts), base)
+        assert len(attention.calls) == 1  # nothing but the layer's own attention ran
+
+
+def test_unet_regional_attention_chains_the_previous_replacement_for_the_base():
+    attn2, regions, contexts, q, k, v, grid = _unet_case()
+    attention = _Attention()
+    seen = []
+
+    def previous(q, k, v, extra_options):
+        seen.append(extra_options)
+        return torch.full_like(q, 2.0)
+
+    patch = UNetRegionalAttention(attention, attn2, regions, 0.0, SigmaWindow(), previous=previous)
+    opts = {"n_heads": 2, "cond_or_uncond": [0, 1], "sigmas": torch.tensor([3.0]), "activations_shape": (4, 4, 2, 3)}
+    with torch.no_grad():
+        out = patch(q, k, v, opts)
+        outs = [attention(q[1:2], attn2.to_k(ctx), attn2.to_v(ctx), 2)[0] for ctx in contexts]
+    assert seen == [opts]
+    assert torch.equal(out[2:], torch.full_like(q[2:], 2.0))
+    want = _blend_by_hand(torch.full_like(q[1], 2.0), outs, [m[1] for m in grid], 0.0)
+    assert torch.allclose(out[1], want, atol=1e-12, rtol=0)
+
+
+def test_a_full_region_with_the_base_prompt_is_bitwise_the_layer():
+    g = torch.Generator().manual_seed(2)
+    attn2 = _Attn2(6, 4)
+    prompt = torch.randn(1, 5, 6, generator=g, dtype=torch.float64)
+    prompts = torch.cat([prompt, prompt, torch.randn(2, 5, 6, generator=g, dtype=torch.float64)])
+    q = torch.randn(4, 6, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        k, v = attn2.to_k(prompts), attn2.to_v(prompts)
+        attention = _Attention()
+        patch = UNetRegionalAttention(attention, attn2, RegionSet((Region(prompt, torch.ones(1, 7, 5)),)), 0.3,
+                                      SigmaWindow())
+        opts = {"n_heads": 2, "cond_or_uncond": [0, 1], "sigmas": torch.tensor([3.0]),
+                "activations_shape": (4, 4, 2, 3)}
+        assert torch.equal(patch(q, k, v, opts), attention(q, k, v, 2))
+
+
+class _Flux:
+    """Stands in for comfy.ldm.flux.model.Flux: the wrapped ``_forward`` records what it is handed."""
+
+    def __init__(self, patch_size=2):
+        self.patch_size, self.seen = patch_size, []
+
+    def _forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                 transformer_options={}, **kwargs):  # noqa: B006 (ComfyUI's signature)
+        self.seen.append({"x": x, "timestep": timestep, "context": context, "y": y, "guidance": guidance,
+                          "ref_latents": ref_latents, "control": control, "transformer_options": transformer_options,
+                          **kwargs})
+        return "out"
+
+
+class _Executor:
+    def __init__(self, model, original=None):
+        self.class_obj, self.original = model, original or model._forward
+
+    def __call__(self, *args, **kwargs):
+        return self.original(*args, **kwargs)
+
+
+def _flux_case(cou=(0, 1), patch_size=2, ref=None, sigma=3.0, window=SigmaWindow(), base_ratio=0.5):
+    g = torch.Generator().manual_seed(4)
+    model = _Flux(patch_size)
+    diagonal = torch.stack([torch.eye(6, 5), 1 - torch.eye(6, 5)])  # a mask per image
+    regions = RegionSet((Region(torch.randn(1, 2, 8, generator=g), torch.ones(1, 6, 5)),
+                         Region(torch.randn(1, 3, 8, generator=g), diagonal)))
+    wrapper = FluxRegional("Regional Prompting (Preprint)", regions, base_ratio, window)
+    batch = 2 * len(cou)
+    x = torch.randn(batch, 4, 6, 5, generator=g)  # 2x2 patches: a 3 x 3 token grid (5 columns round up)
+    context = torch.randn(batch, 4, 8, generator=g)
+    to = {"cond_or_uncond": list(cou), "sigmas": torch.tensor([sigma])}
+    args = (x, torch.ones(batch), context, torch.zeros(batch, 3), None, ref, None, to)
+    return model, regions, wrapper, args
+
+
+@pytest.mark.parametrize("cou", [(0, 1), (1, 0)])
+@pytest.mark.parametrize("patch_size,grid", [(2, (3, 3)), (1, (6, 5))])
+def test_flux_wrapper_appends_region_text_to_positive_rows_and_hands_a_joint_mask(cou, patch_size, grid):
+    model, regions, wrapper, args = _flux_case(cou, patch_size)
+    assert wrapper(_Executor(model), *args) == "out"
+    got = model.seen[0]
+    x, context = args[0], args[2]
+    assert got["x"] is x and got["y"] is args[3] and got["transformer_options"] is args[7]
+    texts = regions.contexts(context.device, context.dtype)
+    region_text = torch.cat([t[0] for t in texts])  # 2 + 3 tokens
+    n_img = grid[0] * grid[1]
+    per_image = masks_on_grid([r.mask for r in regions.regions], 2, *grid)
+    regional = joint_mask([4, 2, 3], per_image, 0.5)
+    total = 4 + 5 + n_img
+    assert got["context"].shape == (4, 9, 8) and got["attention_mask"].shape == (4, total, total)
+    for j, c in enumerate(cou):
+        for i in range(2):
+            b = 2 * j + i
+            assert torch.equal(got["context"][b, :4], context[b])
+            if c == 0:
+                assert torch.equal(got["context"][b, 4:], region_text)
+                assert torch.equal(got["attention_mask"][b], regional[i])
+            else:  # the negative prompt's rows: the appended tokens are padding only they themselves see
+                assert torch.equal(got["context"][b, 4:], torch.zeros(5, 8))
+                want = torch.zeros(total, total)
+                want[:, 4:9] = float("-inf")
+                want[4:9, 4:9] = torch.where(torch.eye(5, dtype=torch.bool), 0.0, float("-inf"))
+                assert torch.equal(got["attention_mask"][b], want)
+
+
+def test_flux_wrapper_counts_reference_latent_tokens_as_uncovered_image():
+    ref = [torch.randn(1, 4, 4, 3)]  # Kontext: 2 x 2 tokens of 2x2 patches (3 columns round up)
+    model, regions, wrapper, args = _flux_case((0,), ref=ref)
+    wrapper(_Executor(model), *args)
+    got = model.seen[0]
+    per_image = masks_on_grid([r.mask for r in regions.regions], 2, 3, 3)
+    per_image = torch.cat([per_image, torch.zeros(2, 2, 4)], dim=2)
+    assert got["ref_latents"] is ref
+    assert torch.equal(got["attention_mask"], joint_mask([4, 2, 3], per_image, 0.5))
+
+
+def test_flux_wrapper_outside_its_window_passes_everything_through():
+    model, _, wrapper, args = _flux_case(sigma=9.0, window=SigmaWindow(5.0, -1.0))
+    wrapper(_Executor(model), *args)
+    got = model.seen[0]
+    assert got["context"] is args[2] and "attention_mask" not in got
+
+
+def test_flux_wrapper_builds_the_text_and_mask_once_per_batch_layout():
+    model, _, wrapper, args = _flux_case()
+    executor = _Executor(model)
+    wrapper(executor, *args)
+    wrapper(executor, *args)
+    assert model.seen[1]["attention_mask"] is model.seen[0]["attention_mask"]
+    swapped = list(args)
+    swapped[7] = {**args[7], "cond_or_uncond": [1, 0]}
+    wrapper(executor, *swapped)
+    assert not torch.equal(model.seen[2]["attention_mask"], model.seen[0]["attention_mask"])
+
+
+def test_flux_wrapper_refuses_a_second_attention_mask_and_a_forward_it_cannot_reach():
+    model, _, wrapper, args = _flux_case()
+    with pytest.raises(RegionError, match="already carries a Flux attention mask"):
+        wrapper(_Executor(model), *args, attention_mask=torch.zeros(1))
+
+    def old_forward(x, timestep, context, y=None, guidance=None, control=None, transformer_options={}):  # noqa: B006
+        return "old"
+
+    with pytest.raises(RegionError, match="without attention_mask"):
+        wrapper(_Executor(model, old_forward), *args[:5], None, args[7])
+
+    def no_options(x, timestep, context, **kwargs):
+        return "none"
+
+    with pytest.raises(RegionError, match="without transformer_options"):
+        FluxRegional("R", RegionSet(()), 0.0, SigmaWindow())(_Executor(model, no_options), *args[:3])
+
+
+def test_flux_wrapper_sets_a_named_attention_mask_parameter():
+    seen = {}
+
+    def forward(x, timestep, context, transformer_options=None, attention_mask=None):
+        seen.update(context=context, attention_mask=attention_mask)
+        return "named"
+
+    model, _, wrapper, args = _flux_case((0,))
+    assert wrapper(_Executor(model, forward), args[0], args[1], args[2], transformer_options=args[7]) == "named"
+    assert seen["context"].shape == (2, 9, 8) and seen["attention_mask"].shape == (2, 18, 18)
+
+
+def test_flux_wrapper_reads_2x2_patches_from_a_model_that_does_not_name_its_patch_size():
+    model, regions, wrapper, args = _flux_case((0,))
+    executor = _Executor(model)
+    executor.class_obj = object()  # Flux.1 before patch_size was an attribute
+    wrapper(executor, *args)
+    per_image = masks_on_grid([r.mask for r in regions.regions], 2, 3, 3)
+    assert torch.equal(model.seen[0]["attention_mask"], joint_mask([4, 2, 3], per_image, 0.5))
+
+
+def test_flux_wrapper_reads_each_wrapped_functions_own_signature():
+    seen = {}
+
+    def named(x, timestep, context, transformer_options=None, attention_mask=None):
+        seen.update(attention_mask=attention_mask)
+        return "named"
+
+    model, _, wrapper, args = _flux_case((0,))
+    assert wrapper(_Executor(model, named), args[0], args[1], args[2], transformer_options=args[7]) == "named"
+    assert wrapper(_Executor(model), *args) == "out"  # then ComfyUI's _forward, positionally, with **kwargs
+    assert torch.equal(model.seen[0]["attention_mask"], seen["attention_mask"])
