@@ -789,6 +789,19 @@ def estimate(plans: list[ModuleRun], data: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ main
 
+def _merged(update: dict, data: dict) -> dict:
+    """The results file as it is now, with this run's ``update`` (whole folders, or the glue record) put in."""
+    path = RESULTS / "mutation.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    for key in ("summary", "survivors"):
+        current.pop(key, None)
+    current["tool_version"] = data.get("tool_version")
+    current.setdefault("folders", {}).update(update.get("folders", {}))
+    if "glue" in update:
+        current["glue"] = update["glue"]
+    return current
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--folder", action="append", choices=[*FAMILIES, *OPTIONAL_FAMILIES],
@@ -855,11 +868,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             run_folder(tree, args.work_dir, env, graph, mine, args)
             data["folders"][folder] = folder_record(mine, time.perf_counter() - t0)
-            write_results(data)  # after every folder, so a long run leaves its results as it goes
+            # after every folder, so a long run leaves its results as it goes; merged into the file as it is now,
+            # so a run of other folders that finished meanwhile keeps its results
+            write_results(_merged({"folders": {folder: data["folders"][folder]}}, data))
     if glue:
         data["glue"] = {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
                         **run_glue(tree, env, args, args.defect)}
-        write_results(data)
+        write_results(_merged({"glue": data["glue"]}, data))
     return 0
 
 
