@@ -63,3 +63,24 @@ def comfy_host():
     if HOST is None:
         pytest.skip("no ComfyUI checkout found")
     return HOST
+
+
+@pytest.fixture
+def sag_masks(monkeypatch):
+    """The masks SAG builds from the attention map, as the node computes them: its own ``attention_mask`` (looked up
+    in the maths module the run engine imported, under ComfyUI's module name for the pack) wrapped to record every
+    result. Nothing about the mask is changed."""
+    import sys
+
+    import nodes
+
+    pack = nodes.NODE_CLASS_MAPPINGS["PreprintSelfAttentionGuidance"].__module__.rsplit(".", 2)[0]
+    sag_math = sys.modules[f"{pack}.guidance.pag_runtime"].sag_math
+    real, seen = sag_math.attention_mask, []
+
+    def record(*args, **kwargs):
+        mask = real(*args, **kwargs)
+        seen.append(mask.clone())
+        return mask
+    monkeypatch.setattr(sag_math, "attention_mask", record)
+    return seen

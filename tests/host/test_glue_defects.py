@@ -6,7 +6,6 @@ Flux regional prompting's base_ratio bias, SAG's blur sigma, and RoPE scaling's 
 from __future__ import annotations
 
 import math
-import sys
 
 import comfy.patcher_extension as pe
 import pytest
@@ -15,7 +14,7 @@ import torch
 from preprint.guidance.sag import degrade
 from preprint.highres.rope import scaled_rope
 
-from .harness import make_conds, node_class, run_node, run_sampling, tiny_model
+from .harness import make_conds, run_node, run_sampling, tiny_model
 
 STEPS = 2
 
@@ -179,21 +178,6 @@ def test_flux_base_ratio_is_the_base_text_bias_of_covered_image_tokens(models):
 
 
 # ---------------------------------------------------------------------------------------------- SAG
-
-@pytest.fixture
-def sag_masks(monkeypatch):
-    """The masks SAG builds from the attention map, recorded as the node computes them (nothing changed)."""
-    pack = node_class("PreprintSelfAttentionGuidance").__module__.rsplit(".", 2)[0]
-    sag_math = sys.modules[f"{pack}.guidance.pag_runtime"].sag_math
-    real, seen = sag_math.attention_mask, []
-
-    def record(*args, **kwargs):
-        mask = real(*args, **kwargs)
-        seen.append(mask.clone())
-        return mask
-    monkeypatch.setattr(sag_math, "attention_mask", record)
-    return seen
-
 
 @pytest.mark.parametrize("blur_sigma", [0.5, 3.0])
 def test_sag_degrades_the_negative_prediction_with_the_nodes_blur_sigma(models, sag_masks, blur_sigma):

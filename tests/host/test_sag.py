@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from .harness import node_class, run_node, run_sampling, tiny_model
+from .harness import run_node, run_sampling, tiny_model
 from .test_pag import count_calls, pag
 
 STEPS = 2
@@ -35,20 +35,8 @@ def unets(sd15):
 
 
 @pytest.fixture
-def masks(monkeypatch):
-    """The masks SAG builds from the attention map, as the node computes them: its own ``attention_mask``
-    (looked up in the maths module the run engine imported, under ComfyUI's module name for the pack) wrapped
-    to record every result. Nothing about the mask is changed."""
-    pack = node_class("PreprintSelfAttentionGuidance").__module__.rsplit(".", 2)[0]
-    sag_math = sys.modules[f"{pack}.guidance.pag_runtime"].sag_math
-    real, seen = sag_math.attention_mask, []
-
-    def record(*args, **kwargs):
-        mask = real(*args, **kwargs)
-        seen.append(mask.clone())
-        return mask
-    monkeypatch.setattr(sag_math, "attention_mask", record)
-    return seen
+def masks(sag_masks):
+    return sag_masks
 
 
 def test_scale_zero_is_the_unpatched_model(sd15):
