@@ -216,7 +216,7 @@ def _blend_by_hand(base, outs, masks, base_ratio):
 def _unet_case(cou=(0, 1), base_ratio=0.25, region_lengths=(5, 3)):
     """Two images per chunk on a 2 x 3 token grid, prompts of 5 tokens, two regions; masks exact on the grid."""
     g = torch.Generator().manual_seed(9)
-    per, c, d_in = 2, 4, 6
+    per, c, d_in = 2, 8, 6
     batch = per * len(cou)
     attn2 = _Attn2(d_in, c)
     prompts = torch.randn(batch, 5, d_in, generator=g, dtype=torch.float64)
@@ -238,7 +238,7 @@ def test_unet_regional_attention_blends_each_prompts_attention_on_the_positive_r
     attention = _Attention()
     patch = UNetRegionalAttention(attention, attn2, regions, 0.25, SigmaWindow(8.0, 2.0))
     opts = {"n_heads": 2, "attn_precision": "fp32", "cond_or_uncond": list(cou), "sigmas": torch.tensor([8.0]),
-            "activations_shape": (len(cou) * 2, 4, 2, 3)}
+            "activations_shape": (len(cou) * 2, 8, 2, 3)}
     with torch.no_grad():
         out = patch(q, k, v, opts)
     base = attention(q, k, v, 2)
@@ -256,13 +256,28 @@ def test_unet_regional_attention_blends_each_prompts_attention_on_the_positive_r
             assert torch.allclose(out[row], want, atol=1e-12, rtol=0)
 
 
+def test_unet_region_prompts_of_the_base_prompts_length_are_attended_at_the_batchs_own_shapes():
+    """So that a region prompt equal to the base prompt goes through exactly the computation the base did (and
+    gives its output bit for bit whatever the attention kernel): a region prompt as long as the base prompt is
+    attended over the whole batch, q as given; a prompt of another length only on the positive rows."""
+    attn2, regions, _, q, k, v, _ = _unet_case(region_lengths=(5, 3))
+    attention = _Attention()
+    patch = UNetRegionalAttention(attention, attn2, regions, 0.0, SigmaWindow())
+    opts = {"n_heads": 2, "cond_or_uncond": [1, 0], "sigmas": torch.tensor([3.0]), "activations_shape": (4, 8, 2, 3)}
+    with torch.no_grad():
+        patch(q, k, v, opts)
+    assert [c[:2] for c in attention.calls] == [((4, 6, 8), (4, 5, 8)),  # the layer's own attention
+                                                ((4, 6, 8), (4, 5, 8)),  # region 1: 5 tokens, the whole batch
+                                                ((2, 6, 8), (2, 3, 8))]  # region 2: 3 tokens, the positive rows
+
+
 def test_unet_regional_attention_outside_its_window_or_without_positive_rows_is_the_layer():
     attn2, regions, _, q, k, v, _ = _unet_case()
     attention = _Attention()
     patch = UNetRegionalAttention(attention, attn2, regions, 0.0, SigmaWindow(8.0, 2.0))
     base = attention(q, k, v, 2)
     for sigma, cou in ((9.0, [0, 1]), (1.0, [0, 1]), (5.0, [1, 1])):
-        opts = {"n_heads": 2, "cond_or_uncond": cou, "sigmas": torch.tensor([sigma]), "activations_shape": (4, 4, 2, 3)}
+        opts = {"n_heads": 2, "cond_or_uncond": cou, "sigmas": torch.tensor([sigma]), "activations_shape": (4, 8, 2, 3)}
         attention.calls.clear()
         assert torch.equal(patch(q, k, v, opts), base)
         assert len(attention.calls) == 1  # nothing but the layer's own attention ran
@@ -278,7 +293,7 @@ def test_unet_regional_attention_chains_the_previous_replacement_for_the_base():
         return torch.full_like(q, 2.0)
 
     patch = UNetRegionalAttention(attention, attn2, regions, 0.0, SigmaWindow(), previous=previous)
-    opts = {"n_heads": 2, "cond_or_uncond": [0, 1], "sigmas": torch.tensor([3.0]), "activations_shape": (4, 4, 2, 3)}
+    opts = {"n_heads": 2, "cond_or_uncond": [0, 1], "sigmas": torch.tensor([3.0]), "activations_shape": (4, 8, 2, 3)}
     with torch.no_grad():
         out = patch(q, k, v, opts)
         outs = [attention(q[1:2], attn2.to_k(ctx), attn2.to_v(ctx), 2)[0] for ctx in contexts]
@@ -372,12 +387,12 @@ def test_flux_wrapper_appends_region_text_to_positive_rows_and_hands_a_joint_mas
 
 
 def test_flux_wrapper_counts_reference_latent_tokens_as_uncovered_image():
-    ref = [torch.randn(1, 4, 4, 3)]  # Kontext: 2 x 2 tokens of 2x2 patches (3 columns round up)
+    ref = [torch.randn(1, 16, 10, 5), torch.randn(1, 16, 3, 4)]  # Kontext: 5 x 3 and 2 x 2 tokens of 2x2 patches
     model, regions, wrapper, args = _flux_case((0,), ref=ref)
     wrapper(_Executor(model), *args)
     got = model.seen[0]
     per_image = masks_on_grid([r.mask for r in regions.regions], 2, 3, 3)
-    per_image = torch.cat([per_image, torch.zeros(2, 2, 4)], dim=2)
+    per_image = torch.cat([per_image, torch.zeros(2, 2, 15 + 4)], dim=2)
     assert got["ref_latents"] is ref
     assert torch.equal(got["attention_mask"], joint_mask([4, 2, 3], per_image, 0.5))
 
@@ -399,6 +414,18 @@ def test_flux_wrapper_builds_the_text_and_mask_once_per_batch_layout():
     swapped[7] = {**args[7], "cond_or_uncond": [1, 0]}
     wrapper(executor, *swapped)
     assert not torch.equal(model.seen[2]["attention_mask"], model.seen[0]["attention_mask"])
+
+
+def test_flux_wrapper_rebuilds_the_mask_for_a_prompt_of_another_length():
+    model, regions, wrapper, args = _flux_case((0,))
+    executor = _Executor(model)
+    wrapper(executor, *args)
+    longer = list(args)
+    longer[2] = torch.randn(2, 7, 8)  # the same batch layout, a base prompt of 7 tokens instead of 4
+    wrapper(executor, *longer)
+    per_image = masks_on_grid([r.mask for r in regions.regions], 2, 3, 3)
+    assert torch.equal(model.seen[1]["attention_mask"], joint_mask([7, 2, 3], per_image, 0.5))
+    assert model.seen[1]["context"].shape == (2, 12, 8)
 
 
 def test_flux_wrapper_refuses_a_second_attention_mask_and_a_forward_it_cannot_reach():
