@@ -311,8 +311,118 @@ def open_session(tree: Path, work_dir: Path, rel: str, key: str):
     return db, meta, meta_path
 
 
-def run_baseline(tree: Path, env: dict[str, str], tests: list[str], timeout: float) -> tuple[bool, float, str]:
+# The fork runner: the test process is forked from this one after torch, numpy and pytest are imported here (the
+# pack itself never is), so each mutant pays for its own tests and the import of the (mutated) pack only, not for
+# starting Python and importing torch again. Its pass / fail verdict is the same as the subprocess's (the same
+# pytest arguments in a fresh interpreter state for everything the pack's code can reach); `--runner subprocess`
+# runs each mutant as Cosmic Ray does, in a new interpreter.
+PRELOAD = ("torch", "torch.nn.functional", "numpy", "pytest", "safetensors.torch")
+
+
+def preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    if any(m == PACKAGE or m.startswith(PACKAGE + ".") for m in sys.modules):
+        sys.exit(f"{PACKAGE} was imported by the mutation runner itself; the forked test processes would test it "
+                 "rather than the mutation copy")
+
+
+def fork_pytest(tree: Path, tests: list[str], timeout: float) -> tuple[int | None, str]:
+    """Run pytest on ``tests`` in a forked child (cwd ``tree``, the copy first on ``sys.path``): its exit code, or
+    None when it ran past ``timeout`` (its whole process group is then killed), and the tail of its output."""
+    import signal
+
+    out = tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 97
+        try:
+            os.setsid()
+            os.dup2(out.fileno(), 1)
+            os.dup2(out.fileno(), 2)
+            os.chdir(tree)
+            sys.dont_write_bytecode = True
+            sys.path.insert(0, str(tree.parent))
+            import pytest
+
+            code = int(pytest.main(pytest_command(tests)[5:]))  # the arguments after `python -m pytest`
+            where = getattr(sys.modules.get(PACKAGE), "__file__", None)
+            if where and Path(where).resolve().parent != tree.resolve():
+                print(f"{PACKAGE} was imported from {where}, not from the copy {tree}", flush=True)
+                code = 98
+        except BaseException:  # noqa: BLE001 - report anything, exit with a failure code
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    status = None
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            status = None
+            break
+        time.sleep(0.005)
+    out.seek(0)
+    text = out.read().decode("utf-8", "replace")[-4000:]
+    out.close()
+    if status is None:
+        return None, text
+    return (os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8), text
+
+
+def fork_mutate_and_test(mutations, tree: Path, tests: list[str], timeout: float):
+    """Cosmic Ray's ``mutate_and_test`` (apply the mutation on disk, test, put the file back) with the fork runner."""
+    import difflib
+    import traceback
+
+    import cosmic_ray.plugins
+    from cosmic_ray.mutating import use_mutation
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
+
+    try:
+        (m,) = mutations
+        operator = cosmic_ray.plugins.get_operator(m.operator_name)(**(getattr(m, "operator_args", None) or {}))
+        with use_mutation(m.module_path, operator, m.occurrence) as (original, mutated):
+            if mutated is None:
+                return WorkResult(worker_outcome=WorkerOutcome.NO_TEST)
+            code, output = fork_pytest(tree, tests, timeout)
+        diff = "\n".join(["--- mutation diff ---", *difflib.unified_diff(
+            original.split("\n"), mutated.split("\n"), fromfile=f"a/{m.module_path}", tofile=f"b/{m.module_path}",
+            lineterm="")])
+        if code is None:
+            return WorkResult(output="timeout", diff=diff, test_outcome=TestOutcome.KILLED,
+                              worker_outcome=WorkerOutcome.NORMAL)
+        return WorkResult(output=output, diff=diff,
+                          test_outcome=TestOutcome.KILLED if code != 0 else TestOutcome.SURVIVED,
+                          worker_outcome=WorkerOutcome.NORMAL)
+    except Exception:  # noqa: BLE001 - as Cosmic Ray: an error of the machinery makes the mutant incompetent
+        return WorkResult(output=traceback.format_exc(), test_outcome=TestOutcome.INCOMPETENT,
+                          worker_outcome=WorkerOutcome.EXCEPTION)
+
+
+def run_baseline(tree: Path, env: dict[str, str], tests: list[str], timeout: float,
+                 runner: str = "subprocess") -> tuple[bool, float, str]:
     t0 = time.perf_counter()
+    if runner == "fork":
+        code, output = fork_pytest(tree, tests, timeout)
+        seconds = time.perf_counter() - t0
+        return code == 0, seconds, output if code is not None else f"timed out after {timeout:.0f} s"
     try:
         proc = subprocess.run(pytest_command(tests), cwd=tree, env=env, capture_output=True, text=True,
                               timeout=timeout)
@@ -379,6 +489,8 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
     os.environ.clear()
     os.environ.update(env)  # cosmic-ray's test runner passes its own environment on
     os.chdir(tree)  # module paths are relative to the copy's root, and the tests run there
+    if args.runner == "fork":
+        preload()
     try:
         todo = []  # (plan, db, meta, meta_path, item)
         opened = []
@@ -394,13 +506,14 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                     record_untested(tree, db, pending)
                     pending = []
             if pending and not plan.error and (meta.get("baseline_s") is None
-                                               or sorted(meta.get("tests") or []) != sorted(plan.tests)):
-                ok, seconds, output = run_baseline(tree, env, plan.tests, args.baseline_timeout)
+                                               or sorted(meta.get("tests") or []) != sorted(plan.tests)
+                                               or meta.get("runner", "subprocess") != args.runner):
+                ok, seconds, output = run_baseline(tree, env, plan.tests, args.baseline_timeout, args.runner)
                 if not ok:
                     plan.error = f"baseline failed: {output.strip().splitlines()[-1] if output.strip() else '?'}"
                     log_line(f"  {plan.path}: {plan.error}")
                 else:
-                    meta["baseline_s"], meta["tests"] = seconds, plan.tests
+                    meta["baseline_s"], meta["tests"], meta["runner"] = seconds, plan.tests, args.runner
                     meta_path.write_text(json.dumps(meta))
             plan.baseline_s = meta.get("baseline_s")
             if plan.baseline_s is not None:
@@ -413,7 +526,10 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                 todo = [todo[int(i * step)] for i in range(args.max_mutants)]
             for n, (plan, db, meta, meta_path, item) in enumerate(todo, 1):
                 t0 = time.perf_counter()
-                result = mutate_and_test(item.mutations, shlex.join(pytest_command(plan.tests)), plan.timeout_s)
+                if args.runner == "fork":
+                    result = fork_mutate_and_test(item.mutations, tree, plan.tests, plan.timeout_s)
+                else:
+                    result = mutate_and_test(item.mutations, shlex.join(pytest_command(plan.tests)), plan.timeout_s)
                 seconds = time.perf_counter() - t0
                 db.set_result(item.job_id, result)
                 meta["durations"][item.job_id] = seconds
@@ -591,7 +707,7 @@ def run_glue(tree: Path, env: dict[str, str], args, only: list[str] | None) -> d
 
 # ------------------------------------------------------------------------------------------------ report
 
-def folder_record(plans: list[ModuleRun], run_seconds: float | None) -> dict:
+def folder_record(plans: list[ModuleRun], run_seconds: float | None, runner: str = "subprocess") -> dict:
     modules = []
     for p in plans:
         counts = {k: sum(r["outcome"] == k for r in p.results)
@@ -607,7 +723,7 @@ def folder_record(plans: list[ModuleRun], run_seconds: float | None) -> dict:
                           if r["outcome"] == "survived"],
         })
     return {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
-            "wall_s": None if run_seconds is None else round(run_seconds, 1), "modules": modules}
+            "wall_s": None if run_seconds is None else round(run_seconds, 1), "runner": runner, "modules": modules}
 
 
 def git_commit() -> str:
@@ -692,7 +808,7 @@ def render(data: dict, reasons: list[dict]) -> str:
             continue
         s, rec = sums[name], folders[name]
         lines.append(
-            f"| {name}/ | {rec['date'][:10]}, {rec['commit']} | {s['mutants']} | {s['run']} | {s['pending']} | "
+            f"| {name}/ | {rec['date'][:10]}, {rec['commit']}, {rec.get('runner', 'subprocess')} runner | {s['mutants']} | {s['run']} | {s['pending']} | "
             f"{s['killed']} | {s['timeout']} | {s['survived']} | {s['equivalent']} | {s['untested']} | "
             f"{s['not_reviewed']} | {s['incompetent']} | **{pct(s['kill_rate'])}** | {pct(s['raw_kill_rate'])} | "
             f"{s['mean_s_per_mutant']}, {s['median_s_per_mutant']} |")
@@ -814,6 +930,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-timeout", type=float, default=30.0, help="lower bound of the per-mutant timeout (s)")
     ap.add_argument("--baseline-timeout", type=float, default=900.0, help="limit for a baseline test run (s)")
     ap.add_argument("--fresh", action="store_true", help="discard stored sessions and start over")
+    ap.add_argument("--runner", choices=("fork", "subprocess"), default="fork",
+                    help="fork: each mutant's tests in a process forked after torch and pytest are imported "
+                         "(default, faster); subprocess: a new interpreter per mutant, as Cosmic Ray runs them")
     ap.add_argument("--estimate", action="store_true",
                     help="count the mutants of every folder and time each module's tests; run no mutant")
     ap.add_argument("--report", action="store_true", help="only re-render the results with the current reasons")
@@ -867,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
             log_line(f"{folder}/: {len(mine)} modules")
             t0 = time.perf_counter()
             run_folder(tree, args.work_dir, env, graph, mine, args)
-            data["folders"][folder] = folder_record(mine, time.perf_counter() - t0)
+            data["folders"][folder] = folder_record(mine, time.perf_counter() - t0, args.runner)
             # after every folder, so a long run leaves its results as it goes; merged into the file as it is now,
             # so a run of other folders that finished meanwhile keeps its results
             write_results(_merged({"folders": {folder: data["folders"][folder]}}, data))
