@@ -332,9 +332,53 @@ def preload() -> None:
                  "rather than the mutation copy")
 
 
-def fork_pytest(tree: Path, tests: list[str], timeout: float) -> tuple[int | None, str]:
-    """Run pytest on ``tests`` in a forked child (cwd ``tree``, the copy first on ``sys.path``): its exit code, or
-    None when it ran past ``timeout`` (its whole process group is then killed), and the tail of its output."""
+class _ContextSwitch:
+    """pytest plugin for the coverage map: lines run while a test's body runs are put under that test's node id;
+    lines run anywhere else (imports, collection, fixture set-up and tear-down, which a later test may depend on)
+    under ``SHARED``."""
+
+    def __init__(self, cov):
+        self.cov, self.nodeids = cov, []
+
+    def pytest_collection_modifyitems(self, items):
+        self.nodeids = [item.nodeid for item in items]
+
+    def pytest_runtest_call(self, item):
+        self.cov.switch_context(item.nodeid)
+
+    def pytest_runtest_teardown(self, item):
+        self.cov.switch_context(SHARED)
+
+
+SHARED = "shared"
+
+
+def _coverage_child(target: Path, args: list[str], map_file: Path) -> int:
+    """In the forked child: pytest under coverage of ``target`` only; writes {line: [contexts]} and the node ids."""
+    import coverage
+    import pytest
+
+    cov = coverage.Coverage(data_file=None, include=[str(target)], branch=False)
+    cov.start()
+    cov.switch_context(SHARED)
+    switch = _ContextSwitch(cov)
+    code = int(pytest.main(args, plugins=[switch]))
+    cov.stop()
+    data = cov.get_data()
+    lines: dict[int, list[str]] = {}
+    for f in data.measured_files():
+        if Path(f).resolve() == target.resolve():
+            for line, contexts in data.contexts_by_lineno(f).items():
+                lines[line] = sorted({c or SHARED for c in contexts})
+    map_file.write_text(json.dumps({"nodeids": switch.nodeids, "lines": lines}))
+    return code
+
+
+def fork_pytest(tree: Path, tests: list[str], timeout: float, coverage_of: Path | None = None,
+                map_file: Path | None = None) -> tuple[int | None, str]:
+    """Run pytest on ``tests`` (files or node ids) in a forked child (cwd ``tree``, the copy first on ``sys.path``):
+    its exit code, or None when it ran past ``timeout`` (its whole process group is then killed), and the tail of
+    its output. With ``coverage_of``, the child also writes that module's coverage map to ``map_file``."""
     import signal
 
     out = tempfile.TemporaryFile()
@@ -350,7 +394,11 @@ def fork_pytest(tree: Path, tests: list[str], timeout: float) -> tuple[int | Non
             sys.path.insert(0, str(tree.parent))
             import pytest
 
-            code = int(pytest.main(pytest_command(tests)[5:]))  # the arguments after `python -m pytest`
+            args = pytest_command(tests)[5:]  # the arguments after `python -m pytest`
+            if coverage_of is not None:
+                code = _coverage_child(coverage_of, args, map_file)
+            else:
+                code = int(pytest.main(args))
             where = getattr(sys.modules.get(PACKAGE), "__file__", None)
             if where and Path(where).resolve().parent != tree.resolve():
                 print(f"{PACKAGE} was imported from {where}, not from the copy {tree}", flush=True)
@@ -386,6 +434,47 @@ def fork_pytest(tree: Path, tests: list[str], timeout: float) -> tuple[int | Non
     return (os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8), text
 
 
+def statement_lines(source: str) -> tuple[dict[int, tuple[int, int]], set[int]]:
+    """For each line, the lines of the innermost statement holding it (for a compound statement, its header: the
+    lines before its body), and the lines inside functions with a result cache (``functools.cache`` /
+    ``lru_cache``), whose effects outlive the test that ran them."""
+    tree = ast.parse(source)
+    spans: dict[int, tuple[int, int]] = {}
+    cached: set[int] = set()
+    stmts = [n for n in ast.walk(tree) if isinstance(n, ast.stmt)]
+    for node in sorted(stmts, key=lambda n: -(n.end_lineno - n.lineno)):  # outermost first, inner ones overwrite
+        end = node.end_lineno
+        bodies = [getattr(node, f) for f in ("body", "orelse", "finalbody", "handlers") if getattr(node, f, None)]
+        if bodies:
+            first = min(b[0].lineno for b in bodies)
+            end = max(node.lineno, first - 1)
+        for line in range(node.lineno, end + 1):
+            spans[line] = (node.lineno, end)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names = {ast.unparse(d.func if isinstance(d, ast.Call) else d).rsplit(".", 1)[-1]
+                     for d in node.decorator_list}
+            if names & {"lru_cache", "cache"}:
+                cached.update(range(node.lineno, node.end_lineno + 1))
+    return spans, cached
+
+
+def select_tests(coverage_map: dict, spans, cached: set[int], line: int) -> list[str] | None:
+    """The node ids of the tests that run the statement holding ``line`` (original order), [] when none does,
+    or None when every test must run (the line runs outside a test body, or inside a cached function)."""
+    lo, hi = spans.get(line, (line, line))
+    if line in cached:
+        return None
+    hit: set[str] = set()
+    for ln in range(lo, hi + 1):
+        hit.update(coverage_map["lines"].get(str(ln), []))
+    if SHARED in hit:
+        return None
+    return [n for n in coverage_map["nodeids"] if n in hit]
+
+
+NOT_REACHED = "no test reaches this line"
+
+
 def fork_mutate_and_test(mutations, tree: Path, tests: list[str], timeout: float):
     """Cosmic Ray's ``mutate_and_test`` (apply the mutation on disk, test, put the file back) with the fork runner."""
     import difflib
@@ -401,7 +490,7 @@ def fork_mutate_and_test(mutations, tree: Path, tests: list[str], timeout: float
         with use_mutation(m.module_path, operator, m.occurrence) as (original, mutated):
             if mutated is None:
                 return WorkResult(worker_outcome=WorkerOutcome.NO_TEST)
-            code, output = fork_pytest(tree, tests, timeout)
+            code, output = fork_pytest(tree, tests, timeout) if tests else (0, NOT_REACHED)
         diff = "\n".join(["--- mutation diff ---", *difflib.unified_diff(
             original.split("\n"), mutated.split("\n"), fromfile=f"a/{m.module_path}", tofile=f"b/{m.module_path}",
             lineterm="")])
@@ -515,6 +604,17 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                 else:
                     meta["baseline_s"], meta["tests"], meta["runner"] = seconds, plan.tests, args.runner
                     meta_path.write_text(json.dumps(meta))
+            if (pending and not plan.error and not estimate_only and args.runner == "fork" and args.select
+                    and meta.get("coverage") is None):
+                map_file = meta_path.with_suffix(".coverage.json")
+                code, output = fork_pytest(tree, plan.tests, args.baseline_timeout, coverage_of=tree / plan.path,
+                                           map_file=map_file)
+                if code != 0:
+                    plan.error = f"coverage run failed: {output.strip().splitlines()[-1] if output.strip() else '?'}"
+                    log_line(f"  {plan.path}: {plan.error}")
+                else:
+                    meta["coverage"] = json.loads(map_file.read_text())
+                    meta_path.write_text(json.dumps(meta))
             plan.baseline_s = meta.get("baseline_s")
             if plan.baseline_s is not None:
                 plan.timeout_s = max(args.min_timeout, args.timeout_factor * plan.baseline_s)
@@ -524,10 +624,17 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
             if args.max_mutants is not None and len(todo) > args.max_mutants:
                 step = len(todo) / args.max_mutants
                 todo = [todo[int(i * step)] for i in range(args.max_mutants)]
+            statements: dict[str, tuple] = {}
             for n, (plan, db, meta, meta_path, item) in enumerate(todo, 1):
                 t0 = time.perf_counter()
                 if args.runner == "fork":
-                    result = fork_mutate_and_test(item.mutations, tree, plan.tests, plan.timeout_s)
+                    tests = plan.tests
+                    if args.select:
+                        if plan.path not in statements:
+                            statements[plan.path] = statement_lines((tree / plan.path).read_text(encoding="utf-8"))
+                        chosen = select_tests(meta["coverage"], *statements[plan.path], item.mutations[0].start_pos[0])
+                        tests = plan.tests if chosen is None else chosen
+                    result = fork_mutate_and_test(item.mutations, tree, tests, plan.timeout_s)
                 else:
                     result = mutate_and_test(item.mutations, shlex.join(pytest_command(plan.tests)), plan.timeout_s)
                 seconds = time.perf_counter() - t0
@@ -580,6 +687,7 @@ def collect(plan: ModuleRun, db, meta: dict) -> None:
         if kind == "survived":
             entry["old"], entry["new"] = changed_lines(result.diff or "")
             entry["no_tests"] = result.output == NO_TESTS
+            entry["unreached"] = result.output == NOT_REACHED
         plan.results.append(entry)
     plan.mutants = len(plan.results) + plan.pending
 
@@ -607,7 +715,7 @@ def reason_for(survivor: dict, file: str, reasons: list[dict]) -> tuple[str, int
             return e["reason"], i
     if survivor.get("no_tests"):
         return f"untested: {NO_TESTS} (not run)", -1
-    return "not reviewed", None
+    return "not reviewed" + (f" ({NOT_REACHED})" if survivor.get("unreached") else ""), None
 
 
 # ------------------------------------------------------------------------------------------------ glue
@@ -718,7 +826,7 @@ def folder_record(plans: list[ModuleRun], run_seconds: float | None, runner: str
             "filtered": p.filtered, **counts, "baseline_s": None if p.baseline_s is None else round(p.baseline_s, 2),
             "timeout_s": None if p.timeout_s is None else round(p.timeout_s, 1), "error": p.error,
             "mutant_seconds": [round(s, 2) for s in durations],
-            "survivors": [{k: r[k] for k in ("line", "where", "operator", "old", "new", "no_tests")}
+            "survivors": [{k: r.get(k) for k in ("line", "where", "operator", "old", "new", "no_tests", "unreached")}
                           for r in sorted(p.results, key=lambda r: (r["line"], r["operator"]))
                           if r["outcome"] == "survived"],
         })
@@ -930,6 +1038,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-timeout", type=float, default=30.0, help="lower bound of the per-mutant timeout (s)")
     ap.add_argument("--baseline-timeout", type=float, default=900.0, help="limit for a baseline test run (s)")
     ap.add_argument("--fresh", action="store_true", help="discard stored sessions and start over")
+    ap.add_argument("--all-tests", dest="select", action="store_false",
+                    help="run every test file of the module for each mutant (default with the fork runner: only "
+                         "the tests whose bodies run the mutated statement, from a coverage run of the unmutated "
+                         "module; every test when it runs outside a test body or in a cached function)")
     ap.add_argument("--runner", choices=("fork", "subprocess"), default="fork",
                     help="fork: each mutant's tests in a process forked after torch and pytest are imported "
                          "(default, faster); subprocess: a new interpreter per mutant, as Cosmic Ray runs them")
