@@ -103,6 +103,8 @@ class Profile:
             return 0.0
         h = (p1 - p0) / pieces
         vals = [self.rate(block, p0 + k * h) for k in range(pieces + 1)]
+        if math.inf in vals:  # an unmeasured (never reused) block: the trapezoid sum would give inf - inf = NaN
+            return math.inf
         return h * (sum(vals) - 0.5 * (vals[0] + vals[-1]))
 
     def to_json(self) -> dict:
