@@ -6,7 +6,14 @@ Two parts:
   Cosmic Ray (``pip install -e '.[mutation]'``) mutates one module at a time and runs only the unit test files
   that import it, directly or through other modules (found from the import statements, so no mapping to keep).
   Each module's unmutated tests run first (the baseline); a mutant gets ``max(--min-timeout, --timeout-factor x
-  baseline)`` seconds, and one that runs past it counts as detected (timeout).
+  baseline)`` seconds, and one that runs past it counts as detected (timeout). By default each mutant's tests
+  run in a process forked from this one after torch and pytest are imported, and only the tests that can see
+  the mutant: a coverage run of the unmutated module records which test bodies run each statement; a mutant
+  runs those tests, fastest first (every test when its statement runs at import, in a fixture or in a cached
+  function, or when a conftest imports the module; none when no test reaches it: a survivor without a run).
+  Tests left out can only be ones that never run the mutated code, or that reuse something another test
+  computed, so the selection may miss a kill but never invents one. ``--runner subprocess --all-tests``
+  runs each mutant as Cosmic Ray itself does.
 * **Glue** (nodes/, which needs a real ComfyUI): the named behavioural defects of
   ``benchmarks/mutation_defects.toml``, each a one-place text substitution in a node file, checked against the
   host test files the entry names. A substitution whose old text is not found exactly once stops the command,
@@ -265,6 +272,7 @@ class ModuleRun:
     results: list[dict] = field(default_factory=list)
     pending: int = 0
     error: str | None = None
+    shared: bool = False  # imported by a conftest: its objects are built once and shared by the tests
 
 
 def digest(paths: list[Path], extra: str) -> str:
@@ -338,7 +346,7 @@ class _ContextSwitch:
     under ``SHARED``."""
 
     def __init__(self, cov):
-        self.cov, self.nodeids = cov, []
+        self.cov, self.nodeids, self.seconds = cov, [], {}
 
     def pytest_collection_modifyitems(self, items):
         self.nodeids = [item.nodeid for item in items]
@@ -349,8 +357,12 @@ class _ContextSwitch:
     def pytest_runtest_teardown(self, item):
         self.cov.switch_context(SHARED)
 
+    def pytest_runtest_logreport(self, report):
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+
 
 SHARED = "shared"
+COVERAGE_MAP_VERSION = 2  # bump when the map's content changes: stored maps are then rebuilt
 
 
 def _coverage_child(target: Path, args: list[str], map_file: Path) -> int:
@@ -370,7 +382,9 @@ def _coverage_child(target: Path, args: list[str], map_file: Path) -> int:
         if Path(f).resolve() == target.resolve():
             for line, contexts in data.contexts_by_lineno(f).items():
                 lines[line] = sorted({c or SHARED for c in contexts})
-    map_file.write_text(json.dumps({"nodeids": switch.nodeids, "lines": lines}))
+    # fastest first: a mutant that some test kills is usually caught by a quick one
+    order = sorted(switch.nodeids, key=lambda n: switch.seconds.get(n, 0.0))
+    map_file.write_text(json.dumps({"version": COVERAGE_MAP_VERSION, "nodeids": order, "lines": lines}))
     return code
 
 
@@ -459,16 +473,14 @@ def statement_lines(source: str) -> tuple[dict[int, tuple[int, int]], set[int]]:
 
 
 def select_tests(coverage_map: dict, spans, cached: set[int], line: int) -> list[str] | None:
-    """The node ids of the tests that run the statement holding ``line`` (original order), [] when none does,
-    or None when every test must run (the line runs outside a test body, or inside a cached function)."""
+    """The node ids of the tests that run the statement holding ``line`` ([] when none does), or of every test when
+    the line runs outside a test body or inside a cached function; fastest first."""
     lo, hi = spans.get(line, (line, line))
-    if line in cached:
-        return None
     hit: set[str] = set()
     for ln in range(lo, hi + 1):
         hit.update(coverage_map["lines"].get(str(ln), []))
-    if SHARED in hit:
-        return None
+    if line in cached or SHARED in hit:
+        return list(coverage_map["nodeids"])
     return [n for n in coverage_map["nodeids"] if n in hit]
 
 
@@ -557,7 +569,8 @@ def plan_modules(tree: Path, folders: list[str]) -> tuple[list[ModuleRun], dict]
             # the files that import the module themselves first: a killed mutant usually stops there
             direct = {t for t in test_closures if name in graph[module_name(tree / t, tree)][1]}
             tests = sorted((t for t, mods in test_closures.items() if name in mods), key=lambda t: (t not in direct, t))
-            plans.append(ModuleRun(folder, rel, tests))
+            shared = any(name in closure(graph, module_name(c, tree)) for c in (tree / "tests").rglob("conftest.py"))
+            plans.append(ModuleRun(folder, rel, tests, shared=shared))
     return plans, graph
 
 
@@ -605,7 +618,8 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                     meta["baseline_s"], meta["tests"], meta["runner"] = seconds, plan.tests, args.runner
                     meta_path.write_text(json.dumps(meta))
             if (pending and not plan.error and not estimate_only and args.runner == "fork" and args.select
-                    and meta.get("coverage") is None):
+                    and not plan.shared
+                    and meta.get("coverage", {}).get("version") != COVERAGE_MAP_VERSION):
                 map_file = meta_path.with_suffix(".coverage.json")
                 code, output = fork_pytest(tree, plan.tests, args.baseline_timeout, coverage_of=tree / plan.path,
                                            map_file=map_file)
@@ -629,11 +643,10 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                 t0 = time.perf_counter()
                 if args.runner == "fork":
                     tests = plan.tests
-                    if args.select:
+                    if args.select and not plan.shared:  # a conftest's shared objects: every test
                         if plan.path not in statements:
                             statements[plan.path] = statement_lines((tree / plan.path).read_text(encoding="utf-8"))
-                        chosen = select_tests(meta["coverage"], *statements[plan.path], item.mutations[0].start_pos[0])
-                        tests = plan.tests if chosen is None else chosen
+                        tests = select_tests(meta["coverage"], *statements[plan.path], item.mutations[0].start_pos[0])
                     result = fork_mutate_and_test(item.mutations, tree, tests, plan.timeout_s)
                 else:
                     result = mutate_and_test(item.mutations, shlex.join(pytest_command(plan.tests)), plan.timeout_s)
