@@ -58,7 +58,7 @@ def nonuniform_refresh(steps: int, interval: int, center: float = 0.3, power: fl
     The placement of the reference DeepCache implementation (``sample_from_quad_center``): the centre step is
     round(center * steps); the keys are the integer parts of an evenly spaced grid in |u|^(1/p) around it
     (see :func:`_quad_center_keys`), so they crowd near the centre, where the paper measured the largest
-    feature change, and the last step is never spent on a refresh. When merged duplicates leave fewer keys
+    feature change (with ``center`` near 1 the last step can be a key). When merged duplicates leave fewer keys
     than the budget, the power is lowered by 0.02 at a time towards the uniform grid until the count is met.
     """
     if interval < 1:

@@ -246,8 +246,9 @@ class PreprintDiTBlockCache(CacheNode):
                 io.Model.Input("model", tooltip="A DiT model (Flux, SD3, Chroma, HunyuanVideo, Wan, Qwen-Image, "
                                                 "LTXV, LTX-2)."),
                 io.Float.Input("threshold", default=0.12, min=0.0, max=2.0, step=0.01,
-                               tooltip="Largest relative L1 change of the first block's residual, against the last "
-                                       "full step, for which the other blocks are skipped. 0 = never skip; 0.08-0.2 "
+                               tooltip="The other blocks are skipped while the first block's residual has changed "
+                                       "by less than this (relative L1, against the last full step). 0 = never "
+                                       "skip; 0.08-0.2 "
                                        "is typical; higher is faster and softer."),
                 io.Int.Input("extrapolation_order", default=2, min=1, max=3,
                              tooltip="1: reuse the last residual (plain caching). 2: linear Adams-Bashforth "
