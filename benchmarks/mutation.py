@@ -138,6 +138,9 @@ def test_env(tree: Path, work_dir: Path) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["PREPRINT_TIER_SUMMARY"] = str(work_dir / "tiers.json")
+    # the unit tests' exact reference solutions, kept between the test processes of the mutants (keyed by the
+    # source of the mixture code, so a mutant of that code recomputes them)
+    env["PREPRINT_REFERENCE_CACHE"] = str(work_dir / "references")
     return env
 
 
@@ -904,6 +907,11 @@ def render(data: dict, reasons: list[dict]) -> str:
         "",
         f"Tool: Cosmic Ray {data.get('tool_version', '?')}, one module at a time, each mutant tested by the unit "
         "test files that import the module (directly or through other modules), stopping at the first failure. "
+        "Fork runner (the column 'run on' says which): each mutant's tests run in a process forked after torch and "
+        "pytest are imported, and only the tests whose bodies reach the mutated statement in a coverage run of the "
+        "unmutated module, fastest first (every test for statements run at import, in fixtures, in cached "
+        "functions, or in modules a conftest imports); a survivor no test reaches is marked so and not run. "
+        "The selection can miss a kill (a test reusing what another computed), never invent one. "
         "Glue (nodes/): named behavioural defects against the host test tier. "
         "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py` (see its docstring).",
         "",

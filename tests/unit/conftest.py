@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +51,7 @@ class Problem:
 
     def __init__(self, kind: str, cfg: float, batch: int = 4, seed: int = 0, schedule: str = "practical",
                  std_range: tuple[float, float] = (0.05, 0.3)):
+        self._args = (kind, cfg, batch, seed, schedule, tuple(std_range))
         mixture = make_mixture(EVENT_SHAPE, components=6, seed=seed, std_range=std_range)
         cond_w = torch.tensor([4.0, 2.0, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
         self.kind = kind
@@ -75,9 +79,16 @@ class Problem:
         end = float(sigmas[-2]) if final_zero and len(sigmas) > 1 else float(sigmas[-1])
         key = (end, final_zero)
         if key not in self._refs:
-            x = reference_solution(self.model, self.x_start, self.sigma_max, end)
-            if final_zero:
-                x = self.model(x, torch.tensor(end, dtype=torch.float64))
+            stored = _stored_reference(self._args, key)
+            x = torch.load(stored) if stored is not None and stored.exists() else None
+            if x is None:
+                x = reference_solution(self.model, self.x_start, self.sigma_max, end)
+                if final_zero:
+                    x = self.model(x, torch.tensor(end, dtype=torch.float64))
+                if stored is not None:
+                    tmp = stored.with_suffix(f".{os.getpid()}.tmp")
+                    torch.save(x, tmp)
+                    tmp.replace(stored)
             self._refs[key] = x
         return self._refs[key]
 
@@ -85,6 +96,24 @@ class Problem:
         """Root-mean-square error per element against the reference solution over the same sigma span."""
         ref = self.reference(sigmas)
         return float(torch.sqrt(((x.double() - ref) ** 2).mean()))
+
+
+def _stored_reference(args: tuple, key: tuple) -> Path | None:
+    """Where a reference solution is kept between test processes, when ``PREPRINT_REFERENCE_CACHE`` names a
+    folder (the mutation runner sets it: each mutant's tests run in a new process). The file name hashes
+    everything the solution depends on, the source of the mixture code and of this file included, so a change
+    to any of them (a mutant of the mixture itself) computes it afresh."""
+    folder = os.environ.get("PREPRINT_REFERENCE_CACHE")
+    if not folder:
+        return None
+    import preprint.utils.gaussian_mixture as gm
+    import preprint.utils.noise_schedule as ns
+
+    h = hashlib.sha256(repr((args, key, torch.__version__)).encode())
+    for source in (gm.__file__, ns.__file__, __file__):
+        h.update(Path(source).read_bytes())
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"{h.hexdigest()[:32]}.pt"
 
 
 _PROBLEMS: dict[tuple, Problem] = {}
