@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .hidiffusion import HiDiffusionRun, pool, resize_to, strided_conv, windowed_attention
+from .hidiffusion import HiDiffusionRun, layer_index, pool, resize_to, strided_conv, windowed_attention
 
 KEY = "preprint_hidiffusion"
 CONTROL_KEY = "preprint_hidiffusion_control"
@@ -45,6 +45,8 @@ def diffusion_model(executor, x, timesteps=None, context=None, y=None, control=N
     """While RAU-Net reshapes features, hand ControlNet residuals to the block patches (resized there)."""
     to = transformer_options if transformer_options is not None else {}
     run = _active(to)
+    if run is not None and not run.configured:
+        run.configure(*x.shape[-2:])  # the 'auto' preset, from the latent's size
     if run is not None and control is not None and run.reshaping(to["sigmas"]):
         stash = {k: list(control.get(k) or []) for k in ("input", "middle", "output")}
         control = {k: ([] if k in stash else v) for k, v in control.items()}
@@ -117,6 +119,6 @@ class WindowAttention:
         if run is None or not run.windows or shape is None:
             return self.host.attention(q, k, v, heads, attn_precision=precision)
         height, width = int(shape[-2]), int(shape[-1])
-        shift = run.shift(extra_options["sigmas"], height, width)
+        shift = run.shift(extra_options["sigmas"], height, width, layer_index(self.block))
         return windowed_attention(q, k, v, height, width, shift,
                              lambda a, b, c: self.host.attention(a, b, c, heads, attn_precision=precision))

@@ -84,7 +84,10 @@ class PreprintHiDiffusion(PreprintNode):
                 "repeating; MSW-MSA runs the top self-attention layers in a 2x2 grid of windows shifted each step, "
                 "which is faster. Switch points are fractions of the run read from each call's noise level, so any "
                 "sampler and step count work; any width and height (no resizing); ControlNet residuals are resized "
-                "to the features they meet. Presets: 2x the training size t1 0.4, t2 0; 4x t1 0.7, t2 0.3."),
+                "to the features they meet. Preset 'auto' picks the official settings from the latent's size (SD1.x "
+                "below 2048 px on a side: 2x, t1 0.4, t2 0; SDXL below 4096 px: 2x with the stride-4 "
+                "down-sampler for the first 8/50 of the run, then pooling to t1 0.4; larger: 4x, t1 0.7, t2 0.3); "
+                "'custom' uses t1 and t2."),
             inputs=[
                 io.Model.Input("model", tooltip="A UNet model: SD1.x, SD2.x or SDXL."),
                 io.Boolean.Input("raunet", default=True,
@@ -92,33 +95,37 @@ class PreprintHiDiffusion(PreprintNode):
                 io.Boolean.Input("msw_msa", default=True,
                                  tooltip="Shifted-window self-attention on the top attention layers: faster, local."),
                 io.Float.Input("t1", default=PRESETS["2x"][0], min=0.0, max=1.0, step=0.05,
-                               tooltip="Fraction of the run (by steps, from the start) during which the first "
-                                       "RAU-Net part is on (SD1.x: the stride-4 down-sampler; SDXL: the pooled "
-                                       "block). 0.4 for 2x the training size, 0.7 for 4x."),
+                               tooltip="With preset 'custom': fraction of the run (by steps, from the start) during "
+                                       "which the first RAU-Net part is on (SD1.x: the stride-4 down-sampler; SDXL: "
+                                       "the pooled block). 0.4 for 2x the training size, 0.7 for 4x."),
                 io.Float.Input("t2", default=PRESETS["2x"][1], min=0.0, max=1.0, step=0.05,
-                               tooltip="Fraction of the run during which the second RAU-Net part is on (SD1.x: the "
-                                       "pooled block; SDXL: the stride-4 down-sampler). 0 for 2x, 0.3 for 4x."),
+                               tooltip="With preset 'custom': fraction of the run during which the second RAU-Net "
+                                       "part is on (SD1.x: the pooled block; SDXL: the stride-4 down-sampler). 0 for "
+                                       "2x, 0.3 for 4x."),
+                io.Combo.Input("preset", options=["auto", "custom"], default="auto",
+                               tooltip="auto: the official settings for the size being generated, chosen at the "
+                                       "first step (t1 and t2 are then ignored). custom: t1 and t2 as set."),
             ],
             outputs=[io.Model.Output(tooltip="The model with HiDiffusion.")],
         )
 
     @classmethod
-    def validate_inputs(cls, t1=None, t2=None) -> bool | str:
-        return cls.check_widgets(t1=t1, t2=t2)
+    def validate_inputs(cls, t1=None, t2=None, preset=None) -> bool | str:
+        return cls.check_widgets(t1=t1, t2=t2, preset=preset)
 
     @classmethod
     def check_values(cls, t1=None, t2=None, **_) -> None:
         _check_t(t1, t2)
 
     @classmethod
-    def execute(cls, model, raunet: bool, msw_msa: bool, t1: float, t2: float) -> io.NodeOutput:
+    def execute(cls, model, raunet: bool, msw_msa: bool, t1: float, t2: float, preset: str = "auto") -> io.NodeOutput:
         _check_t(t1, t2)
         _, layout = _layout_of(model)
         m = model.clone()
         if not raunet and not msw_msa:
             return io.NodeOutput(m)
         make_run = RunState(rt.KEY, lambda guider, sigmas, seed: HiDiffusionRun(sigmas, layout, t1, t2, raunet,
-                                                                                msw_msa, seed))
+                                                                                msw_msa, seed, preset))
         install_hooks(m, rt.KEY, {WMP.OUTER_SAMPLE: make_run, **({WMP.DIFFUSION_MODEL: rt.diffusion_model}
                                                                   if raunet else {})})
         if raunet:

@@ -13,8 +13,8 @@ from preprint.highres import hidiffusion
 from .harness import run_node, run_sampling, tiny_model
 
 
-def hidiff(m, raunet=True, msw_msa=True, t1=0.4, t2=0.0):
-    return run_node("PreprintHiDiffusion", model=m, raunet=raunet, msw_msa=msw_msa, t1=t1, t2=t2)[0]
+def hidiff(m, raunet=True, msw_msa=True, t1=0.4, t2=0.0, preset="custom"):
+    return run_node("PreprintHiDiffusion", model=m, raunet=raunet, msw_msa=msw_msa, t1=t1, t2=t2, preset=preset)[0]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,34 @@ def test_raunet_shrinks_features_at_odd_non_square_sizes_for_its_share_of_the_ru
         want_strided = steps((down(down(level1, 2), 4), 2), (down(level1, 4), 2), (down(level1, 2), 4))
     assert strided == want_strided
     assert pooled == want_pooled
+
+
+def test_auto_preset_on_sdxl_at_2x_runs_the_stride_first_then_pooling(sdxl):
+    """The official SDXL 2x schedule, chosen by 'auto' from the latent's size (t1 / t2 widgets ignored): of 25
+    steps, the stride-4 down-sampler for int(25 * 8/50) = 4, then pooling up to int(25 * 0.4) = 10, then
+    neither; never both in one step."""
+    m = hidiff(sdxl, msw_msa=False, t1=0.9, t2=0.9, preset="auto")
+    h, w = 13, 22
+    strided, hs = _input_shapes(m, 7)
+    pooled, hp = _input_shapes(m, 5)
+    try:
+        run_sampling(m, "sdxl", sampler_name="euler", steps=25, height=h, width=w)
+    finally:
+        hs.remove()
+        hp.remove()
+
+    def down(size, k):
+        return tuple((n + k - 1) // k for n in size)
+
+    level1 = down((h, w), 2)
+    per_step = len(strided) // 25
+    assert per_step in (1, 2) and len(strided) == 25 * per_step
+
+    def steps(*parts):
+        return [size for size, n in parts for _ in range(n * per_step)]
+
+    assert strided == steps((down(level1, 4), 4), (down(down(level1, 2), 2), 6), (down(level1, 2), 15))
+    assert pooled == steps((level1, 4), (down(level1, 2), 6), (level1, 15))
 
 
 def test_msw_msa_attends_in_windows_on_the_top_layers(sd15, monkeypatch):

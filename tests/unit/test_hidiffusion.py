@@ -19,6 +19,8 @@ from preprint.highres.hidiffusion import (
     pool,
     resize_to,
     strided_conv,
+    auto_preset,
+    layer_index,
     window_shift,
     window_splits,
     windowed_attention,
@@ -97,7 +99,7 @@ def test_strided_conv_reads_every_fourth_pixel_with_dilation_2():
 def _run(t1, t2, layout="sd15", steps=10, **kw):
     sigmas = torch.linspace(10.0, 0.0, steps + 1)
     return HiDiffusionRun(sigmas, LAYOUTS[layout], t1, t2, kw.pop("raunet", True), kw.pop("windows", True),
-                          kw.pop("seed", 0)), sigmas
+                          kw.pop("seed", 0), kw.pop("preset", "custom")), sigmas
 
 
 def test_switches_follow_fractions_of_the_run_by_sigma():
@@ -427,8 +429,9 @@ def test_diffusion_model_stashes_control_while_raunet_reshapes():
 def test_window_attention_is_msw_msa_with_the_runs_shift_inside_a_run_and_plain_outside():
     fake = _Host()
     run, sigmas = _run(0.4, 0.0, seed=3)
-    step = next(i for i in range(10) if window_shift(3, i, 8, 12) != (0, 0))
-    shift = window_shift(3, step, 8, 12)  # 8 x 12 tokens: windows 4 x 6, shifts (k, k)
+    layer = layer_index(("input", 1, 0))
+    step = next(i for i in range(10) if window_shift(3, i, 8, 12, layer) != (0, 0))
+    shift = window_shift(3, step, 8, 12, layer)  # 8 x 12 tokens: windows 4 x 6, shifts (k, k)
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 96, 6, generator=g, dtype=torch.float64) for _ in range(3))
     patch = rt.WindowAttention(fake.host(), ("input", 1, 0))
@@ -449,3 +452,70 @@ def test_window_attention_is_msw_msa_with_the_runs_shift_inside_a_run_and_plain_
         fake.calls.clear()
         assert torch.allclose(patch(q, k, v, o), plain, atol=1e-12, rtol=0)
         assert fake.calls == [((2, 96, 6), 2, None)]
+
+
+# -- the official presets and schedules ------------------------------------------------------------------------
+@pytest.mark.parametrize("layout,h,w,expected", [
+    ("sd15", 128, 128, (0.4, 0.0, False)),  # 1024 px: 2x
+    ("sd15", 256, 200, (0.4, 0.0, False)),  # one side below 2048 px: still the 2x preset
+    ("sd15", 256, 256, (0.7, 0.3, False)),  # 2048 px: 4x
+    ("sdxl", 256, 256, (0.4, 0.0, True)),  # 2048 px: 2x with the early stride-4 phase
+    ("sdxl", 512, 384, (0.4, 0.0, True)),
+    ("sdxl", 512, 512, (0.7, 0.3, False)),  # 4096 px: 4x, no early phase
+])
+def test_auto_preset_is_the_official_choice_from_the_latent_size(layout, h, w, expected):
+    """The official code picks sd15_1024 / sd15_2048 and sdxl_2048 (aggressive) / sdxl_4096 from the latent's
+    sides (SD1.x below 256, SDXL below 512 latent pixels on either side: the 2x preset)."""
+    assert auto_preset(LAYOUTS[layout], h, w) == expected
+
+
+@pytest.mark.parametrize("steps,stride_steps,pool_steps", [(50, range(0, 8), range(8, 20)),
+                                                           (20, range(0, 3), range(3, 8)),
+                                                           (30, range(0, 4), range(4, 12))])
+def test_sdxl_2x_auto_runs_the_stride_first_then_pooling(steps, stride_steps, pool_steps):
+    """SDXL at 2x ('auto'): the stride-4 down-sampler for steps < int(8/50 N), then 2x2 pooling up to int(0.4 N),
+    never both at once; afterwards neither (the official 'aggressive' schedule)."""
+    run, sigmas = _run(0.9, 0.9, steps=steps, layout="sdxl", preset="auto")  # t1 / t2 ignored by 'auto'
+    run.configure(128, 128)
+    assert [i for i in range(steps) if run.strided(sigmas[i])] == list(stride_steps)
+    assert [i for i in range(steps) if run.pooled(sigmas[i])] == list(pool_steps)
+
+
+def test_auto_at_4x_and_custom_keep_the_plain_switch_points():
+    """SDXL at 4x ('auto'): pooling from the start to 0.7, stride to 0.3; 'custom' uses t1 / t2 and no early phase
+    whatever the size."""
+    run, sigmas = _run(0.4, 0.0, steps=20, layout="sdxl", preset="auto")
+    run.configure(512, 512)
+    assert [i for i in range(20) if run.pooled(sigmas[i])] == list(range(14))
+    assert [i for i in range(20) if run.strided(sigmas[i])] == list(range(6))
+    custom, _ = _run(0.4, 0.0, steps=20, layout="sdxl")
+    custom.configure(128, 128)  # nothing to fix: already configured
+    assert [i for i in range(20) if custom.pooled(sigmas[i])] == list(range(8))
+    assert not any(custom.strided(sigmas[i]) for i in range(20))
+
+
+def test_auto_preset_before_any_model_call_is_a_clear_error():
+    run, sigmas = _run(0.4, 0.0, preset="auto")
+    with pytest.raises(RuntimeError, match="preset 'custom'"):
+        run.strided(sigmas[0])
+    with pytest.raises(ValueError, match="preset"):
+        _run(0.4, 0.0, preset="2x")
+
+
+def test_diffusion_model_wrapper_fixes_the_auto_preset_from_the_latent():
+    run, sigmas = _run(0.4, 0.0, steps=50, layout="sdxl", preset="auto")
+    options = {rt.KEY: run, "sigmas": sigmas[0:1], "patches": {}}
+    rt.diffusion_model(lambda x, *a, **k: x, torch.zeros(1, 4, 130, 170), "t", "ctx", "y", None, options)
+    assert run.early_stride and run.strided(sigmas[0]) and not run.pooled(sigmas[0])
+
+
+def test_each_window_layer_draws_its_own_shift_shared_by_the_steps_calls():
+    """As the official code draws a shift per layer and step: layers differ, the same layer's calls in a step
+    (cond and uncond) agree."""
+    run, sigmas = _run(0.4, 0.0, seed=5, steps=20)
+    layers = [layer_index(b) for b in LAYOUTS["sdxl"].window_blocks]
+    assert len(set(layers)) == len(layers)
+    per_step = [[run.shift(sigmas[i], 64, 64, layer) for layer in layers] for i in range(20)]
+    assert any(len(set(row)) > 1 for row in per_step)  # layers do not all move together
+    assert per_step == [[run.shift(sigmas[i], 64, 64, layer) for layer in layers] for i in range(20)]
+    assert per_step[3][2] == window_shift(5, 3, 64, 64, layers[2])

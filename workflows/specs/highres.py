@@ -11,13 +11,16 @@ _spec.loader.exec_module(common)
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 
 
-def _hidiffusion(width: int, height: int, t1: float, t2: float, checkpoint: str | None = None, **ks) -> dict:
+def _hidiffusion(width: int, height: int, t1: float, t2: float, checkpoint: str | None = None,
+                 preset: str = "auto", **ks) -> dict:
     prompt = {**common.sd15_base(width=width, height=height), **common.ksampler(model=["11", 0], **ks)}
     if checkpoint:
         prompt["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}
+    title = "HiDiffusion (official preset for the size)" if preset == "auto" else f"HiDiffusion (t1 {t1}, t2 {t2})"
     prompt["11"] = {"class_type": "PreprintHiDiffusion",
-                    "inputs": {"model": ["1", 0], "raunet": True, "msw_msa": True, "t1": t1, "t2": t2},
-                    "_meta": {"title": f"HiDiffusion (t1 {t1}, t2 {t2})"}}
+                    "inputs": {"model": ["1", 0], "raunet": True, "msw_msa": True, "t1": t1, "t2": t2,
+                               "preset": preset},
+                    "_meta": {"title": title}}
     return prompt
 
 
@@ -50,8 +53,9 @@ _flux = {
 WORKFLOWS = {
     "HiDiffusion at 2x (1024x1024), SD1.5": _hidiffusion(1024, 1024, 0.4, 0.0, sampler_name="dpmpp_2m", steps=30,
                                                          cfg=7.0),
-    "HiDiffusion at 4x (2048x1536), SD1.5": _hidiffusion(2048, 1536, 0.7, 0.3, sampler_name="dpmpp_2m", steps=30,
-                                                         cfg=7.0),
+    # 1536 px on one side: 'auto' would pick the 2x preset, as the official code does; the 4x settings by hand
+    "HiDiffusion at 4x (2048x1536), SD1.5": _hidiffusion(2048, 1536, 0.7, 0.3, preset="custom",
+                                                         sampler_name="dpmpp_2m", steps=30, cfg=7.0),
     "HiDiffusion at 2x (2048x2048), SDXL": _hidiffusion(2048, 2048, 0.4, 0.0, SDXL_CHECKPOINT,
                                                         sampler_name="dpmpp_2m", steps=30, cfg=6.0),
     "HiDiffusion on the proving-ground toy at 2x": _toy,
