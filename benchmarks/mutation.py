@@ -937,7 +937,8 @@ def render(data: dict, reasons: list[dict]) -> str:
             continue
         s, rec = sums[name], folders[name]
         lines.append(
-            f"| {name}/ | {rec['date'][:10]}, {rec['commit']}, {rec.get('runner', 'subprocess')} runner | {s['mutants']} | {s['run']} | {s['pending']} | "
+            f"| {name}/ | {rec['date'][:10]}, {rec['commit']}, {rec.get('runner', 'subprocess')} runner | "
+            f"{s['mutants']} | {s['run']} | {s['pending']} | "
             f"{s['killed']} | {s['timeout']} | {s['survived']} | {s['equivalent']} | {s['untested']} | "
             f"{s['not_reviewed']} | {s['incompetent']} | **{pct(s['kill_rate'])}** | {pct(s['raw_kill_rate'])} | "
             f"{s['mean_s_per_mutant']}, {s['median_s_per_mutant']} |")
