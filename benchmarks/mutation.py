@@ -846,8 +846,11 @@ def folder_record(plans: list[ModuleRun], run_seconds: float | None, runner: str
                           for r in sorted(p.results, key=lambda r: (r["line"], r["operator"]))
                           if r["outcome"] == "survived"],
         })
-    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
+    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": STARTED_AT.get("commit") or git_commit(),
             "wall_s": None if run_seconds is None else round(run_seconds, 1), "runner": runner, "modules": modules}
+
+
+STARTED_AT: dict[str, str] = {}  # the checkout's commit when the copy was made (what the run tests)
 
 
 def git_commit() -> str:
@@ -1090,6 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and args.work_dir.exists():
         shutil.rmtree(args.work_dir)
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    STARTED_AT["commit"] = git_commit()
     tree = copy_tree(args.work_dir)
     env = test_env(tree, args.work_dir)
     check_import_redirect(tree, env)
