@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .workflow_layout import WIDTH, Box, Link, body_height, layout
+
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Combos listing the user's model files: example workflows name the standard files, which a machine may lack.
 MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name",
@@ -229,7 +231,7 @@ def editor_to_api(wf: dict, defs: dict[str, NodeDef]) -> dict:
 
 
 def api_to_editor(prompt: dict, defs: dict[str, NodeDef]) -> dict:
-    """Lay an API prompt out as an editor-format workflow (version 0.4), columns by graph depth."""
+    """An API prompt as an editor-format workflow (version 0.4), laid out by :mod:`.workflow_layout`."""
     depth: dict[str, int] = {}
 
     def node_depth(nid: str, seen: frozenset = frozenset()) -> int:
@@ -246,7 +248,7 @@ def api_to_editor(prompt: dict, defs: dict[str, NodeDef]) -> dict:
     ids = {nid: int(nid) for nid in prompt}
     links: list[list] = []
     out_links: dict[tuple[str, int], list[int]] = {}
-    rows: dict[int, int] = {}
+    boxes: dict[int, Box] = {}
     nodes: list[dict] = []
     order = sorted(prompt, key=lambda n: (depth[n], ids[n]))
     for nid in order:
@@ -275,12 +277,12 @@ def api_to_editor(prompt: dict, defs: dict[str, NodeDef]) -> dict:
             widgets.append(None if _is_link(value) else value)
             if idef.has_control_widget:
                 widgets.append("fixed")
-        col = depth[nid]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
+        multiline = sum(1 for idef in d.widgets if idef.options.get("multiline"))
+        boxes[ids[nid]] = Box(ids[nid], depth[nid], WIDTH, body_height(len(inputs_out), len(d.outputs), len(widgets),
+                                                                     multiline))
         entry = {
-            "id": ids[nid], "type": node["class_type"], "pos": [40 + 380 * col, 40 + 300 * row],
-            "size": [340, 80 + 26 * (len(widgets) + len(inputs_out))], "flags": {}, "order": len(nodes),
+            "id": ids[nid], "type": node["class_type"], "pos": [0, 0],
+            "size": [WIDTH, boxes[ids[nid]].height], "flags": {}, "order": len(nodes),
             "mode": 0, "inputs": inputs_out,
             "outputs": [{"name": d.output_names[i], "type": t, "links": [], "slot_index": i}
                         for i, t in enumerate(d.outputs)],
@@ -292,6 +294,9 @@ def api_to_editor(prompt: dict, defs: dict[str, NodeDef]) -> dict:
     for n in nodes:
         for o in n["outputs"]:
             o["links"] = out_links.get((str(n["id"]), o["slot_index"]), [])
+    layout(boxes, [Link(ln[1], ln[2], ln[3], ln[4]) for ln in links])
+    for n in nodes:
+        n["pos"] = [round(boxes[n["id"]].x), round(boxes[n["id"]].y)]
     return {"last_node_id": max(ids.values(), default=0), "last_link_id": len(links), "nodes": nodes,
             "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
             "version": 0.4}

@@ -1,0 +1,225 @@
+"""Lay an example workflow out for the editor: left to right in the order data flows, no node over a link.
+
+Geometry as ComfyUI's editor (LiteGraph) draws a graph: a node's ``pos`` is the top-left corner of its body,
+with a title bar of ``TITLE`` px above it; input slot ``k`` connects at the body's left edge and output slot
+``k`` at its right edge, both at ``y = pos.y + (k + 0.7) * SLOT``; a link is a cubic Bezier curve from the
+output to the input with horizontal tangents a quarter of the distance long.
+
+:func:`layout` puts each node in the column of its depth (longest path from a source), orders every column by
+the mean position of its neighbours (barycentre sweeps: fewer links cross each other), then places each
+column's nodes top to bottom at the first height where neither the node nor its title bar meets a link that
+passes through the column; the passes repeat until the positions settle. :func:`crossings` and
+:func:`overlaps` are the checks the tests run on the written files.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+TITLE = 30  # title bar above pos
+SLOT = 20  # slot row height
+WIDGET = 24  # one widget row
+MULTILINE = 96  # a multiline text widget
+PADDING = 14
+WIDTH = 300
+COLUMN_GAP = 70
+ROW_GAP = 36
+MARGIN = 8  # clearance a link keeps from a node it passes
+ORIGIN = (40.0, 60.0)
+RESTARTS = 40  # seeded shuffles of the column orders tried while crossings are left
+CROSSING_COST = 400.0  # px of graph height a link over a node is worth: a tall graph is unreadable too
+
+
+@dataclass
+class Box:
+    id: int
+    column: int
+    width: float
+    height: float  # body height, without the title bar
+    x: float = 0.0
+    y: float = 0.0
+
+    def rect(self, margin: float = 0.0) -> tuple[float, float, float, float]:
+        return (self.x - margin, self.y - TITLE - margin, self.x + self.width + margin, self.y + self.height + margin)
+
+
+@dataclass(frozen=True)
+class Link:
+    source: int
+    source_slot: int
+    target: int
+    target_slot: int
+
+
+def body_height(inputs: int, outputs: int, widgets: int, multiline: int = 0) -> float:
+    """Body height that holds the node's slot rows and its widgets (multiline text boxes taller)."""
+    return max(inputs, outputs) * SLOT + (widgets - multiline) * WIDGET + multiline * MULTILINE + PADDING
+
+
+def output_point(box: Box, slot: int) -> tuple[float, float]:
+    return box.x + box.width, box.y + (slot + 0.7) * SLOT
+
+
+def input_point(box: Box, slot: int) -> tuple[float, float]:
+    return box.x, box.y + (slot + 0.7) * SLOT
+
+
+def curve(start: tuple[float, float], end: tuple[float, float], points: int = 64) -> list[tuple[float, float]]:
+    """Points along the editor's link curve from ``start`` (an output) to ``end`` (an input)."""
+    (x0, y0), (x3, y3) = start, end
+    d = 0.25 * ((x3 - x0) ** 2 + (y3 - y0) ** 2) ** 0.5
+    x1, y1, x2, y2 = x0 + d, y0, x3 - d, y3
+    out = []
+    for i in range(points + 1):
+        t = i / points
+        a, b, c, e = (1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t * t, t ** 3
+        out.append((a * x0 + b * x1 + c * x2 + e * x3, a * y0 + b * y1 + c * y2 + e * y3))
+    return out
+
+
+def link_curve(boxes: dict[int, Box], link: Link) -> list[tuple[float, float]]:
+    return curve(output_point(boxes[link.source], link.source_slot), input_point(boxes[link.target], link.target_slot))
+
+
+def crossings(boxes: dict[int, Box], links: list[Link], margin: float = 0.0) -> list[tuple[int, Link]]:
+    """Every (node, link) where the link's curve passes over a node (title bar included) other than its ends."""
+    found = []
+    for link in links:
+        pts = link_curve(boxes, link)
+        for box in boxes.values():
+            if box.id in (link.source, link.target):
+                continue
+            x0, y0, x1, y1 = box.rect(margin)
+            if any(x0 <= x <= x1 and y0 <= y <= y1 for x, y in pts):
+                found.append((box.id, link))
+    return found
+
+
+def overlaps(boxes: dict[int, Box]) -> list[tuple[int, int]]:
+    """Pairs of nodes whose rectangles (title bars included) intersect."""
+    items = sorted(boxes.values(), key=lambda b: b.id)
+    out = []
+    for i, a in enumerate(items):
+        ax0, ay0, ax1, ay1 = a.rect()
+        for b in items[i + 1:]:
+            bx0, by0, bx1, by1 = b.rect()
+            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                out.append((a.id, b.id))
+    return out
+
+
+def _order_columns(boxes: dict[int, Box], links: list[Link], sweeps: int = 4) -> dict[int, list[int]]:
+    columns: dict[int, list[int]] = {}
+    for b in sorted(boxes.values(), key=lambda b: (b.column, b.id)):
+        columns.setdefault(b.column, []).append(b.id)
+    parents: dict[int, list[int]] = {i: [] for i in boxes}
+    children: dict[int, list[int]] = {i: [] for i in boxes}
+    for ln in links:
+        parents[ln.target].append(ln.source)
+        children[ln.source].append(ln.target)
+    for sweep in range(sweeps):
+        rank = {i: k / max(1, len(col) - 1) for col in columns.values() for k, i in enumerate(col)}
+        near = parents if sweep % 2 == 0 else children
+        for c in sorted(columns, reverse=sweep % 2 == 1):
+            columns[c].sort(key=lambda i, near=near, rank=rank: (sum(rank[j] for j in near[i]) / len(near[i])
+                                                                 if near[i] else rank[i]))
+    return columns
+
+
+def _bands(boxes: dict[int, Box], links: list[Link], x0: float, x1: float) -> list[tuple[float, float, Link]]:
+    """Heights that links occupy between ``x0`` and ``x1`` (a column's span): the links passing through it, and
+    the ends of links into it, whose curves can swing past the column's left edge."""
+    bands = []
+    for link in links:
+        ys = [y for x, y in link_curve(boxes, link) if x0 - MARGIN <= x <= x1 + MARGIN]
+        if ys:
+            bands.append((min(ys) - MARGIN, max(ys) + MARGIN, link))
+    return bands
+
+
+def _wanted(boxes: dict[int, Box], links: list[Link], i: int) -> float:
+    """The height that lines a node's input slots up with the outputs feeding them (on average)."""
+    ins = [ln for ln in links if ln.target == i]
+    if not ins:
+        return ORIGIN[1]
+    return sum(output_point(boxes[ln.source], ln.source_slot)[1] - (ln.target_slot + 0.7) * SLOT for ln in ins) / len(ins)
+
+
+def _place_column(boxes: dict[int, Box], links: list[Link], order: list[int],
+                  bands: list[tuple[float, float, Link]], align: bool) -> bool:
+    """Top to bottom, each node at the first height clear of the bands, from right below the node above or (with
+    ``align``) from where it lines up with its inputs; whether any node moved."""
+    moved, top = False, ORIGIN[1]
+    for i in order:
+        b = boxes[i]
+        y = max(top, _wanted(boxes, links, i)) if align else top
+        mine = [(lo, hi) for lo, hi, ln in bands if i not in (ln.source, ln.target)]
+        while True:
+            hit = [hi for lo, hi in mine if y - TITLE < hi and lo < y + b.height]
+            if not hit:
+                break
+            y = max(hit) + TITLE + 1.0
+        moved |= abs(b.y - y) > 0.5
+        b.y = y
+        top = y + b.height + ROW_GAP + TITLE
+    return moved
+
+
+def layout(boxes: dict[int, Box], links: list[Link]) -> list[tuple[int, Link]]:
+    """Place ``boxes`` (their ``column`` set) in place, the best of a few orderings and placement rules (height
+    plus ``CROSSING_COST`` per link over a node); returns the crossings left (none when it succeeded)."""
+    for b in boxes.values():  # a node without inputs (a loader, an empty latent) right before its first use
+        if not any(ln.target == b.id for ln in links):
+            uses = [boxes[ln.target].column for ln in links if ln.source == b.id]
+            if uses:
+                b.column = max(b.column, min(uses) - 1)
+    best = None
+    tries = [(sweeps, align, None) for sweeps in (4, 2, 1, 0) for align in (False, True)]
+    tries += [(0, align, seed) for seed in range(RESTARTS) for align in (False, True)]
+    for sweeps, align, seed in tries:
+        if seed is not None and best[0][1] == 0:
+            break  # shuffled orders only while crossings are left
+        left = _layout(boxes, links, sweeps, align, seed)
+        key = (len(left) * CROSSING_COST + max(b.y + b.height for b in boxes.values()), len(left))
+        if best is None or key < best[0]:
+            best = (key, {i: (b.x, b.y) for i, b in boxes.items()}, left)
+    for i, (x, y) in best[1].items():
+        boxes[i].x, boxes[i].y = x, y
+    return best[2]
+
+
+def _layout(boxes: dict[int, Box], links: list[Link], sweeps: int, align: bool, seed: int | None,
+            passes: int = 30) -> list[tuple[int, Link]]:
+    columns = _order_columns(boxes, links, sweeps)
+    if seed is not None:  # a seeded shuffle of every column's order
+        rng = random.Random(seed)
+        for order in columns.values():
+            rng.shuffle(order)
+    x = ORIGIN[0]
+    spans = {}
+    for c in sorted(columns):
+        width = max(boxes[i].width for i in columns[c])
+        for i in columns[c]:
+            boxes[i].x = x
+        spans[c] = (x, x + width)
+        x += width + COLUMN_GAP
+    for c in sorted(columns):
+        _place_column(boxes, links, columns[c], [], align)
+
+    def score() -> float:
+        return len(crossings(boxes, links)) * CROSSING_COST + max(b.y + b.height for b in boxes.values())
+
+    best = (score(), {i: b.y for i, b in boxes.items()})
+    for _ in range(passes):  # the bands move with the nodes: repeat, keep the best placement seen
+        moved = False
+        for c in sorted(columns):
+            moved |= _place_column(boxes, links, columns[c], _bands(boxes, links, *spans[c]), align)
+        now = score()
+        if now < best[0]:
+            best = (now, {i: b.y for i, b in boxes.items()})
+        if not moved:
+            break
+    for i, y in best[1].items():
+        boxes[i].y = y
+    return crossings(boxes, links)
