@@ -143,7 +143,8 @@ def _wanted(boxes: dict[int, Box], links: list[Link], i: int) -> float:
     ins = [ln for ln in links if ln.target == i]
     if not ins:
         return ORIGIN[1]
-    return sum(output_point(boxes[ln.source], ln.source_slot)[1] - (ln.target_slot + 0.7) * SLOT for ln in ins) / len(ins)
+    heights = [output_point(boxes[ln.source], ln.source_slot)[1] - (ln.target_slot + 0.7) * SLOT for ln in ins]
+    return sum(heights) / len(heights)
 
 
 def _place_column(boxes: dict[int, Box], links: list[Link], order: list[int],
