@@ -459,6 +459,8 @@ def test_window_attention_is_msw_msa_with_the_runs_shift_inside_a_run_and_plain_
     ("sd15", 128, 128, (0.4, 0.0, False)),  # 1024 px: 2x
     ("sd15", 256, 200, (0.4, 0.0, False)),  # one side below 2048 px: still the 2x preset
     ("sd15", 256, 256, (0.7, 0.3, False)),  # 2048 px: 4x
+    ("sd15", 255, 400, (0.4, 0.0, False)),  # the last size below the limit
+    ("sdxl", 511, 600, (0.4, 0.0, True)),
     ("sdxl", 256, 256, (0.4, 0.0, True)),  # 2048 px: 2x with the early stride-4 phase
     ("sdxl", 512, 384, (0.4, 0.0, True)),
     ("sdxl", 512, 512, (0.7, 0.3, False)),  # 4096 px: 4x, no early phase
@@ -471,6 +473,7 @@ def test_auto_preset_is_the_official_choice_from_the_latent_size(layout, h, w, e
 
 @pytest.mark.parametrize("steps,stride_steps,pool_steps", [(50, range(0, 8), range(8, 20)),
                                                            (20, range(0, 3), range(3, 8)),
+                                                           (56, range(0, 8), range(8, 22)),  # int(8.96) = 8
                                                            (30, range(0, 4), range(4, 12))])
 def test_sdxl_2x_auto_runs_the_stride_first_then_pooling(steps, stride_steps, pool_steps):
     """SDXL at 2x ('auto'): the stride-4 down-sampler for steps < int(8/50 N), then 2x2 pooling up to int(0.4 N),
