@@ -44,17 +44,19 @@ def with_defaults(prompt: dict, defs) -> dict:
     return out
 
 
-def build_all(workflows_dir: Path) -> list[Path]:
+def build_all(workflows_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write every spec's two files under ``out_dir`` (default: ``workflows_dir`` itself)."""
     defs = node_defs()
     written: list[Path] = []
-    (workflows_dir / "api").mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir or workflows_dir
+    (out_dir / "api").mkdir(parents=True, exist_ok=True)
     for title, prompt in load_specs(workflows_dir).items():
         prompt = with_defaults(prompt, defs)
         problems = check_api(prompt, defs)
         if problems:
             raise WorkflowError(f"spec {title!r}: " + "; ".join(problems))
         editor = api_to_editor(prompt, defs)
-        targets = ((workflows_dir / f"{title}.json", editor), (workflows_dir / "api" / f"{title}.json", prompt))
+        targets = ((out_dir / f"{title}.json", editor), (out_dir / "api" / f"{title}.json", prompt))
         for path, data in targets:
             path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
             written.append(path)

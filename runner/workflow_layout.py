@@ -14,8 +14,11 @@ passes through the column; the passes repeat until the positions settle. :func:`
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
+
+import numpy as np
 
 TITLE = 30  # title bar above pos
 SLOT = 20  # slot row height
@@ -65,35 +68,57 @@ def input_point(box: Box, slot: int) -> tuple[float, float]:
     return box.x, box.y + (slot + 0.7) * SLOT
 
 
-def curve(start: tuple[float, float], end: tuple[float, float], points: int = 64) -> list[tuple[float, float]]:
+@functools.lru_cache(maxsize=8)
+def _bezier_weights(points: int) -> tuple[tuple[float, float, float, float], ...]:
+    return tuple(((1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t * t, t ** 3)
+                 for t in (i / points for i in range(points + 1)))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the layout search asks for the same curves many times
+def curve(start: tuple[float, float], end: tuple[float, float], points: int = 64) -> tuple[tuple[float, float], ...]:
     """Points along the editor's link curve from ``start`` (an output) to ``end`` (an input)."""
     (x0, y0), (x3, y3) = start, end
     d = 0.25 * ((x3 - x0) ** 2 + (y3 - y0) ** 2) ** 0.5
     x1, y1, x2, y2 = x0 + d, y0, x3 - d, y3
-    out = []
-    for i in range(points + 1):
-        t = i / points
-        a, b, c, e = (1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t * t, t ** 3
-        out.append((a * x0 + b * x1 + c * x2 + e * x3, a * y0 + b * y1 + c * y2 + e * y3))
-    return out
+    return tuple((a * x0 + b * x1 + c * x2 + e * x3, a * y0 + b * y1 + c * y2 + e * y3)
+                 for a, b, c, e in _bezier_weights(points))
 
 
-def link_curve(boxes: dict[int, Box], link: Link) -> list[tuple[float, float]]:
-    return curve(output_point(boxes[link.source], link.source_slot), input_point(boxes[link.target], link.target_slot))
+def _ends(boxes: dict[int, Box], link: Link) -> tuple[tuple[float, float], tuple[float, float]]:
+    return output_point(boxes[link.source], link.source_slot), input_point(boxes[link.target], link.target_slot)
+
+
+def link_curve(boxes: dict[int, Box], link: Link) -> tuple[tuple[float, float], ...]:
+    return curve(*_ends(boxes, link))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _curve_array(start: tuple[float, float], end: tuple[float, float]) -> np.ndarray:
+    """:func:`curve` (64 segments) as a ``[65, 2]`` array, computed the same way."""
+    (x0, y0), (x3, y3) = start, end
+    d = 0.25 * ((x3 - x0) ** 2 + (y3 - y0) ** 2) ** 0.5
+    x1, y1, x2, y2 = x0 + d, y0, x3 - d, y3
+    a, b, c, e = _BEZIER_64
+    pts = np.stack([a * x0 + b * x1 + c * x2 + e * x3, a * y0 + b * y1 + c * y2 + e * y3], axis=1)
+    pts.flags.writeable = False  # shared by the cache
+    return pts
+
+
+_BEZIER_64 = np.array(_bezier_weights(64)).T
 
 
 def crossings(boxes: dict[int, Box], links: list[Link], margin: float = 0.0) -> list[tuple[int, Link]]:
     """Every (node, link) where the link's curve passes over a node (title bar included) other than its ends."""
-    found = []
-    for link in links:
-        pts = link_curve(boxes, link)
-        for box in boxes.values():
-            if box.id in (link.source, link.target):
-                continue
-            x0, y0, x1, y1 = box.rect(margin)
-            if any(x0 <= x <= x1 and y0 <= y <= y1 for x, y in pts):
-                found.append((box.id, link))
-    return found
+    if not links or not boxes:
+        return []
+    ids = list(boxes)
+    rects = np.array([boxes[i].rect(margin) for i in ids])  # [B, 4]
+    pts = np.stack([_curve_array(*_ends(boxes, ln)) for ln in links])  # [L, P, 2]
+    x, y = pts[:, None, :, 0], pts[:, None, :, 1]
+    r = rects[None, :, :, None]
+    hit = ((r[:, :, 0] <= x) & (x <= r[:, :, 2]) & (r[:, :, 1] <= y) & (y <= r[:, :, 3])).any(axis=2)  # [L, B]
+    ends = np.array([[i in (ln.source, ln.target) for i in ids] for ln in links])
+    return [(ids[b], links[k]) for k, b in zip(*np.nonzero(hit & ~ends), strict=True)]
 
 
 def overlaps(boxes: dict[int, Box]) -> list[tuple[int, int]]:
@@ -130,12 +155,14 @@ def _order_columns(boxes: dict[int, Box], links: list[Link], sweeps: int = 4) ->
 def _bands(boxes: dict[int, Box], links: list[Link], x0: float, x1: float) -> list[tuple[float, float, Link]]:
     """Heights that links occupy between ``x0`` and ``x1`` (a column's span): the links passing through it, and
     the ends of links into it, whose curves can swing past the column's left edge."""
-    bands = []
-    for link in links:
-        ys = [y for x, y in link_curve(boxes, link) if x0 - MARGIN <= x <= x1 + MARGIN]
-        if ys:
-            bands.append((min(ys) - MARGIN, max(ys) + MARGIN, link))
-    return bands
+    if not links:
+        return []
+    pts = np.stack([_curve_array(*_ends(boxes, ln)) for ln in links])  # [L, P, 2]
+    inside = (pts[:, :, 0] >= x0 - MARGIN) & (pts[:, :, 0] <= x1 + MARGIN)
+    lo = np.where(inside, pts[:, :, 1], np.inf).min(axis=1)
+    hi = np.where(inside, pts[:, :, 1], -np.inf).max(axis=1)
+    through = inside.any(axis=1).tolist()
+    return [(float(lo[k]) - MARGIN, float(hi[k]) + MARGIN, ln) for k, ln in enumerate(links) if through[k]]
 
 
 def _wanted(boxes: dict[int, Box], links: list[Link], i: int) -> float:

@@ -41,6 +41,18 @@ def test_editor_workflow_fits_schemas_and_matches_twin(path, defs):
     assert _strip_meta(editor_to_api(wf, defs)) == _strip_meta(twin)
 
 
+def test_shipped_workflows_are_what_their_specs_build(comfy_host, tmp_path):
+    """A spec edited without `build-workflows` (or a shipped file edited by hand) leaves the two apart."""
+    from preprint.runner.workflow_builder import build_all
+
+    built = build_all(WORKFLOWS, tmp_path)
+    shipped = {p.relative_to(WORKFLOWS) for p in [*EDITOR_FILES, *API_FILES]}
+    assert {p.relative_to(tmp_path) for p in built} == shipped
+    stale = [str(p.relative_to(tmp_path)) for p in built
+             if p.read_text() != (WORKFLOWS / p.relative_to(tmp_path)).read_text()]
+    assert stale == [], "rebuild with `python -m preprint build-workflows`"
+
+
 @pytest.fixture(scope="module")
 def constant_guidance_scheduler_files(comfy_host, tmp_path_factory):
     """Annealing-guidance scheduler files the examples name, built as constant-w schedulers (the released
