@@ -3,7 +3,7 @@
     python -m preprint run WORKFLOW.json [--output DIR] [--comfyui PATH]
     python -m preprint check [WORKFLOW.json ...]
     python -m preprint build-workflows
-    python -m preprint train-proving-ground [--only sd15|flux] [--out DIR]
+    python -m preprint train-proving-ground [--only sd15|flux] [--out DIR] [--vae-from DIR]
 
 Errors are one line on stderr with a non-zero exit: 2 for a bad workflow, 3 for a missing host or model,
 4 for a failed execution.
@@ -220,7 +220,11 @@ def cmd_train(args) -> int:
         budget = train.BUDGETS[arch]
         if args.smoke:  # checks the pipeline end to end in about a minute; the weights are useless
             budget = dataclasses.replace(budget, vae_steps=2, vae_batch=2, scenes=8, model_steps=2, model_batch=2)
-        train.train_toy(arch, out, seed=args.seed, budget=budget)
+        vae_from = Path(args.vae_from).resolve() if args.vae_from else None
+        try:
+            train.train_toy(arch, out, seed=args.seed, budget=budget, vae_from=vae_from)
+        except models.ProvingWeightsError as e:
+            raise CliError(str(e), EXIT_NO_HOST) from e
     return 0
 
 
@@ -253,6 +257,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     t.add_argument("--smoke", action="store_true", help="a few steps of each stage, to check the pipeline")
+    t.add_argument("--vae-from", metavar="DIR",
+                   help="reuse the VAE in DIR (e.g. proving/weights) if it was trained with this seed and recipe, "
+                        "and train the diffusion model only")
     t.set_defaults(func=cmd_train)
     return p
 

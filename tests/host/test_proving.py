@@ -118,3 +118,23 @@ def test_training_command_builds_loadable_weights_reproducibly(comfy_host, tmp_p
     model, clip, vae = models.load_toy("sd15", folder=tmp_path / "a")
     image = models.generate(model, clip, vae, ["a red circle"], steps=2, width=64, height=64)
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_vae_from_reuses_only_a_vae_of_the_same_recipe(comfy_host, tmp_path):
+    """--vae-from trains the diffusion model on the VAE found there, and refuses a VAE trained another way
+    (whose latents the shipped diffusion model would not match)."""
+    from preprint.runner.cli import main
+
+    smoke = ["train-proving-ground", "--smoke", "--only", "sd15"]
+    assert main([*smoke, "--out", str(tmp_path / "a")]) == 0
+    vae_name = models.TOYS["sd15"].vae_file
+    assert main([*smoke, "--out", str(tmp_path / "b"), "--vae-from", str(tmp_path / "a")]) == 0
+    a, _ = models.load_weights(tmp_path / "a" / vae_name)
+    b, _ = models.load_weights(tmp_path / "b" / vae_name)
+    assert all(torch.allclose(a[k], b[k], atol=1e-2, rtol=1e-2) for k in a)  # the same VAE, re-saved
+    assert main([*smoke, "--out", str(tmp_path / "c"), "--vae-from", str(tmp_path / "a"), "--seed", "1"]) == 3
+    state, meta = models.load_weights(tmp_path / "a" / vae_name)
+    meta["budget"]["vae_crop"] += 8
+    models.save_weights(tmp_path / "d" / vae_name, state, meta)
+    assert main([*smoke, "--out", str(tmp_path / "e"), "--vae-from", str(tmp_path / "d")]) == 3
+    assert not (tmp_path / "e" / models.TOYS["sd15"].model_file).exists()
