@@ -216,11 +216,11 @@ def cmd_train(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    vae_from = Path(args.vae_from).resolve() if args.vae_from else None
     for arch in args.only or list(models.ARCHITECTURES):
         budget = train.BUDGETS[arch]
         if args.smoke:  # checks the pipeline end to end in about a minute; the weights are useless
             budget = dataclasses.replace(budget, vae_steps=2, vae_batch=2, scenes=8, model_steps=2, model_batch=2)
-        vae_from = Path(args.vae_from).resolve() if args.vae_from else None
         try:
             train.train_toy(arch, out, seed=args.seed, budget=budget, vae_from=vae_from)
         except models.ProvingWeightsError as e:

@@ -69,42 +69,38 @@ def input_point(box: Box, slot: int) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=8)
-def _bezier_weights(points: int) -> tuple[tuple[float, float, float, float], ...]:
-    return tuple(((1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t * t, t ** 3)
-                 for t in (i / points for i in range(points + 1)))
+def _bezier_weights(points: int) -> np.ndarray:
+    t = np.arange(points + 1) / points
+    return np.stack([(1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t * t, t ** 3])  # [4, points + 1]
 
 
 @functools.lru_cache(maxsize=1 << 16)  # the layout search asks for the same curves many times
-def curve(start: tuple[float, float], end: tuple[float, float], points: int = 64) -> tuple[tuple[float, float], ...]:
-    """Points along the editor's link curve from ``start`` (an output) to ``end`` (an input)."""
+def _curve_array(start: tuple[float, float], end: tuple[float, float], points: int = 64) -> np.ndarray:
     (x0, y0), (x3, y3) = start, end
     d = 0.25 * ((x3 - x0) ** 2 + (y3 - y0) ** 2) ** 0.5
     x1, y1, x2, y2 = x0 + d, y0, x3 - d, y3
-    return tuple((a * x0 + b * x1 + c * x2 + e * x3, a * y0 + b * y1 + c * y2 + e * y3)
-                 for a, b, c, e in _bezier_weights(points))
+    a, b, c, e = _bezier_weights(points)
+    pts = np.stack([a * x0 + b * x1 + c * x2 + e * x3, a * y0 + b * y1 + c * y2 + e * y3], axis=1)
+    pts.flags.writeable = False  # shared by the cache
+    return pts
+
+
+def curve(start: tuple[float, float], end: tuple[float, float], points: int = 64) -> list[tuple[float, float]]:
+    """Points along the editor's link curve from ``start`` (an output) to ``end`` (an input)."""
+    return [tuple(p) for p in _curve_array(start, end, points).tolist()]
 
 
 def _ends(boxes: dict[int, Box], link: Link) -> tuple[tuple[float, float], tuple[float, float]]:
     return output_point(boxes[link.source], link.source_slot), input_point(boxes[link.target], link.target_slot)
 
 
-def link_curve(boxes: dict[int, Box], link: Link) -> tuple[tuple[float, float], ...]:
+def link_curve(boxes: dict[int, Box], link: Link) -> list[tuple[float, float]]:
     return curve(*_ends(boxes, link))
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _curve_array(start: tuple[float, float], end: tuple[float, float]) -> np.ndarray:
-    """:func:`curve` (64 segments) as a ``[65, 2]`` array, computed the same way."""
-    (x0, y0), (x3, y3) = start, end
-    d = 0.25 * ((x3 - x0) ** 2 + (y3 - y0) ** 2) ** 0.5
-    x1, y1, x2, y2 = x0 + d, y0, x3 - d, y3
-    a, b, c, e = _BEZIER_64
-    pts = np.stack([a * x0 + b * x1 + c * x2 + e * x3, a * y0 + b * y1 + c * y2 + e * y3], axis=1)
-    pts.flags.writeable = False  # shared by the cache
-    return pts
-
-
-_BEZIER_64 = np.array(_bezier_weights(64)).T
+def _link_points(boxes: dict[int, Box], links: list[Link]) -> np.ndarray:
+    """Every link's curve, ``[links, points, 2]``."""
+    return np.stack([_curve_array(*_ends(boxes, ln)) for ln in links])
 
 
 def crossings(boxes: dict[int, Box], links: list[Link], margin: float = 0.0) -> list[tuple[int, Link]]:
@@ -113,7 +109,7 @@ def crossings(boxes: dict[int, Box], links: list[Link], margin: float = 0.0) -> 
         return []
     ids = list(boxes)
     rects = np.array([boxes[i].rect(margin) for i in ids])  # [B, 4]
-    pts = np.stack([_curve_array(*_ends(boxes, ln)) for ln in links])  # [L, P, 2]
+    pts = _link_points(boxes, links)  # [L, P, 2]
     x, y = pts[:, None, :, 0], pts[:, None, :, 1]
     r = rects[None, :, :, None]
     hit = ((r[:, :, 0] <= x) & (x <= r[:, :, 2]) & (r[:, :, 1] <= y) & (y <= r[:, :, 3])).any(axis=2)  # [L, B]
@@ -157,7 +153,7 @@ def _bands(boxes: dict[int, Box], links: list[Link], x0: float, x1: float) -> li
     the ends of links into it, whose curves can swing past the column's left edge."""
     if not links:
         return []
-    pts = np.stack([_curve_array(*_ends(boxes, ln)) for ln in links])  # [L, P, 2]
+    pts = _link_points(boxes, links)  # [L, P, 2]
     inside = (pts[:, :, 0] >= x0 - MARGIN) & (pts[:, :, 0] <= x1 + MARGIN)
     lo = np.where(inside, pts[:, :, 1], np.inf).min(axis=1)
     hi = np.where(inside, pts[:, :, 1], -np.inf).max(axis=1)
