@@ -1,5 +1,5 @@
 """Multi-resolution nodes: HiDiffusion (RAU-Net + MSW-MSA) for UNets, attention entropy scaling for any model,
-RoPE scaling for Flux-layout DiTs.
+RoPE scaling for Flux-layout DiTs, block noise for re-noising upscaled latents.
 
 - HiDiffusion: Zhang et al., "HiDiffusion: Unlocking Higher-Resolution Creativity and Efficiency in
   Pretrained Diffusion Models", arXiv:2311.17528.
@@ -7,6 +7,8 @@ RoPE scaling for Flux-layout DiTs.
   Text-to-Image Synthesis", arXiv:2306.08645.
 - RoPE scaling: NTK-aware base scaling (as in I-Max, arXiv:2410.07536) or position interpolation (Chen et
   al., arXiv:2306.15595), per axis.
+- Block noise: Teng et al., "Relay Diffusion: Unifying diffusion process across resolutions for image
+  synthesis", arXiv:2309.03350.
 
 Host glue only: the operators and the run's switches live in ``highres/hidiffusion.py``, the patches that apply
 them to a running UNet in ``highres/hidiffusion_runtime.py``. The run is created in an OUTER_SAMPLE wrapper and
@@ -25,6 +27,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel
 from comfy_api.latest import io
 
 from ..highres import hidiffusion_runtime as rt
+from ..highres.block_noise import BlockNoiseError, BlockNoiseSource
 from ..highres.entropy import LATENT_KEY, EntropyOverride, RecordLatentSize
 from ..highres.hidiffusion import LAYOUTS, PRESETS, HiDiffusionRun
 from ..highres.rope import MODES as ROPE_MODES
@@ -280,4 +283,59 @@ class PreprintRoPEScaling(PreprintNode):
         return io.NodeOutput(m)
 
 
-NODES = [PreprintHiDiffusion, PreprintAttentionEntropyScaling, PreprintRoPEScaling]
+BLOCK_NODE = "Block Noise (Preprint)"
+
+
+class _CheckedBlockNoise(BlockNoiseSource):
+    """The node's noise: errors raised while sampling name the node."""
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        try:
+            return super().generate_noise(input_latent)
+        except BlockNoiseError as e:
+            raise ValueError(f"{BLOCK_NODE}: {e}") from None
+
+
+class PreprintBlockNoise(PreprintNode):
+    NAME = BLOCK_NODE
+    ALIASES = ("block noise", "Relay Diffusion", "RDM", "re-noise", "upscale noise", "correlated noise")
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return cls.schema(
+            node_id="PreprintBlockNoise",
+            category=CATEGORY,
+            description=(
+                "Block noise from Relay Diffusion (Teng et al., arXiv:2309.03350) for re-noising an upscaled latent "
+                "(a second KSampler pass, SamplerCustomAdvanced): each element is the sum of the block_size x "
+                "block_size white-noise values of the block ending at it, divided by block_size. Unit variance per "
+                "element, but neighbours are correlated, so a block's average is as noisy as one element was at "
+                "the size before upscaling and the re-noising reaches the coarse structure it should. Use the "
+                "upscale factor as the block size. With block size 1 it is exactly core's Random Noise."),
+            inputs=[
+                io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the white noise the blocks are made of (the same seed as Random "
+                                     "Noise gives the same white noise)."),
+                io.Int.Input("block_size", default=2, min=1, max=16,
+                             tooltip="Block side in latent elements: the factor the latent was upscaled by (2 after "
+                                     "a 2x upscale). 1 = plain white noise."),
+                io.Float.Input("block_fraction", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of the noise's variance that is block noise; the rest is independent "
+                                       "white noise (1 = the paper's block noise; lower = milder, a pack option)."),
+            ],
+            outputs=[io.Noise.Output(tooltip="Noise for SamplerCustomAdvanced (or any node taking NOISE).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, block_size=None, block_fraction=None) -> bool | str:
+        return cls.check_widgets(block_size=block_size, block_fraction=block_fraction)
+
+    @classmethod
+    def execute(cls, noise_seed: int, block_size: int, block_fraction: float) -> io.NodeOutput:
+        try:
+            return io.NodeOutput(_CheckedBlockNoise(noise_seed, block_size, block_fraction))
+        except BlockNoiseError as e:
+            raise cls.error(str(e)) from None
+
+
+NODES = [PreprintHiDiffusion, PreprintAttentionEntropyScaling, PreprintRoPEScaling, PreprintBlockNoise]

@@ -1,5 +1,5 @@
 """Example workflows for the multi-resolution family: HiDiffusion on SD1.5 and SDXL and on the trained toy;
-RoPE and attention entropy scaling on Flux."""
+RoPE and attention entropy scaling on Flux; a two-stage upscale re-noised with block noise."""
 
 import importlib.util
 from pathlib import Path
@@ -50,6 +50,32 @@ _flux = {
     "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "preprint"}},
 }
 
+def _block_noise_upscale() -> dict:
+    """Generate at 512, upscale the latent 2x, re-noise it with 2x2 block noise and denoise half the way."""
+    prompt = common.sd15_base(width=512, height=512)
+    prompt["11"] = {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 42, "steps": 25, "cfg": 7.0,
+                                                       "sampler_name": "dpmpp_2m", "scheduler": "karras",
+                                                       "positive": ["2", 0], "negative": ["3", 0],
+                                                       "latent_image": ["4", 0], "denoise": 1.0},
+                    "_meta": {"title": "Stage 1 at 512x512"}}
+    prompt["12"] = {"class_type": "LatentUpscaleBy",
+                    "inputs": {"samples": ["11", 0], "upscale_method": "bislerp", "scale_by": 2.0}}
+    prompt["13"] = {"class_type": "PreprintBlockNoise",
+                    "inputs": {"noise_seed": 42, "block_size": 2, "block_fraction": 1.0},
+                    "_meta": {"title": "Block noise (block = upscale factor)"}}
+    prompt["14"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}}
+    prompt["15"] = {"class_type": "BasicScheduler",
+                    "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 20, "denoise": 0.5},
+                    "_meta": {"title": "Stage 2: re-noise half way"}}
+    prompt["16"] = {"class_type": "CFGGuider",
+                    "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 7.0}}
+    prompt["7"] = {"class_type": "SamplerCustomAdvanced",
+                   "inputs": {"noise": ["13", 0], "guider": ["16", 0], "sampler": ["14", 0], "sigmas": ["15", 0],
+                              "latent_image": ["12", 0]},
+                   "_meta": {"title": "Stage 2 at 1024x1024"}}
+    return prompt
+
+
 WORKFLOWS = {
     "HiDiffusion at 2x (1024x1024), SD1.5": _hidiffusion(1024, 1024, 0.4, 0.0, sampler_name="dpmpp_2m", steps=30,
                                                          cfg=7.0),
@@ -60,4 +86,5 @@ WORKFLOWS = {
                                                         sampler_name="dpmpp_2m", steps=30, cfg=6.0),
     "HiDiffusion on the proving-ground toy at 2x": _toy,
     "RoPE and attention entropy scaling at 2048x1536, Flux": _flux,
+    "Two-stage upscale with block noise, SD1.5": _block_noise_upscale(),
 }
