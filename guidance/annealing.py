@@ -253,19 +253,8 @@ def sample_annealing_guidance(predict: Callable[[torch.Tensor, torch.Tensor], Gu
     for i in progress(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         p = predict(x, sigma * s_in)
-        eps_c = _eps(x, p.cond, sigma, parameterisation)
-        eps_u = _eps(x, p.uncond, sigma, parameterisation)
-        w = scheduler(timestep_of(float(sigma)), guidance_lambda, eps_u, eps_c)
-        if not bool(torch.isfinite(w).all()):
-            raise FloatingPointError(
-                f"annealing guidance: the scheduler predicted a non-finite scale ({w.tolist()}) at sigma "
-                f"{float(sigma):.4g}; the weights file is damaged or does not belong to this model."
-            )
-        if bool((w == p.scale).all()):
-            guided = p.denoised  # bit-for-bit the model's own CFG result
-        else:
-            delta = (w.to(p.denoised) - p.scale).reshape(-1, *([1] * (x.ndim - 1)))
-            guided = p.denoised + (p.cond - p.uncond) * delta
+        guided = learned_guidance(p, x, sigma, scheduler=scheduler, guidance_lambda=guidance_lambda,
+                                  timestep=timestep_of(float(sigma)), parameterisation=parameterisation)
         step_callback(callback, x, i, sigma, guided)
         if float(sigma_next) == 0.0:
             x = guided
@@ -277,6 +266,25 @@ def sample_annealing_guidance(predict: Callable[[torch.Tensor, torch.Tensor], Gu
             a, a_next = alpha(sigma, parameterisation), alpha(sigma_next, parameterisation)
             x = a_next * guided + (x - a * direction) / sigma * sigma_next
     return x
+
+
+def learned_guidance(p: GuidedPrediction, x: torch.Tensor, sigma: torch.Tensor, *, scheduler: GuidanceScheduler,
+                     guidance_lambda: float, timestep: float, parameterisation: Parameterisation) -> torch.Tensor:
+    """The guided prediction at the scale the scheduler picks for this evaluation: ``p.denoised`` moved from its
+    scale ``p.scale`` to the learned ``w`` along ``p.cond - p.uncond`` (``p.denoised`` itself where they agree)."""
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.ndim else sigma  # one sigma per batch row, or shared
+    eps_c = _eps(x, p.cond, s, parameterisation)
+    eps_u = _eps(x, p.uncond, s, parameterisation)
+    w = scheduler(timestep, guidance_lambda, eps_u, eps_c)
+    if not bool(torch.isfinite(w).all()):
+        raise FloatingPointError(
+            f"annealing guidance: the scheduler predicted a non-finite scale ({w.tolist()}) at sigma "
+            f"{float(sigma.flatten()[0]):.4g}; the weights file is damaged or does not belong to this model."
+        )
+    if bool((w == p.scale).all()):
+        return p.denoised  # bit-for-bit the model's own CFG result
+    delta = (w.to(p.denoised) - p.scale).reshape(-1, *([1] * (x.ndim - 1)))
+    return p.denoised + (p.cond - p.uncond) * delta
 
 
 def _eps(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, kind: Parameterisation) -> torch.Tensor:

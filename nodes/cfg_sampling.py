@@ -1,8 +1,8 @@
 """Guidance nodes that own the sampling loop or the initial noise.
 
 * Annealing guidance scale: Yehezkel et al., "Navigating with Annealing Guidance Scale in Diffusion Space",
-  arXiv:2506.24108 (a SAMPLER: the learned scheduler needs both predictions and re-noises with the
-  unconditional one).
+  arXiv:2506.24108: a SAMPLER (the learned scheduler needs both predictions and re-noises with the
+  unconditional one) and a GUIDER for any sampler (euler_cfg_pp re-noises as the paper does).
 * Noise-Level Guidance: Mannering et al., "Noise-Level Diffusion Guidance: Well Begun is Half Done",
   arXiv:2509.13936 (a NOISE: the initial noise is refined before sampling starts).
 
@@ -66,6 +66,14 @@ def resolve_scheduler(name: str) -> str:
     return path
 
 
+def _refuse_scheduled_cfg(model_options: dict, who: str) -> None:
+    if "scheduled_cfg" in model_options.get("transformer_options", {}).get(TECH_KEY, {}):
+        raise ValueError(
+            f"{who}: the model also carries Scheduled CFG; both set the CFG scale. Remove the Scheduled CFG node "
+            "(keep its guidance interval in mind: the learned scheduler covers the whole run)."
+        )
+
+
 RENOISE_OPTIONS = {"unconditional (paper)": "uncond", "guided (plain DDIM)": "guided"}
 
 
@@ -74,11 +82,7 @@ def annealing_sampler_function(model, x, sigmas, extra_args=None, callback=None,
     """k-diffusion-signature sampler: DDIM with the learned guidance scale (see guidance/annealing.py)."""
     extra_args = dict(extra_args or {})
     model_options = dict(extra_args.get("model_options", {}))
-    if "scheduled_cfg" in model_options.get("transformer_options", {}).get(TECH_KEY, {}):
-        raise ValueError(
-            "Annealing Guidance sampler: the model also carries Scheduled CFG; both set the CFG scale. Remove the "
-            "Scheduled CFG node (keep its guidance interval in mind: the learned scheduler covers the whole run)."
-        )
+    _refuse_scheduled_cfg(model_options, "Annealing Guidance sampler")
     ms = model_sampling_of(model)
     kind = parameterisation_of(ms)
     captured: dict = {}
@@ -153,6 +157,80 @@ class PreprintSamplerAnnealingGuidance(PreprintNode):
         fn = annealing_sampler_function
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn, extra_options={
             "scheduler": scheduler, "guidance_lambda": guidance_lambda, "renoise": RENOISE_OPTIONS[renoise]}))
+
+
+class AnnealingGuider(comfy.samplers.CFGGuider):
+    """CFGGuider whose scale is the learned one, picked afresh at every model evaluation, so any sampler can use it;
+    with ``euler_cfg_pp`` (which re-noises with the negative prediction) it is the paper's Algorithm 4.
+
+    The model runs at a nominal scale of 1 with both branches evaluated; a post-CFG function placed first in the
+    list moves the result to the learned scale, so later post-CFG hooks (PAG, CFG rescaling ...) see it."""
+
+    def __init__(self, model_patcher, scheduler: annealing.GuidanceScheduler, guidance_lambda: float):
+        super().__init__(model_patcher)
+        self.scheduler, self.guidance_lambda = scheduler, guidance_lambda
+        self.ms = model_patcher.get_model_object("model_sampling")
+        self.kind = parameterisation_of(self.ms)
+
+    def _learned(self, args: dict) -> torch.Tensor:
+        p = annealing.GuidedPrediction(args["denoised"], args["cond_denoised"], args["uncond_denoised"],
+                                       float(args["cond_scale"]))
+        sigma = args["sigma"]
+        t = annealing.timestep_from_noise_level(noise_level(float(sigma.max()), self.ms.percent_to_sigma))
+        return annealing.learned_guidance(p, args["input"], sigma, scheduler=self.scheduler,
+                                          guidance_lambda=self.guidance_lambda, timestep=t,
+                                          parameterisation=self.kind)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+        options = dict(model_options)  # (Scheduled CFG on the model refuses this guider itself, before sampling)
+        options["sampler_post_cfg_function"] = [self._learned, *model_options.get("sampler_post_cfg_function", [])]
+        options["disable_cfg1_optimization"] = True  # the nominal scale is 1, the negative branch is still needed
+        if self.conds.get("negative") is None:
+            raise ValueError("Annealing Guidance guider: no negative conditioning, so there is no guidance scale to "
+                             "learn; connect a negative prompt.")
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
+                                                self.conds.get("positive"), 1.0, model_options=options, seed=seed)
+
+
+class PreprintAnnealingGuidanceGuider(PreprintNode):
+    NAME = "Annealing Guidance Guider (Preprint)"
+    ALIASES = ("annealing guidance", "learned CFG", "guider")
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return cls.schema(
+            node_id="PreprintAnnealingGuidanceGuider",
+            category=CATEGORY,
+            description=(
+                "Annealing guidance scale (Yehezkel et al., arXiv:2506.24108) as a GUIDER for SamplerCustomAdvanced: "
+                "the learned scheduler picks the CFG scale at every model evaluation from the timestep, the size of "
+                "the guidance direction and lambda, with any sampler. Choose the sampler euler_cfg_pp for the "
+                "paper's step (it re-noises with the negative prediction); other samplers re-noise with the guided "
+                "one. Same scheduler files as the Annealing Guidance Sampler (models/guidance_schedulers)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to guide (the released weights were trained for SDXL)."),
+                io.Conditioning.Input("positive", tooltip="The prompt."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (the unconditional branch)."),
+                io.Combo.Input("scheduler_file", options=scheduler_files(),
+                               tooltip="Scheduler weights (.safetensors) in models/guidance_schedulers."),
+                io.Float.Input("guidance_lambda", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="Trade-off the scheduler was trained on: higher = stronger prompt alignment, "
+                                       "lower = better image quality (the authors use 0.4)."),
+            ],
+            outputs=[io.Guider.Output(tooltip="A GUIDER for SamplerCustomAdvanced; pair it with euler_cfg_pp for "
+                                              "the paper's method.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, scheduler_file=None, guidance_lambda=None) -> bool | str:
+        return cls.check_widgets(scheduler_file=scheduler_file, guidance_lambda=guidance_lambda)
+
+    @classmethod
+    def execute(cls, model, positive, negative, scheduler_file: str, guidance_lambda: float) -> io.NodeOutput:
+        guider = AnnealingGuider(model, annealing.load_scheduler(resolve_scheduler(scheduler_file)), guidance_lambda)
+        guider.set_conds(positive, negative)
+        return io.NodeOutput(guider)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -256,7 +334,7 @@ class PreprintNoiseLevelGuidance(PreprintNode):
         return io.NodeOutput(NoiseLevelGuidedNoise(noise, model, positive, negative, config))
 
 
-NODES = [PreprintSamplerAnnealingGuidance, PreprintNoiseLevelGuidance]
+NODES = [PreprintSamplerAnnealingGuidance, PreprintAnnealingGuidanceGuider, PreprintNoiseLevelGuidance]
 
 
 def on_load() -> None:
