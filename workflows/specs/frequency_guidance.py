@@ -1,0 +1,67 @@
+"""Example workflows for frequency-band guidance in a two-stage upscale: DiffuseHigh's wavelet structure guidance
+(generate, decode, upscale, sharpen, encode, re-noise the last 15 of 50 steps) and FAM's frequency modulation
+(generate, upsample the latent, diffuse-denoise at the large size)."""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("preprint_workflow_common", Path(__file__).with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def _stage_one() -> dict:
+    """Checkpoint, prompts and the 512x512 first stage as node 11."""
+    prompt = common.sd15_base(width=512, height=512)
+    prompt["11"] = {"class_type": "KSampler",
+                    "inputs": {"model": ["1", 0], "seed": 42, "steps": 30, "cfg": 7.0, "sampler_name": "euler",
+                               "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0],
+                               "latent_image": ["4", 0], "denoise": 1.0},
+                    "_meta": {"title": "Stage 1 at 512x512"}}
+    return prompt
+
+
+def _diffusehigh() -> dict:
+    prompt = _stage_one()
+    prompt["12"] = {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}}
+    prompt["13"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["12", 0], "upscale_method": "bicubic",
+                                                             "scale_by": 2.0},
+                    "_meta": {"title": "Upscale x2 (bicubic)"}}
+    # core's alpha is 10x the paper's: 0.1 here is DiffuseHigh's unsharp mask 2x - blur(x), kernel 3
+    prompt["14"] = {"class_type": "ImageSharpen", "inputs": {"image": ["13", 0], "sharpen_radius": 1, "sigma": 1.0,
+                                                             "alpha": 0.1},
+                    "_meta": {"title": "Unsharp mask (kernel 3)"}}
+    prompt["15"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["14", 0], "vae": ["1", 2]},
+                    "_meta": {"title": "Guide latent"}}
+    prompt["16"] = {"class_type": "PreprintDiffuseHigh",
+                    "inputs": {"model": ["1", 0], "guide": ["15", 0], "guidance_fraction": 0.333, "wavelet": "db4"},
+                    "_meta": {"title": "DiffuseHigh: structure guidance, first 5 of 15 steps"}}
+    prompt["7"] = {"class_type": "KSamplerAdvanced",
+                   "inputs": {"model": ["16", 0], "add_noise": "enable", "noise_seed": 42, "steps": 50, "cfg": 7.5,
+                              "sampler_name": "euler", "scheduler": "normal", "positive": ["2", 0],
+                              "negative": ["3", 0], "latent_image": ["15", 0], "start_at_step": 35,
+                              "end_at_step": 10000, "return_with_leftover_noise": "disable"},
+                   "_meta": {"title": "Stage 2 at 1024x1024: re-noise to the last 15 of 50 steps"}}
+    return prompt
+
+
+def _fam() -> dict:
+    prompt = _stage_one()
+    prompt["12"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["11", 0], "upscale_method": "bicubic",
+                                                                "scale_by": 2.0},
+                    "_meta": {"title": "Upsampled native latent"}}
+    prompt["16"] = {"class_type": "PreprintFAMFrequency",
+                    "inputs": {"model": ["1", 0], "native_latent": ["12", 0], "c": 0.5},
+                    "_meta": {"title": "FAM frequency modulation"}}
+    prompt["7"] = {"class_type": "KSampler",
+                   "inputs": {"model": ["16", 0], "seed": 42, "steps": 30, "cfg": 7.0, "sampler_name": "euler",
+                              "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0],
+                              "latent_image": ["12", 0], "denoise": 1.0},
+                   "_meta": {"title": "Stage 2 at 1024x1024: diffuse-denoise from the upsampled latent"}}
+    return prompt
+
+
+WORKFLOWS = {
+    "DiffuseHigh two-stage upscale, SD1.5": _diffusehigh(),
+    "FAM frequency modulation 2x upscale, SD1.5": _fam(),
+}
