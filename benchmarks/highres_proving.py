@@ -1,6 +1,7 @@
 """Multi-resolution methods on the trained toys (trained at 128x128): repetition and adherence at 2x and 4x
 their training size, and wall-time ratios, in one process. SD1.5-layout toy: HiDiffusion, attention entropy
-scaling, core Deep Shrink; Flux-layout toy (2x, Euler simple, CFG 4): RoPE scaling and entropy scaling.
+scaling, core Deep Shrink, Tiled Diffusion and the two-stage pipelines; Flux-layout toy (2x, Euler simple,
+CFG 4): RoPE scaling, entropy scaling, Tiled Diffusion and the two-stage pipelines.
 
 Prompts: one object (7 colours, the shape cycling, in the centre) and two objects (6 pairs with relations);
 20 steps DPM++ 2M Karras, CFG 5, seeds 0 and 1 (4x: seed 0 and the first 6 prompts). Methods:
@@ -8,7 +9,12 @@ Prompts: one object (7 colours, the shape cycling, in the centre) and two object
 * plain generation at the target size;
 * HiDiffusion (Preprint) at the paper's preset for the scale (2x: t1 0.4, t2 0; 4x: t1 0.7, t2 0.3), both
   parts, RAU-Net only and MSW-MSA only;
-* core Deep Shrink (PatchModelAddDownscale: block 3, factor = scale, until 35% of the run; its defaults).
+* core Deep Shrink (PatchModelAddDownscale: block 3, factor = scale, until 35% of the run; its defaults);
+* Tiled Diffusion with tiles of the training size (128 px; overlap 32 px, Gaussian weights), both modes;
+* two-stage pipelines from the same first stage at 128 px (see ``TwoStage``): plain img2img of the bicubic-upscaled
+  latent (20 steps from half way, white noise), the same re-noised with Block Noise, DiffuseHigh (pixel upscale,
+  unsharp mask, encode; wavelet low-band guidance for the first third), FAM frequency modulation (c 0.5, full
+  second run). Their wall time includes the first stage.
 
 Repetition: objects of the asked colours found minus asked (``proving.metrics.repetition_count``), mean per
 image, and the share of images with any excess object. Wall time: every method's runs interleaved with plain
@@ -81,12 +87,77 @@ def methods(scale: int, arch: str) -> dict:
     def rope(mode):
         return lambda m: PreprintRoPEScaling.execute(m, mode, 128, 128)[0]
 
+    two_stage = {f"two-stage {k}": TwoStage(k) for k in TWO_STAGE}
+    from preprint.highres.tiling import MODES
+    from preprint.nodes.tiling import PreprintTiledDiffusion
+
+    def tiled(mode):  # tiles of the training size; overlap a quarter tile
+        return lambda m: PreprintTiledDiffusion.execute(m, 128, 128, mode, 32, "gaussian", 1)[0]
+
+    tiles = {f"Tiled Diffusion ({mode}, 128 px)": tiled(mode) for mode in MODES}
     if arch == "flux":
         return {"plain": lambda m: m, "RoPE NTK-aware": rope("NTK-aware"),
                 "RoPE position interpolation": rope("position interpolation"), "attention entropy scaling": entropy,
-                "RoPE NTK-aware + entropy scaling": lambda m: entropy(rope("NTK-aware")(m))}
+                "RoPE NTK-aware + entropy scaling": lambda m: entropy(rope("NTK-aware")(m)), **tiles, **two_stage}
     return {"plain": lambda m: m, f"HiDiffusion (t1 {t1}, t2 {t2})": hd(True, True), "RAU-Net only": hd(True, False),
-            "MSW-MSA only": hd(False, True), "attention entropy scaling": entropy, "core Deep Shrink": deep_shrink}
+            "MSW-MSA only": hd(False, True), "attention entropy scaling": entropy, "core Deep Shrink": deep_shrink,
+            **tiles, **two_stage}
+
+
+SECOND_STEPS, SECOND_DENOISE = 20, 0.5  # every two-stage method re-noises the upscaled first stage the same way
+
+
+class TwoStage:
+    """A first stage at the training size (cached per prompt and seed), upscaled ``scale`` times, then a second
+    pass at the large size: ``kind`` is "img2img" (latent upscaled bicubic, white noise, denoise 0.5), "block
+    noise" (the same re-noised with Block Noise of the scale's block size), "DiffuseHigh" (decoded, upscaled
+    bicubic, sharpened, encoded; its low band guides the first third of the second pass) or "FAM" (frequency
+    modulation towards the upsampled first-stage latent, a full second run from noise)."""
+
+    first: dict = {}
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, model, clip, vae, text, seed, scale, cfg, sampler, scheduler):
+        import comfy.sample
+        import comfy.utils
+        from comfy_extras.nodes_post_processing import Sharpen
+
+        from preprint.highres.block_noise import BlockNoiseSource
+        from preprint.nodes.frequency_guidance import PreprintDiffuseHigh, PreprintFAMFrequency
+        from preprint.proving.models import encode
+        from preprint.proving.scenes import from_comfy_image
+
+        pos, neg = encode(clip, text), encode(clip, "")
+        key = (id(model), text, seed)
+        if key not in TwoStage.first:
+            z = torch.zeros(1, vae.latent_channels, 16, 16)
+            TwoStage.first[key] = comfy.sample.sample(model, comfy.sample.prepare_noise(z, seed), 20, cfg, sampler,
+                                                      scheduler, pos, neg, z, seed=seed, disable_pbar=True)
+        low = TwoStage.first[key]
+        big = comfy.utils.common_upscale(low, low.shape[-1] * scale, low.shape[-2] * scale, "bicubic", "disabled")
+        noise = comfy.sample.prepare_noise(big, seed + 1)
+        denoise, m, start = SECOND_DENOISE, model, big
+        if self.kind == "block noise":
+            noise = BlockNoiseSource(seed + 1, scale, 1.0).generate_noise({"samples": big})
+        elif self.kind == "DiffuseHigh":
+            pixels = vae.decode(low)
+            up = comfy.utils.common_upscale(pixels.movedim(-1, 1), pixels.shape[2] * scale, pixels.shape[1] * scale,
+                                            "bicubic", "disabled").movedim(1, -1).clamp(0, 1)
+            sharp = Sharpen.execute(up, 1, 1.0, 0.1)
+            sharp = sharp.result[0] if hasattr(sharp, "result") else sharp[0]
+            start = vae.encode(sharp)
+            m = PreprintDiffuseHigh.execute(model, {"samples": start}, 0.333, "db4")[0]
+        elif self.kind == "FAM":
+            m, denoise = PreprintFAMFrequency.execute(model, {"samples": big}, 0.5)[0], 1.0
+        with torch.no_grad():
+            out = comfy.sample.sample(m, noise, SECOND_STEPS, cfg, sampler, scheduler, pos, neg, start,
+                                      denoise=denoise, seed=seed + 1, disable_pbar=True)
+            return from_comfy_image(vae.decode(out)).clamp(0, 1)
+
+
+TWO_STAGE = ("img2img", "block noise", "DiffuseHigh", "FAM")
 
 
 def run_scale(model, clip, vae, scale: int, texts: list[str], seeds: tuple[int, ...], arch: str = "sd15"):
@@ -104,10 +175,14 @@ def run_scale(model, clip, vae, scale: int, texts: list[str], seeds: tuple[int, 
             if (len(images["plain"]) % 2) == 1:
                 order.reverse()
             for name, make in order:
-                m = make(model)
                 t0 = time.perf_counter()
-                images[name].append(generate(m, clip, vae, [text], seeds=(seed,), steps=20,
-                                             **{"cfg": 5.0, **kw}, width=size, height=size))
+                if isinstance(make, TwoStage):
+                    s = {"cfg": 5.0, "sampler": "dpmpp_2m", "scheduler": "karras", **kw}
+                    images[name].append(make(model, clip, vae, text, seed, scale, s["cfg"], s["sampler"],
+                                             s["scheduler"]))
+                else:
+                    images[name].append(generate(make(model), clip, vae, [text], seeds=(seed,), steps=20,
+                                                 **{"cfg": 5.0, **kw}, width=size, height=size))
                 timed[name] += time.perf_counter() - t0
     plain_time = timed["plain"]
     for name in variants:

@@ -31,7 +31,8 @@ class PromptInvalid(HostError):
 
 def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
     """ComfyUI checkout: ``explicit``, else ``$COMFYUI_PATH``, else the ComfyUI enclosing this pack when it sits
-    in ``custom_nodes/``, else ``~/ComfyUI``. Returns None when none is found."""
+    in ``custom_nodes/``, else ``.comfyui`` inside this pack (where ``scripts/get_comfyui.sh`` clones the tested
+    release), else ``~/ComfyUI``. Returns None when none is found."""
     candidates: list[Path] = []
     if explicit:
         candidates.append(Path(explicit))
@@ -39,6 +40,8 @@ def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
         candidates.append(Path(os.environ["COMFYUI_PATH"]))
     if PACK_DIR.parent.name == "custom_nodes":
         candidates.append(PACK_DIR.parent.parent)
+    # Before ~/ComfyUI: the set-up cloned it for this pack, at the version the pack is tested against.
+    candidates.append(PACK_DIR / ".comfyui")
     candidates.append(Path.home() / "ComfyUI")
     for c in candidates:
         if (c / "comfy" / "samplers.py").is_file() and (c / "nodes.py").is_file():
@@ -48,7 +51,7 @@ def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
 
 def why_not_found() -> str:
     return ("no ComfyUI checkout found (looked at $COMFYUI_PATH, an enclosing ComfyUI when this pack sits in "
-            "custom_nodes/, and ~/ComfyUI)")
+            "custom_nodes/, .comfyui in this pack, and ~/ComfyUI)")
 
 
 @dataclass

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Create the local environment (.venv) with torch, the test tools and this pack installed as `preprint`;
-# when a ComfyUI checkout is found, also install ComfyUI's own requirements with torch pinned.
-#   PREPRINT_TORCH   torch requirement(s) to install (default: torch==2.14.1 torchvision==0.29.1)
-#   COMFYUI_PATH     ComfyUI checkout (default: the enclosing ComfyUI, else ~/ComfyUI)
+# when no ComfyUI checkout is found, clone the tested release into ./.comfyui (scripts/get_comfyui.sh: skipped
+# with one line of advice when there is no network); then install ComfyUI's own requirements with torch pinned.
+#   PREPRINT_TORCH            torch requirement(s) to install (default: torch==2.14.1 torchvision==0.29.1)
+#   COMFYUI_PATH              ComfyUI checkout (default: the enclosing ComfyUI, else ./.comfyui, else ~/ComfyUI)
+#   PREPRINT_NO_COMFY_CLONE=1 never clone ComfyUI (the host tests are then skipped when none is found)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -43,7 +45,14 @@ say "installing the pack (editable) and the test tools"
 # shellcheck disable=SC2086
 "$PY" -m pip install --quiet -e ".[test]" $TORCH_PINS
 
-COMFY=$("$PY" -c 'from preprint.runner.comfy_host import find_comfyui; p = find_comfyui(); print(p or "")')
+find_comfy() { "$PY" -c 'from preprint.runner.comfy_host import find_comfyui; p = find_comfyui(); print(p or "")'; }
+COMFY=$(find_comfy)
+if [ -z "$COMFY" ]; then
+  # Reports for itself (on failure, one line saying what to do) and never fails: without ComfyUI only the unit
+  # tier runs.
+  bash scripts/get_comfyui.sh
+  COMFY=$(find_comfy)
+fi
 if [ -n "$COMFY" ]; then
   say "ComfyUI found at $COMFY: installing its requirements with $TORCH_PINS pinned"
   reqs=$(mktemp)
@@ -52,8 +61,6 @@ if [ -n "$COMFY" ]; then
   # shellcheck disable=SC2086
   "$PY" -m pip install --quiet -r "$reqs" requests $TORCH_PINS
   rm -f "$reqs"
-else
-  say "no ComfyUI checkout found (COMFYUI_PATH, an enclosing ComfyUI, ~/ComfyUI): only the unit tier can run"
 fi
 # The browser tier drives the distribution's Chromium through Playwright (Playwright's own browser downloads are
 # never used). Install Debian's package where this machine can; otherwise the tier is skipped with the reason.
