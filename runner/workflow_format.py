@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .workflow_layout import WIDTH, Box, Link, body_height, layout
+from .workflow_layout import NOTE_WIDTH, WIDTH, Box, Link, body_height, layout, note_height, place_note
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Combos listing the user's model files: example workflows name the standard files, which a machine may lack.
@@ -19,6 +19,9 @@ MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_
                      "lora_name", "control_net_name", "model_name", "style_model_name", "clip_vision_name"}
 MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 SEED_NAMES = {"seed", "noise_seed"}
+NOTE_TYPE = "Note"  # the editor's plain-text note (MarkdownNote renders markdown)
+NOTE_TITLE = "About this workflow"
+NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}  # the yellow the editor gives a Note, as it saves one
 
 
 class WorkflowError(ValueError):
@@ -300,6 +303,33 @@ def api_to_editor(prompt: dict, defs: dict[str, NodeDef]) -> dict:
     return {"last_node_id": max(ids.values(), default=0), "last_link_id": len(links), "nodes": nodes,
             "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
             "version": 0.4}
+
+
+def add_note(wf: dict, text: str, title: str = NOTE_TITLE) -> dict:
+    """``wf`` (an editor workflow) with a Note node holding ``text`` at its top left, the graph moved right to make
+    room (:func:`.workflow_layout.place_note`), sized for the text. The Note is saved as the editor saves one (its
+    text the only widget value); the editor alone knows the type, so :func:`editor_to_api` and
+    :func:`check_editor` pass over it and the API twin does not change."""
+    if not isinstance(text, str) or not text.strip():
+        raise WorkflowError(f"note {text!r}: a note needs some text")
+    out = json.loads(json.dumps(wf))
+    nodes = out["nodes"]
+    boxes = {n["id"]: Box(n["id"], 0, float(n["size"][0]), float(n["size"][1]), float(n["pos"][0]),
+                          float(n["pos"][1])) for n in nodes}
+    links = [Link(ln[1], ln[2], ln[3], ln[4]) for ln in out["links"]]
+    note_id = max([out.get("last_node_id", 0), *boxes], default=0) + 1
+    note = Box(note_id, 0, float(NOTE_WIDTH), float(note_height(text.strip())))
+    blocked = place_note(boxes, links, note)
+    if blocked:
+        raise WorkflowError(f"the note would lie over or under {blocked}; lay the graph out with layout() first")
+    for n in nodes:
+        n["pos"] = [round(boxes[n["id"]].x), round(boxes[n["id"]].y)]
+    nodes.append({"id": note_id, "type": NOTE_TYPE, "pos": [round(note.x), round(note.y)],
+                  "size": [round(note.width), round(note.height)], "flags": {}, "order": len(nodes), "mode": 0,
+                  "inputs": [], "outputs": [], "title": title, "properties": {}, "widgets_values": [text.strip()],
+                  **NOTE_COLORS})
+    out["last_node_id"] = note_id
+    return out
 
 
 def check_editor(wf: dict, defs: dict[str, NodeDef]) -> list[str]:

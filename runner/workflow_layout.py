@@ -9,13 +9,15 @@ output to the input with horizontal tangents a quarter of the distance long.
 the mean position of its neighbours (barycentre sweeps: fewer links cross each other), then places each
 column's nodes top to bottom at the first height where neither the node nor its title bar meets a link that
 passes through the column; the passes repeat until the positions settle. :func:`crossings` and
-:func:`overlaps` are the checks the tests run on the written files.
+:func:`overlaps` are the checks the tests run on the written files. :func:`place_note` then puts a workflow's
+Note at the top left, in a column of its own before the graph's first.
 """
 
 from __future__ import annotations
 
 import functools
 import random
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,13 @@ MARGIN = 8  # clearance a link keeps from a node it passes
 ORIGIN = (40.0, 60.0)
 RESTARTS = 40  # seeded shuffles of the column orders tried while crossings are left
 CROSSING_COST = 400.0  # px of graph height a link over a node is worth: a tall graph is unreadable too
+# A Note shows its text in the editor's textarea, in 10 px monospace (setting Comfy.TextareaWidget.FontSize). Measured
+# in frontend 1.27 with Chromium: 6.0 px a character, 11.6 px a line, the textarea 20 px narrower and 22 px lower than
+# the node body. Taken a little large, so that other monospace fonts fit unscrolled too.
+NOTE_WIDTH = 420
+NOTE_CHAR = 6.2
+NOTE_LINE = 13
+NOTE_PADDING = 30  # the textarea's inset in the node body, and a spare half line
 
 
 @dataclass
@@ -247,3 +256,31 @@ def _layout(boxes: dict[int, Box], links: list[Link], sweeps: int, align: bool, 
     for i, y in best[1].items():
         boxes[i].y = y
     return crossings(boxes, links)
+
+
+def note_height(text: str, width: float = NOTE_WIDTH) -> float:
+    """Body height of a Note ``width`` px wide that shows ``text`` whole: its lines as the textarea wraps them."""
+    per_line = max(1, int((width - NOTE_PADDING) / NOTE_CHAR))
+    lines = sum(max(1, len(textwrap.wrap(p, per_line))) for p in text.split("\n"))
+    return lines * NOTE_LINE + NOTE_PADDING
+
+
+def place_note(boxes: dict[int, Box], links: list[Link], note: Box) -> list[tuple[int, int] | tuple[int, Link]]:
+    """Put ``note`` at the graph's top left, level with its highest node, and move every node right by the note's
+    width and a column gap. Nothing can reach it there: in a graph :func:`layout` placed, no link ends in the first
+    column (its nodes have no inputs), and a link's curve swings past its ends by at most 0.29 of its tangent
+    length, far less than the first column's width. Returns what the note still overlaps or lies under (checked,
+    not assumed; empty when it is clear); ``note`` is added to ``boxes``."""
+    if note.id in boxes:
+        raise ValueError(f"node id {note.id} is taken; a note needs an id of its own")
+    if boxes:
+        dx = ORIGIN[0] + note.width + COLUMN_GAP - min(b.x for b in boxes.values())
+        for b in boxes.values():
+            b.x += dx
+        note.y = min(b.y for b in boxes.values())
+    else:
+        note.y = ORIGIN[1]
+    note.x = ORIGIN[0]
+    boxes[note.id] = note
+    return ([pair for pair in overlaps(boxes) if note.id in pair]
+            + [(i, ln) for i, ln in crossings(boxes, links) if i == note.id])

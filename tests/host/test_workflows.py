@@ -107,9 +107,16 @@ def _strip_meta(prompt: dict) -> dict:
 
 # -- every technique of a stacked example takes part -------------------------------------------------------------
 def _techniques(prompt: dict) -> dict[str, str]:
-    """The Preprint nodes that patch a MODEL or wrap a SAMPLER coming in by link: node id -> that input."""
+    """The Preprint nodes that patch a MODEL or wrap a SAMPLER coming in by link and hand the same type on (a node
+    that reads the model to make a MASK is not one): node id -> that input."""
+    import nodes
+
+    def passes_on(class_type: str, name: str) -> bool:
+        return name.upper() in nodes.NODE_CLASS_MAPPINGS[class_type].RETURN_TYPES
+
     return {nid: name for nid, n in prompt.items() if n["class_type"].startswith("Preprint")
-            for name in ("model", "sampler") if isinstance(n["inputs"].get(name), list)}
+            for name in ("model", "sampler") if isinstance(n["inputs"].get(name), list)
+            and passes_on(n["class_type"], name)}
 
 
 STACKED = [p for p in API_FILES if len(_techniques(json.loads(p.read_text()))) >= 2]

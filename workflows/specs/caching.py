@@ -76,3 +76,42 @@ WORKFLOWS: dict[str, dict] = {
     "DiT Block Cache, Flux": _flux,
     "PAG + DeepCache, SD1.5": _pag,
 }
+
+DEEPCACHE = "Paper: Ma et al., DeepCache: Accelerating Diffusion Models for Free, arXiv:2312.00858."
+BLOCK_CACHE = ("Paper: Wimbauer et al., Cache Me if You Can: Accelerating Diffusion Models through Block Caching, "
+               "arXiv:2312.03209.")
+
+NOTES: dict[str, str] = {
+    "DeepCache, SD1.5": (
+        "DeepCache runs the whole UNet every third step and, on the steps between, only its shallow branch, which "
+        "reads the deep features cached at the last full step. Try cache_interval first: 1 switches caching off, 3 "
+        "is close to lossless, 5 is a fast draft (set schedule to non-uniform there). " + DEEPCACHE),
+    "Block Cache calibration, SDXL": (
+        "This run computes every UNet block, measures how fast each one changes, and saves the profile "
+        "output/preprint_cache_profiles/sdxl_base.json that the example Block Cache with a saved profile reads. "
+        "Try profile_name first: name the profile after your checkpoint, queue this graph once at your usual "
+        "settings, then set mode to profile. " + BLOCK_CACHE),
+    "Block Cache with a saved profile, SDXL": (
+        "Block Cache reuses each UNet block's output while the change its saved profile predicts stays below a "
+        "threshold; run the Block Cache calibration example once first to make sdxl_base.json (a profile serves any "
+        "step count, 30 here). Try threshold first: 0 switches reuse off, higher values skip more blocks, faster "
+        "and with more drift from the uncached image. " + BLOCK_CACHE),
+    "Encoder propagation (Faster Diffusion), SD1.5": (
+        "On key steps the whole UNet runs; on the others the encoder is skipped and its cached features feed the "
+        "decoder, a gentler speed-up than DeepCache. Try key_steps first: non-uniform is the paper's key set "
+        "rescaled to your step count, uniform puts a key step every key_interval steps (larger is faster). "
+        "Paper: Li et al., Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models, "
+        "arXiv:2312.09608."),
+    "DiT Block Cache, Flux": (
+        "The first transformer block always runs; while its output changes little from the last full step, the "
+        "other blocks are skipped and their residuals extrapolated from the last ones computed. Try threshold "
+        "first: 0 is off, 0.08 to 0.15 suits Flux, higher skips more blocks and drifts further from the uncached "
+        "image. Papers: the first-block criterion of TeaCache, arXiv:2411.19108, and the Adams-Bashforth "
+        "extrapolation of AB-Cache, arXiv:2504.10540."),
+    "PAG + DeepCache, SD1.5": (
+        "Perturbed-Attention Guidance and DeepCache on one model: the perturbed copy of the prompt keeps a "
+        "deep-feature cache of its own, apart from the positive and negative prompts'. Try scale on the PAG node "
+        "first: 0 switches PAG off exactly, 3 with CFG 4 is the paper's setting; cache_interval on DeepCache trades "
+        "speed for detail. Papers: Ahn et al., Self-Rectifying Diffusion Sampling with Perturbed-Attention "
+        "Guidance, arXiv:2403.17377, and Ma et al., DeepCache, arXiv:2312.00858."),
+}

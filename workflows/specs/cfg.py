@@ -57,6 +57,15 @@ _annealing["11"] = _titled({"class_type": "PreprintSamplerAnnealingGuidance", "i
     "scheduler_file": "annealing_sdxl.safetensors", "guidance_lambda": 0.4, "renoise": "unconditional (paper)"}},
     "Annealing Guidance sampler (lambda 0.4; learned CFG scale)")
 
+# 4b. The same learned scale as a GUIDER, with euler_cfg_pp (the paper's re-noising with the negative prediction).
+_annealing_guider = {**common.sd15_base(width=1024, height=1024),
+                     **common.custom_sampling(["12", 0], steps=50, cfg=7.5, scheduler="normal")}
+_annealing_guider["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL_CHECKPOINT}}
+_annealing_guider["12"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_cfg_pp"}}
+_annealing_guider["5"] = _titled({"class_type": "PreprintAnnealingGuidanceGuider", "inputs": {
+    "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "scheduler_file": "annealing_sdxl.safetensors",
+    "guidance_lambda": 0.4}}, "Annealing Guidance guider (lambda 0.4; learned CFG scale)")
+
 # 5. Noise-Level Guidance: refine the RandomNoise before SamplerCustomAdvanced.
 _nlg = {**common.sd15_base(), **common.custom_sampling(["12", 0], steps=25, cfg=7.0)}
 _nlg["12"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}}
@@ -83,6 +92,54 @@ WORKFLOWS: dict[str, dict] = {
     "Adaptive Guidance, SD1.5": _adaptive,
     "CADS diverse batch, SDXL": _cads,
     "Annealing Guidance sampler, SDXL": _annealing,
+    "Annealing Guidance guider with euler_cfg_pp, SDXL": _annealing_guider,
     "Noise-Level Guidance, SD1.5": _nlg,
     "CADS + Scheduled CFG + Adaptive Guidance + PAG + DeepCache, SD1.5": _stack,
+}
+
+NOTES: dict[str, str] = {
+    "Scheduled CFG and guidance interval, SD1.5": (
+        "The CFG scale follows a cosine from the KSampler's 7.5 down to 3, and guidance acts only while sigma is "
+        "between 0.28 and 5.42: outside that interval the negative prompt is not evaluated at all, which saves "
+        "model calls. Try cfg_end first: lower values ease guidance off late in the run, where a high scale burns "
+        "detail, and -1 keeps the sampler's CFG. Papers: Wang et al., Analysis of Classifier-Free Guidance Weight "
+        "Schedulers, arXiv:2404.13040, and Kynkaanniemi et al., Applying Guidance in a Limited Interval Improves "
+        "Sample and Distribution Quality in Diffusion Models, arXiv:2404.07724."),
+    "Adaptive Guidance, SD1.5": (
+        "Adaptive Guidance compares the positive and negative predictions at every step and, once they agree past "
+        "a threshold, runs the rest of the steps without the negative pass; the log reports the passes saved. Try "
+        "threshold first: 1.0 never stops guiding, lower values stop sooner and save more model calls. Paper: "
+        "Castillo et al., Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models, "
+        "arXiv:2312.12487."),
+    "CADS diverse batch, SDXL": (
+        "CADS adds scheduled noise to the text conditioning early in the run, so a batch of four at CFG 9 varies "
+        "more while it still follows the prompt. Try noise_scale first: 0 is plain sampling, higher values give "
+        "more variety and, too high, drift from the prompt; tau1 and tau2 set where the noise fades out. Paper: "
+        "Sadat et al., CADS: Unleashing the Diversity of Diffusion Models through Condition-Annealed Sampling, "
+        "arXiv:2310.17347."),
+    "Annealing Guidance sampler, SDXL": (
+        "A SAMPLER whose CFG scale at every step is predicted by the authors' learned scheduler; it needs their "
+        "SDXL weights converted to models/guidance_schedulers/annealing_sdxl.safetensors (the README shows the "
+        "command). Try guidance_lambda first: higher follows the prompt more closely, lower favours image quality, "
+        "and 0.4 is the authors' value. Paper: Yehezkel et al., Navigating with Annealing Guidance Scale in "
+        "Diffusion Space, arXiv:2506.24108."),
+    "Annealing Guidance guider with euler_cfg_pp, SDXL": (
+        "The learned CFG scale of the annealing scheduler as a GUIDER for SamplerCustomAdvanced, so it works with "
+        "any sampler; euler_cfg_pp re-noises with the negative prediction as the paper's method does. Like the "
+        "sampler it needs the authors' SDXL weights converted to models/guidance_schedulers (see the README). Try "
+        "guidance_lambda first (higher follows the prompt more closely), then another sampler in KSamplerSelect. "
+        "Paper: Yehezkel et al., Navigating with Annealing Guidance Scale in Diffusion Space, arXiv:2506.24108."),
+    "Noise-Level Guidance, SD1.5": (
+        "Before sampling starts, Noise-Level Guidance nudges the starting noise along the CFG direction measured at "
+        "the highest noise level, then SamplerCustomAdvanced samples from the refined noise. Try iterations first: "
+        "0 passes the noise through unchanged, each iteration costs one two-branch model call and aligns the noise "
+        "a little more with the prompt. Paper: Mannering et al., Noise-Level Diffusion Guidance: Well Begun is "
+        "Half Done, arXiv:2509.13936."),
+    "CADS + Scheduled CFG + Adaptive Guidance + PAG + DeepCache, SD1.5": (
+        "Five Preprint patches stacked on one model for one KSampler: CADS noises the conditioning early, "
+        "Scheduled CFG lowers the scale from 6 to 3 inside a sigma interval, Adaptive Guidance drops the negative "
+        "pass once it stops mattering, PAG adds structure and DeepCache reuses deep features. Try scale on the PAG "
+        "node first: 0 switches PAG off exactly, and bypassing any node (Ctrl+B) shows its share of the result. "
+        "Papers: CADS arXiv:2310.17347, CFG schedules arXiv:2404.13040, Adaptive Guidance arXiv:2312.12487, PAG "
+        "arXiv:2403.17377 and DeepCache arXiv:2312.00858."),
 }

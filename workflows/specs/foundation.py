@@ -40,3 +40,28 @@ WORKFLOWS = {
                                                                "karras", 5.0),
     "Proving ground toy, Flux layout": _toy("flux", "EmptySD3LatentImage", "euler", "simple", 4.0),
 }
+
+DPMPP = "Lu et al., DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, arXiv:2211.01095."
+
+NOTES: dict[str, str] = {
+    "DPM-Solver++ 2M, SD1.5": (
+        "DPM-Solver++ as a SAMPLER node for SamplerCustomAdvanced, here the multistep 2M solver at 20 steps (on "
+        "SD1.5 the same arithmetic as core's dpmpp_2m). Try solver first: 3M is multistep third order, while 2S and "
+        "3S spend 2 and 3 model calls per step, so give them a half or a third of the steps. Paper: " + DPMPP),
+    "Tiny test model smoke test (untrained)": (
+        "A graph that runs with nothing downloaded: the Tiny Test Model builds an untrained model with SD1.5's "
+        "block layout, so the image is noise and shows only that the graph runs end to end. Try architecture "
+        "first: sdxl and flux build those layouts, to see a graph wire up for them. Its sampler, "
+        "preprint_dpmpp_2m, comes from " + DPMPP),
+    "Proving ground toy, DPM-Solver++ 2M, SD1.5 layout": (
+        "The pack's trained toy with SD1.5's layout draws coloured circles, squares and triangles at 128x128, its "
+        "training size, four seeds at once; it follows captions only loosely (the README's proving-ground section "
+        "has the numbers). Try text in the positive prompt first: name colours, shapes and positions in the "
+        "scenes' words, such as a green triangle in the top left on a black background. Its sampler, "
+        "preprint_dpmpp_2m, comes from " + DPMPP),
+    "Proving ground toy, Flux layout": (
+        "The pack's trained toy with Flux's layout, a small DiT, at its 128x128 training size with Euler and the "
+        "simple schedule, four seeds at once. Try cfg first: 1 switches guidance off, higher values follow the "
+        "caption harder (the toy was trained with one caption in ten left empty so that CFG works). This is a plain "
+        "core graph around the toy, with no paper behind it."),
+}

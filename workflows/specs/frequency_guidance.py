@@ -65,3 +65,16 @@ WORKFLOWS = {
     "DiffuseHigh two-stage upscale, SD1.5": _diffusehigh(),
     "FAM frequency modulation 2x upscale, SD1.5": _fam(),
 }
+
+NOTES: dict[str, str] = {
+    "DiffuseHigh two-stage upscale, SD1.5": (
+        "A 512 px image is upscaled, sharpened and encoded, then re-noised to the last 15 of 50 steps; for the "
+        "first third of those steps the wavelet low band of the predicted image is taken from that guide, so the "
+        "layout stays while detail is added. Try guidance_fraction first: 0 is a plain img2img upscale, higher "
+        "keeps more of the first image's structure. Paper: Kim et al., DiffuseHigh, arXiv:2406.18459."),
+    "FAM frequency modulation 2x upscale, SD1.5": (
+        "The second pass at 1024 px runs from noise while its low frequencies are pulled towards the upsampled "
+        "512 px result, less and less as the run goes on, so the global layout comes from the native size. Try c "
+        "first: 0 switches the modulation off, higher keeps more of the native layout for longer. Paper: Yang et "
+        "al., FAM Diffusion, arXiv:2411.18552."),
+}

@@ -88,3 +88,40 @@ WORKFLOWS = {
     "RoPE and attention entropy scaling at 2048x1536, Flux": _flux,
     "Two-stage upscale with block noise, SD1.5": _block_noise_upscale(),
 }
+
+HIDIFFUSION = ("Paper: Zhang et al., HiDiffusion: Unlocking Higher-Resolution Creativity and Efficiency in Pretrained "
+               "Diffusion Models, arXiv:2311.17528.")
+
+NOTES: dict[str, str] = {
+    "HiDiffusion at 2x (1024x1024), SD1.5": (
+        "HiDiffusion lets SD1.5 draw at 1024x1024 without repeating objects: RAU-Net shrinks the features the deep "
+        "blocks see while the layout forms, and MSW-MSA makes the top attention layers attend in shifted windows, "
+        "which is faster. Try raunet first: switched off, the model repeats objects at this size; msw_msa off "
+        "shows the time it saves. " + HIDIFFUSION),
+    "HiDiffusion at 4x (2048x1536), SD1.5": (
+        "HiDiffusion at four times the SD1.5 area with the official 4x settings set by hand, since preset auto "
+        "picks the 2x preset for 2048x1536, as the official code does. Try t1 first: the fraction of the run, from "
+        "the start, with RAU-Net's first part on; longer holds the layout at the training size longer, and t2 sets "
+        "the second part. " + HIDIFFUSION),
+    "HiDiffusion at 2x (2048x2048), SDXL": (
+        "HiDiffusion on SDXL at 2048x2048, twice its training side, with the official SDXL schedule that preset "
+        "auto picks for the size. Try preset first: custom hands the two RAU-Net parts to t1 and t2; msw_msa off "
+        "trades the windowed attention's speed for plain attention. " + HIDIFFUSION),
+    "HiDiffusion on the proving-ground toy at 2x": (
+        "HiDiffusion on the pack's trained toy at 256x256, twice its 128x128 training size, so it runs on any "
+        "machine with nothing downloaded. Try raunet first: switched off, the toy repeats its shapes at this size, "
+        "which is what RAU-Net is there to stop. " + HIDIFFUSION),
+    "RoPE and attention entropy scaling at 2048x1536, Flux": (
+        "Two patches for Flux above its 1024 training size: RoPE scaling stretches the rotary position embedding "
+        "of each axis to the new extent, and attention entropy scaling sharpens self-attention that would turn "
+        "diffuse over more tokens. Try mode on the RoPE node first: NTK-aware keeps fine detail, position "
+        "interpolation is smoother. Papers: I-Max, arXiv:2410.07536, and position interpolation, arXiv:2306.15595, "
+        "for RoPE; Jin et al., Training-free Diffusion Model Adaptation to Variable-Sized Text-to-Image Synthesis, "
+        "arXiv:2306.08645, for entropy scaling."),
+    "Two-stage upscale with block noise, SD1.5": (
+        "Generate at 512, upscale the latent 2x, re-noise it half way and denoise again: block noise reaches the "
+        "coarse picture, which white noise, averaged over each upscaled block, barely touches. Try block_size "
+        "first: set it to the upscale factor, 1 is exactly core's Random Noise, and block_fraction below 1 mixes "
+        "in white noise for a milder re-noising. Paper: Teng et al., Relay Diffusion: Unifying diffusion process "
+        "across resolutions for image synthesis, arXiv:2309.03350."),
+}

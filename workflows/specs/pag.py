@@ -74,3 +74,45 @@ WORKFLOWS: dict[str, dict] = {
     "Self-Attention Guidance, SD1.5": _sag,
     "PAG + SAG, SD1.5": _both,
 }
+
+PAG_PAPER = ("Paper: Ahn et al., Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance, "
+             "arXiv:2403.17377.")
+
+NOTES: dict[str, str] = {
+    "PAG alone (cfg 1), SD1.5": (
+        "Perturbed-Attention Guidance with no negative prompt: at cfg 1 a copy of the prompt runs with the middle "
+        "block's self-attention replaced by the identity, and sampling steers away from that weaker prediction. "
+        "Try scale first: 0 is the plain model, 5 is the official SD1.5 setting, higher sharpens structure further "
+        "and can over-saturate. " + PAG_PAPER),
+    "PAG + CFG, SDXL": (
+        "PAG on top of CFG on SDXL with the paper's CFG 4 and PAG 3; the perturbed copy rides in the same model "
+        "call as the positive and negative prompts. Try scale first: 0 leaves plain CFG, higher adds structure; "
+        "adaptive_scale 0.001 fades PAG out over the last steps, 0 keeps it to the end. " + PAG_PAPER),
+    "PAG on Flux": (
+        "PAG on Flux dev at cfg 1: the image-to-image part of single block 9's joint attention becomes the "
+        "identity, and guidance stops once sigma falls below 0.2 (sigma_end). Try layers first: empty picks the "
+        "block in the middle of the stack (single:9 on Flux), and lists such as double:0-18 or single:9[0,7] pick "
+        "blocks and heads. " + PAG_PAPER),
+    "SoftPAG with attention heads, Flux": (
+        "SoftPAG moves each selected attention map only part of the way to the identity, here heads 1 and 3 of "
+        "single block 9 and all of single block 10 on Flux. Try softness first: 1 is full PAG, lower values "
+        "perturb more gently, which helps where PAG over-smooths or over-saturates. Paper: Lee et al., "
+        "Fine-Grained Perturbation Guidance via Attention Head Selection, arXiv:2506.10978."),
+    "Smoothed Energy Guidance, SD1.5": (
+        "Smoothed Energy Guidance blurs the middle block's self-attention queries over the image grid and steers "
+        "away from that smoothed prediction; blur_sigma 9999 is an infinite blur, every query the mean query. Try "
+        "blur_sigma first: smaller values blur less for a gentler effect, and scale sets how far to steer. Paper: "
+        "Hong, Smoothed Energy Guidance: Guiding Diffusion Models with Reduced Energy Curvature of Attention, "
+        "arXiv:2408.00760."),
+    "Self-Attention Guidance, SD1.5": (
+        "Self-Attention Guidance blurs the predicted image where the model's self-attention concentrates, "
+        "re-noises it and steers away from it: one extra model call per step, UNet models only, here at 520x680, "
+        "a size that is not a multiple of 64. Try scale first: 0 is off, 0.75 with blur_sigma 1 is the paper's "
+        "setting (ComfyUI's own SAG node uses 0.5 and 2). Paper: Hong et al., Improving Sample Quality of "
+        "Diffusion Models Using Self-Attention Guidance, arXiv:2210.00939."),
+    "PAG + SAG, SD1.5": (
+        "PAG and SAG on one model: PAG's perturbed copy rides in the CFG call and SAG adds its own blurred pass, "
+        "each with a guidance term of its own. Try scale on either node first: 0 switches that guidance off "
+        "exactly, so each one's share of the picture can be seen. Papers: Ahn et al., PAG, arXiv:2403.17377, and "
+        "Hong et al., Self-Attention Guidance, arXiv:2210.00939."),
+}

@@ -122,3 +122,35 @@ WORKFLOWS = {
     "Regional prompting, two regions, Flux": _flux(),
     "Regional prompting on the proving-ground toy": _toy(),
 }
+
+SOFT_INPAINT = "Paper: Levin and Fried, Differential Diffusion: Giving Each Pixel Its Strength, arXiv:2306.00950."
+REGIONAL = ("Paper: Chen et al., Training-free Regional Prompting for Diffusion Transformers, arXiv:2411.02395 (on "
+            "UNets the regions are blended per cross-attention layer).")
+
+NOTES: dict[str, str] = {
+    "Soft inpainting with a feathered change map, SD1.5": (
+        "A first pass draws the picture; a second pass redraws it for the edit prompt with a change map that is 0 "
+        "at the left edge and reaches 1 three quarters across, each pixel's value its denoise strength. Try left "
+        "on the FeatherMask node first: it is the length of the ramp from kept to redrawn, and a smaller value "
+        "hands more of the picture to the edit. " + SOFT_INPAINT),
+    "Soft inpainting on the proving-ground toy": (
+        "The soft-inpainting graph on the pack's trained toy: a red circle is drawn first, then a second pass "
+        "redraws toward a blue square on the right through a change map that is 0 at the left edge and reaches 1 "
+        "three quarters across. Try left on the FeatherMask node first: it is the length of the ramp from kept to "
+        "redrawn. " + SOFT_INPAINT),
+    "Regional prompting, three regions in one pass, SD1.5": (
+        "Three prompts in three vertical strips (a red fox, a brown horse, a white goat) at one model evaluation "
+        "per step; the positive prompt is the base prompt, which fills what no region covers and is mixed back in. "
+        "Try base_ratio first: 0 gives each region its own prompt alone, higher blends in more of the base prompt, "
+        "and 1 switches the regions off. " + REGIONAL),
+    "Regional prompting, two regions, Flux": (
+        "Two cats in the two halves of a Flux image: the region prompts' tokens join the text, and a joint "
+        "attention mask ties each to its part of the picture. Try end_percent first: the layout forms early, so "
+        "regions act in the first 40% here and the base prompt alone guides the rest; base_ratio 0.3 keeps some "
+        "of the base prompt inside the regions. " + REGIONAL),
+    "Regional prompting on the proving-ground toy": (
+        "Two regions on the pack's trained toy at 128x128, a red circle on the left and a blue square on the "
+        "right, with the base prompt naming only the background; the toy follows captions only loosely. Try "
+        "strength on a Region node first: it scales that region's mask, and lower values leave more to the base "
+        "prompt. " + REGIONAL),
+}

@@ -101,3 +101,57 @@ WORKFLOWS: dict[str, dict] = {
     "GITS schedule search, SD1.5": _gits,
     "GITS schedule in the stock KSampler, SD1.5": _gits_ksampler,
 }
+
+OMEGANCE = ("Paper: Hong et al., Omegance: A Single Parameter for Various Granularities in Diffusion-Based "
+            "Synthesis, arXiv:2411.17769.")
+LOGISTIC = ("Paper: Lin et al., Schedule Your Edit: A Simple yet Effective Diffusion Noise Schedule for Image Editing, "
+            "arXiv:2410.18756.")
+GITS = "Paper: Chen et al., On the Trajectory Regularity of ODE-based Diffusion Sampling, arXiv:2405.11326."
+
+NOTES: dict[str, str] = {
+    "Time-Shift sampler, SD1.5": (
+        "Time-Shift wraps dpmpp_2m and, before each model call, gives the network the timestep within a window "
+        "whose noise level best matches the current latent, against the exposure bias of short runs, at no extra "
+        "model calls. Try window first: 0 is the plain sampler, the paper uses 30 to 60 with a cutoff of 200 to "
+        "400; on SD latents also set data_variance to your latents' variance (the README explains why). Paper: Li "
+        "et al., Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time Steps, "
+        "arXiv:2305.15583."),
+    "Omegance scheduled detail, SD1.5": (
+        "Omegance scales each step's predicted noise a little: positive omega gives richer detail, negative omega "
+        "smoother, simpler images, and here omega moves on a cosine from 6 while the layout forms to -4 at the "
+        "end. Try omega first: 0 with omega_end 0 is the plain sampler, and the useful range is about -10 to 10. "
+        + OMEGANCE),
+    "Omegance with a mask, SD1.5": (
+        "Omegance with a mask: omega 8 inside the centre square gives the subject fine detail, and omega -6 outside "
+        "keeps the surroundings smooth. Try mask_omega first: it is the granularity inside the mask (white), omega "
+        "the one outside; the x and y of the MaskComposite node move the square. " + OMEGANCE),
+    "AdaptiveDiffusion step skipping, SD1.5": (
+        "AdaptiveDiffusion reuses the previous noise prediction instead of calling the model while the latent "
+        "moves steadily, judged by a third-order difference of its trajectory; the log says how many calls were "
+        "saved. Try threshold first: 0 is off, larger skips more, and 0.01 is the paper's value for SD1.5. Paper: "
+        "Ye et al., Training-Free Adaptive Diffusion with Bounded Difference Approximation Strategy, "
+        "arXiv:2410.09873."),
+    "Sampler wrappers stacked, SD1.5": (
+        "Sampler wrappers stack: Preprint's DPM-Solver++ 2M is wrapped by Omegance (omega 4, more detail), and that "
+        "by AdaptiveDiffusion, which skips model calls while the trajectory is steady. Try omega on the Omegance "
+        "node first: 0 makes that layer the plain sampler, as threshold 0 does for AdaptiveDiffusion. Papers: "
+        "DPM-Solver++ arXiv:2211.01095, Omegance arXiv:2411.17769, AdaptiveDiffusion arXiv:2410.09873."),
+    "Logistic schedule, SD1.5": (
+        "A SIGMAS node whose signal fraction follows a logistic curve in time, feeding SamplerCustomAdvanced in "
+        "place of the BasicScheduler. Try k first: larger values span more noise levels (k 15 with t0 0.5 is core's "
+        "exponential schedule on SD1.5), smaller ones keep the run in a narrower band, and t0 moves the midpoint. "
+        + LOGISTIC),
+    "Logistic schedule in the stock KSampler, SD1.5": (
+        "The logistic schedule by name in the stock KSampler's scheduler list: preprint_logistic, with k 15 and t0 "
+        "0.5. Try scheduler first: on SD1.5 these settings give the same sigmas as core's exponential, so for "
+        "another curve use the Logistic Scheduler node, whose k and t0 can be set. " + LOGISTIC),
+    "GITS schedule search, SD1.5": (
+        "GITS searches the best 8-step schedule for this model, prompt, CFG and size: a teacher solver runs warm-up "
+        "samples on a fine grid and dynamic programming picks the cheapest path; the search runs once and ComfyUI "
+        "caches it. Try warmup_samples first: 4 keeps the search quick, the official 256 (with teacher_steps 60) is "
+        "steadier and costs as much as that many images. " + GITS),
+    "GITS schedule in the stock KSampler, SD1.5": (
+        "The GITS node also outputs a MODEL that carries its search, and a stock KSampler with scheduler "
+        "preprint_gits samples on the searched schedule. Try steps on the KSampler first: any count up to the "
+        "search's teacher_steps works without a new search. " + GITS),
+}

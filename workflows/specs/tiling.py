@@ -48,3 +48,17 @@ WORKFLOWS = {
     "Tiled Diffusion at 2x (1024x1536), SD1.5": _large(),
     "Two-stage tiled upscale to 1024x1536, SD1.5": _upscale(),
 }
+
+NOTES: dict[str, str] = {
+    "Tiled Diffusion at 2x (1024x1536), SD1.5": (
+        "Every model call runs on tiles of the model's training size whose grid shifts by a seeded offset each "
+        "step, so the seams never stay in one place and memory stays flat at any size. Try mode first: shifted "
+        "(FSTD) costs one call per tile, overlapping (MultiDiffusion) blends overlapping tiles and costs more. "
+        "Papers: Zheng et al., Any-Size-Diffusion, arXiv:2308.16582, and Bar-Tal et al., MultiDiffusion, "
+        "arXiv:2302.08113."),
+    "Two-stage tiled upscale to 1024x1536, SD1.5": (
+        "A first image at 512x768 is upscaled 2x and re-noised half way, and the second pass runs in tiles, the "
+        "usual recipe for a large image without repeated objects. Try overlap first: more overlap blends tiles "
+        "more smoothly in overlapping mode at a higher cost. Papers: Bar-Tal et al., MultiDiffusion, "
+        "arXiv:2302.08113, and Zheng et al., Any-Size-Diffusion, arXiv:2308.16582."),
+}

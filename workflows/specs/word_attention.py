@@ -66,3 +66,15 @@ WORKFLOWS = {
     "Mask from words + inpaint, SD1.5": _mask_from_words(),
     "Directed Diffusion, SD1.5": _directed_diffusion(),
 }
+
+NOTES: dict[str, str] = {
+    "Mask from words + inpaint, SD1.5": (
+        "A short pass reads where the chosen words attend in the image and turns that into a mask, which then "
+        "limits an inpainting edit to that region. Try threshold first: lower grows the mask, higher keeps only "
+        "the strongest attention. Paper: Zou et al., Towards Efficient Diffusion-Based Image Editing with Instant "
+        "Attention Masks, arXiv:2401.07709."),
+    "Directed Diffusion, SD1.5": (
+        "The chosen words' cross-attention is strengthened inside a box and damped outside during the first "
+        "tenth of the run, which moves those objects into the box. Try strength first: 0 is plain sampling, "
+        "higher pushes the object harder into its box. Paper: Ma et al., Directed Diffusion, arXiv:2302.13153."),
+}
