@@ -20,7 +20,8 @@ Repetition: objects of the asked colours found minus asked (``proving.metrics.re
 image, and the share of images with any excess object. Wall time: every method's runs interleaved with plain
 runs at the same size; ratio = plain / method.
 
-Run: .venv/bin/python benchmarks/highres_proving.py   (writes benchmarks/results/highres_proving.{json,md}
+Run: .venv/bin/python benchmarks/highres_proving.py [2] [4] [flux] [--quick]   (--quick: 4 prompts, seed 0, the main
+methods only; writes benchmarks/results/highres_proving.{json,md}
 and highres_proving_<scale>.png: one row per method, one image per prompt)
 """
 
@@ -104,6 +105,7 @@ def methods(scale: int, arch: str) -> dict:
             **tiles, **two_stage}
 
 
+QUICK_ONLY: set[str] = set()  # method-name prefixes kept by --quick
 SECOND_STEPS, SECOND_DENOISE = 20, 0.5  # every two-stage method re-noises the upscaled first stage the same way
 
 
@@ -165,7 +167,8 @@ def run_scale(model, clip, vae, scale: int, texts: list[str], seeds: tuple[int, 
 
     size = 128 * scale
     rows, sheet = [], []
-    variants = methods(scale, arch)
+    variants = {k: v for k, v in methods(scale, arch).items()
+                if not QUICK_ONLY or any(k.startswith(p) for p in QUICK_ONLY)}
     kw = {} if arch == "sd15" else {"cfg": 4.0, "sampler": "euler", "scheduler": "simple"}
     timed = {name: 0.0 for name in variants}
     images = {name: [] for name in variants}
@@ -188,12 +191,35 @@ def run_scale(model, clip, vae, scale: int, texts: list[str], seeds: tuple[int, 
     for name in variants:
         imgs = torch.cat(images[name])
         adh = mean_adherence(imgs, texts, len(seeds))
-        rows.append({"toy": arch, "scale": f"{scale}x ({size}px)", "method": name,
+        rows.append({"toy": arch, "scale": f"{scale}x ({size}px)", "method": name, "images": imgs.shape[0],
                      **repetition(imgs, texts, len(seeds)), "adherence": adh["overall"], "colour": adh["colour"],
                      "speed_vs_plain": round(plain_time / timed[name], 3)})
         sheet.append(imgs[:: len(seeds)][:8])
         log.info("%s", rows[-1])
     return rows, torch.cat(sheet)
+
+
+def write(results: dict) -> None:
+    """Merge this run's sections into the results file (rows keyed by toy, scale and method) and redraw the table,
+    so sections run in separate processes (``2``, ``4``, ``flux``) add up."""
+    path = RESULTS / "highres_proving.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    new_keys = {(r["toy"], r["scale"]) for r in results["rows"]}
+    rows = [r for r in old.get("rows", []) if (r["toy"], r["scale"]) not in new_keys] + results["rows"]
+    merged = {**old, **results, "rows": rows}
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    lines = ["# Multi-resolution on the trained toys (trained at 128x128)", "",
+             "Run: `.venv/bin/python benchmarks/highres_proving.py [2] [4] [flux]` (see its docstring for prompts and "
+             "settings).", "",
+             f"SD1.5 toy at 128x128 (training size): {json.dumps(merged['native_128'])}", "",
+             "| toy | scale | method | images | excess objects / image | images with repeats | adherence | colour "
+             "| speed vs plain |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['toy']} | {r['scale']} | {r['method']} | {r.get('images', '')} | {r['excess_per_image']} | "
+                     f"{r['images_with_repeats']} | {r['adherence']} | {r['colour']} | {r['speed_vs_plain']}x |")
+    (RESULTS / "highres_proving.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main():
@@ -203,36 +229,33 @@ def main():
 
     model, clip, vae = load_toy("sd15")
     texts = prompts()
-    native = generate(model, clip, vae, texts, seeds=(0, 1), steps=20, cfg=5.0)
-    results = {"native_128": {**repetition(native, texts, 2), "adherence": mean_adherence(native, texts, 2)["overall"]}}
-    rows = []
-    only = set(sys.argv[1:]) or {"2", "4", "flux"}
+    quick = "--quick" in sys.argv  # a first look on a busy machine: 4 prompts, one seed, the main methods
+    seeds = (0,) if quick else (0, 1)
+    if quick:
+        texts = [texts[0], texts[3], texts[7], texts[9]]
+        QUICK_ONLY.update({"plain", "HiDiffusion", "core Deep Shrink", "Tiled Diffusion", "two-stage"})
+    native = generate(model, clip, vae, texts, seeds=seeds, steps=20, cfg=5.0)
+    results = {"native_128": {**repetition(native, texts, len(seeds)),
+                              "adherence": mean_adherence(native, texts, len(seeds))["overall"],
+                              "prompts": len(texts), "seeds": len(seeds)},
+               "rows": []}
+    only = {a for a in sys.argv[1:] if not a.startswith("--")} or {"2", "4", "flux"}
     if "2" in only:
-        r, sheet = run_scale(model, clip, vae, 2, texts, (0, 1))
-        rows += r
+        r, sheet = run_scale(model, clip, vae, 2, texts, seeds)
+        results["rows"] += r
         contact_sheet(sheet, RESULTS / "highres_proving_2x.png", columns=8)
+        write(results)
     if "4" in only:
         r, sheet = run_scale(model, clip, vae, 4, texts[:6], (0,))
-        rows += r
+        results["rows"] += r
         contact_sheet(sheet, RESULTS / "highres_proving_4x.png", columns=6)
+        write(results)
     if "flux" in only:
         fmodel, fclip, fvae = load_toy("flux")
         r, sheet = run_scale(fmodel, fclip, fvae, 2, texts, (0, 1), arch="flux")
-        rows += r
+        results["rows"] += r
         contact_sheet(sheet, RESULTS / "highres_proving_flux_2x.png", columns=8)
-    results["rows"] = rows
-    (RESULTS / "highres_proving.json").write_text(json.dumps(results, indent=1) + "\n")
-    lines = ["# Multi-resolution on the trained toys (trained at 128x128)", "",
-             "Run: `.venv/bin/python benchmarks/highres_proving.py` (see its docstring for prompts and settings).", "",
-             f"SD1.5 toy at 128x128 (training size): {json.dumps(results['native_128'])}", "",
-             "| toy | scale | method | excess objects / image | images with repeats | adherence | colour "
-             "| speed vs plain |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['toy']} | {r['scale']} | {r['method']} | {r['excess_per_image']} | "
-                     f"{r['images_with_repeats']} | {r['adherence']} | {r['colour']} | {r['speed_vs_plain']}x |")
-    (RESULTS / "highres_proving.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write(results)
 
 
 if __name__ == "__main__":

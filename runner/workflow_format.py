@@ -48,6 +48,22 @@ class InputDef:
         flag = self.options.get("control_after_generate")
         return bool(flag) if flag is not None else self.name in SEED_NAMES
 
+    @property
+    def has_upload_widget(self) -> bool:
+        """An image-upload combo (LoadImage) gets the editor's 'upload' button value saved right after its own."""
+        return bool(self.options.get("image_upload"))
+
+    @property
+    def saved_values(self) -> int:
+        """How many entries of ``widgets_values`` the editor saves for this widget."""
+        return 1 + int(self.has_control_widget) + int(self.has_upload_widget)
+
+    @property
+    def linked_value(self):
+        """What the editor keeps as the value of this widget while a link feeds it: its default ('' for text)."""
+        default = self.options.get("default")
+        return "" if default is None and self.type == "STRING" else default
+
 
 @dataclass(frozen=True)
 class NodeDef:
@@ -216,7 +232,7 @@ def editor_to_api(wf: dict, defs: dict[str, NodeDef]) -> dict:
             if pos >= len(values):
                 break
             inputs[idef.name] = values[pos]
-            pos += 2 if idef.has_control_widget else 1
+            pos += idef.saved_values
         for slot in node.get("inputs", []):
             link_id = slot.get("link")
             if link_id is None:
@@ -258,7 +274,8 @@ def api_to_editor(prompt: dict, defs: dict[str, NodeDef]) -> dict:
         node = prompt[nid]
         d = defs[node["class_type"]]
         inputs_out = []
-        for idef in d.inputs:
+        # the editor lists socket inputs first and widgets fed by a link after them, and numbers link slots so
+        for idef in sorted(d.inputs, key=lambda i: i.is_widget):
             value = node["inputs"].get(idef.name)
             if _is_link(value):
                 link_id = len(links) + 1
@@ -277,9 +294,11 @@ def api_to_editor(prompt: dict, defs: dict[str, NodeDef]) -> dict:
         widgets: list[Any] = []
         for idef in d.widgets:
             value = node["inputs"].get(idef.name, idef.options.get("default"))
-            widgets.append(None if _is_link(value) else value)
+            widgets.append(idef.linked_value if _is_link(value) else value)
             if idef.has_control_widget:
                 widgets.append("fixed")
+            if idef.has_upload_widget:
+                widgets.append("image")
         multiline = sum(1 for idef in d.widgets if idef.options.get("multiline"))
         boxes[ids[nid]] = Box(ids[nid], depth[nid], WIDTH, body_height(len(inputs_out), len(d.outputs), len(widgets),
                                                                      multiline))
@@ -372,7 +391,7 @@ def check_editor(wf: dict, defs: dict[str, NodeDef]) -> list[str]:
                 problems.append(f"{where}: unknown node type")
             continue
         values = list(node.get("widgets_values") or [])
-        expected = sum(2 if w.has_control_widget else 1 for w in d.widgets)
+        expected = sum(w.saved_values for w in d.widgets)
         if len(values) != expected:
             problems.append(f"{where}: {len(values)} widget values, the node has {expected}")
             continue
@@ -381,7 +400,7 @@ def check_editor(wf: dict, defs: dict[str, NodeDef]) -> list[str]:
             linked = any(s.get("name") == w.name and s.get("link") is not None for s in node.get("inputs", []))
             if not linked:
                 problems.extend(f"{where}: {p}" for p in check_widget_value(w, values[pos]))
-            pos += 2 if w.has_control_widget else 1
+            pos += w.saved_values
     return problems
 
 
