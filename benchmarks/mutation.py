@@ -30,12 +30,14 @@ survivors are left out of the kill rate, "untested: ..." ones count against it.
 Run (slow, not part of the test command; one worker, one thread):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py --folder regional --folder utils
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py --module guidance/pag_layers.py  # one module
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py --glue
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py --estimate   # mutant counts + time estimate
     .venv/bin/python benchmarks/mutation.py --report                       # re-render after editing reasons
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py              # everything (hours)
 
-writes benchmarks/results/mutation.{json,md}; folders not run this time keep their earlier results.
+writes benchmarks/results/mutation.{json,md}; folders not run this time keep their earlier results, and so do the
+modules of a folder that a ``--module`` run left out.
 """
 
 from __future__ import annotations
@@ -577,6 +579,27 @@ def plan_modules(tree: Path, folders: list[str]) -> tuple[list[ModuleRun], dict]
     return plans, graph
 
 
+def only_modules(plans: list[ModuleRun], modules: list[str]) -> list[ModuleRun]:
+    """The plans of the named module files (paths relative to the pack root); an unknown name stops the command."""
+    known = {p.path for p in plans}
+    unknown = [m for m in modules if m not in known]
+    if unknown:
+        sys.exit(f"--module {', '.join(unknown)}: not a module of a family folder; write it as e.g. "
+                 "guidance/pag_runtime.py")
+    return [p for p in plans if p.path in modules]
+
+
+def merge_module_records(old: dict | None, new: dict) -> dict:
+    """The folder record ``old`` with the modules of ``new`` (a ``--module`` run) put in place of the same modules;
+    each module run this time carries the date and commit of its run."""
+    stamped = [{**m, "date": new["date"], "commit": new["commit"]} for m in new["modules"]]
+    if not old:
+        return {**new, "modules": stamped}
+    fresh = {m["module"]: m for m in stamped}
+    modules = [fresh.pop(m["module"], m) for m in old["modules"]]
+    return {**old, "modules": modules + list(fresh.values())}
+
+
 def session_key(tree: Path, graph, plan: ModuleRun) -> str:
     mods = {module_name(tree / plan.path, tree)}
     for t in plan.tests:
@@ -960,6 +983,8 @@ def render(data: dict, reasons: list[dict]) -> str:
                 continue
             tests = ", ".join(Path(t).name for t in m["tests"]) or "none"
             note = f" ({m['error']})" if m["error"] else ""
+            if m.get("date"):  # run on its own (--module)
+                note += f" (run {m['date'][:10]}, {m['commit']})"
             lines.append(f"| {m['module']}{md_cell(note)} | {tests} | {m['mutants']} | {m['run']} | {m['killed']} | "
                          f"{m['timeout']} | {m['survived']} | {pct(m['kill_rate'])} | {m['baseline_s']} | "
                          f"{m['timeout_s']} |")
@@ -1055,6 +1080,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--folder", action="append", choices=[*FAMILIES, *OPTIONAL_FAMILIES],
                     help="family folder to mutate (repeatable); default: all but proving/, plus the glue")
+    ap.add_argument("--module", action="append", help="only this module file of a family folder, e.g. "
+                    "guidance/pag_runtime.py (repeatable); the folder's other modules keep their earlier results")
     ap.add_argument("--glue", action="store_true", help="run the named glue defects (default when no --folder)")
     ap.add_argument("--defect", action="append", help="only this glue defect (repeatable; implies --glue)")
     ap.add_argument("--max-mutants", type=int, help="run at most N pending mutants per folder, spread evenly "
@@ -1099,8 +1126,11 @@ def main(argv: list[str] | None = None) -> int:
     check_import_redirect(tree, env)
     log_line(f"mutation copy: {tree}")
 
+    modules = list(dict.fromkeys(args.module or []))
     if args.estimate:
         plans, graph = plan_modules(tree, list(args.folder or FAMILIES))
+        if modules:
+            plans = only_modules(plans, modules)
         t0 = time.perf_counter()
         for folder in dict.fromkeys(p.folder for p in plans):
             log_line(f"{folder}/: counting mutants and timing the tests")
@@ -1112,12 +1142,17 @@ def main(argv: list[str] | None = None) -> int:
         write_results(data)
         return 0
 
-    folders = list(dict.fromkeys(args.folder or ([] if (args.glue or args.defect) else FAMILIES)))
-    glue = bool(args.glue or args.defect or not args.folder)
+    folders = list(dict.fromkeys(args.folder or ([] if (args.glue or args.defect or modules) else FAMILIES)))
+    glue = bool(args.glue or args.defect or not (args.folder or modules))
+    whole = set(folders)  # folders run whole; the others only for their --module files
+    folders += [f for f in dict.fromkeys(m.split("/")[0] for m in modules) if f not in whole]
     if glue:
         load_defects(tree)  # a stale substitution stops the run before any slow work
     if folders:
-        plans, graph = plan_modules(tree, folders)
+        plans, graph = plan_modules(tree, [f for f in folders if f in FAMILIES + OPTIONAL_FAMILIES])
+        if modules:
+            named = {p.path for p in only_modules(plans, modules)}
+            plans = [p for p in plans if p.folder in whole or p.path in named]
         data.setdefault("folders", {})
         for folder in folders:
             mine = [p for p in plans if p.folder == folder]
@@ -1125,6 +1160,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             run_folder(tree, args.work_dir, env, graph, mine, args)
             data["folders"][folder] = folder_record(mine, time.perf_counter() - t0, args.runner)
+            if folder not in whole:
+                data["folders"][folder] = merge_module_records(_merged({}, data).get("folders", {}).get(folder),
+                                                               data["folders"][folder])
             # after every folder, so a long run leaves its results as it goes; merged into the file as it is now,
             # so a run of other folders that finished meanwhile keeps its results
             write_results(_merged({"folders": {folder: data["folders"][folder]}}, data))
