@@ -20,7 +20,7 @@ Repetition: objects of the asked colours found minus asked (``proving.metrics.re
 image, and the share of images with any excess object. Wall time: every method's runs interleaved with plain
 runs at the same size; ratio = plain / method.
 
-Run: .venv/bin/python benchmarks/highres_proving.py [2] [4] [flux] [--quick]   (--quick: 4 prompts, seed 0, the main
+Run: .venv/bin/python benchmarks/highres_proving.py [2] [4] [flux] [--few]   (--few: 4 prompts, seed 0, the main
 methods only; writes benchmarks/results/highres_proving.{json,md}
 and highres_proving_<scale>.png: one row per method, one image per prompt)
 """
@@ -229,7 +229,7 @@ def main():
 
     model, clip, vae = load_toy("sd15")
     texts = prompts()
-    quick = "--quick" in sys.argv  # a first look on a busy machine: 4 prompts, one seed, the main methods
+    quick = "--few" in sys.argv  # a first look on a busy machine: 4 prompts, one seed, the main methods
     seeds = (0,) if quick else (0, 1)
     if quick:
         texts = [texts[0], texts[3], texts[7], texts[9]]

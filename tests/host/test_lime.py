@@ -9,22 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from preprint.runner.tiny_models import tiny_clip
-
 from .harness import node_class, run_node, run_sampling, tiny_model
-
-PROMPT = "a red cat sitting on a blue sofa, photo"
-FAMILIES = ("sd15", "sdxl")
-
-
-@pytest.fixture(scope="module")
-def kit():
-    out = {}
-    for f in FAMILIES:
-        clip = tiny_clip(family=f)
-        enc = clip.encode_from_tokens_scheduled
-        out[f] = (tiny_model(f), clip, enc(clip.tokenize(PROMPT)), enc(clip.tokenize("blurry")))
-    return out
+from .test_word_attention import FAMILIES, PROMPT, kit  # noqa: F401  (fixture and prompts shared with the word-attention tests)
 
 
 def box_mask(h=96, w=96, batch=1, x0=0.0, x1=0.5, y0=0.0, y1=1.0):

@@ -5,8 +5,6 @@ token grids and bad input."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -22,13 +20,7 @@ from preprint.regional.lime import (
 from preprint.regional.word_attention import attention_probs
 from preprint.utils.sigma_window import SigmaWindow
 
-
-def plain_attention(q, k, v, heads, attn_precision=None, transformer_options=None):
-    b, n, width = q.shape
-    d = width // heads
-    qh, kh, vh = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1) @ vh
-    return out.transpose(1, 2).reshape(b, n, width)
+from .test_word_attention import plain_attention  # noqa: E402  (ComfyUI-style attention, written out)
 
 
 def _inputs(seed=0, batch=2, heads=2, d=4, h=4, w=6, t=9, dtype=torch.float32, scale=1.0):

@@ -9,7 +9,11 @@ common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
 
-def _mask_from_words() -> dict:
+EDIT_PROMPT = ("a drawing of a girl with blonde hair in shining silver knight armour on a green hill under a blue "
+               "sky")
+
+
+def mask_from_words_edit() -> dict:
     """Load an image, encode it, mask the pink dress by its word, and redraw only the mask with the edit prompt
     (SetLatentNoiseMask + KSampler: outside the mask the original is kept at every step)."""
     return {
@@ -27,8 +31,7 @@ def _mask_from_words() -> dict:
         "24": {"class_type": "PreviewImage", "inputs": {"images": ["23", 1]}, "_meta": {"title": "Mask preview"}},
         "25": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["22", 0], "mask": ["23", 0]}},
         "2": {"class_type": "CLIPTextEncode",
-              "inputs": {"text": "a drawing of a girl with blonde hair in shining silver knight armour on a green "
-                                 "hill under a blue sky", "clip": ["1", 1]},
+              "inputs": {"text": EDIT_PROMPT, "clip": ["1", 1]},
               "_meta": {"title": "Edit prompt"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": common.NEGATIVE, "clip": ["1", 1]},
               "_meta": {"title": "Negative prompt"}},
@@ -63,7 +66,7 @@ def _directed_diffusion() -> dict:
 
 
 WORKFLOWS = {
-    "Mask from words + inpaint, SD1.5": _mask_from_words(),
+    "Mask from words + inpaint, SD1.5": mask_from_words_edit(),
     "Directed Diffusion, SD1.5": _directed_diffusion(),
 }
 
