@@ -10,6 +10,6 @@ if "$VENV/bin/python" -c 'from preprint.runner.comfy_host import find_comfyui; r
   "$VENV/bin/python" -m preprint run "${1:-workflows/DPM-Solver++ 2M, SD1.5.json}" --output output \
     --toy-workflow "workflows/Proving ground toy, DPM-Solver++ 2M, SD1.5 layout.json"
 else
-  echo "[main] no ComfyUI checkout found (COMFYUI_PATH, an enclosing ComfyUI, ~/ComfyUI): nothing to run the"
-  echo "[main] workflow with. The pack is installed; clone ComfyUI and set COMFYUI_PATH, then run this again."
+  echo "[main] no ComfyUI checkout found (COMFYUI_PATH, an enclosing ComfyUI, ./.comfyui, ~/ComfyUI): nothing to run the"
+  echo "[main] workflow with. The pack is installed; run scripts/setup.sh (it clones ComfyUI into .comfyui when online) or set COMFYUI_PATH, then run this again."
 fi
