@@ -170,3 +170,38 @@ def register_ksampler_name(name: str, fn: Callable) -> None:
     for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
         if name not in names:
             names.append(name)
+
+
+CALIBRATION_FOLDER = "preprint_calibration"
+
+
+def calibration_folder() -> str:
+    """Where calibrations computed on the user's model are saved: ``PREPRINT_CALIBRATION_DIR`` when set, else the
+    ``preprint_calibration`` folder of ComfyUI's models directory (registered with ``folder_paths`` so an
+    ``extra_model_paths.yaml`` entry of that name is honoured too; the first folder listed is written to)."""
+    import os
+
+    import folder_paths
+
+    override = os.environ.get("PREPRINT_CALIBRATION_DIR")
+    if override:
+        return override
+    if CALIBRATION_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[CALIBRATION_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, CALIBRATION_FOLDER)], {".safetensors"})
+    return folder_paths.get_folder_paths(CALIBRATION_FOLDER)[0]
+
+
+def model_fingerprint(model) -> str:
+    """A calibration key for a MODEL (patcher): the diffusion model's weights (sampled, see
+    ``utils.calibration_store.fingerprint``), the LoRA / weight patches on the patcher (keys and strengths: a LoRA
+    at another strength is another model), and the sampling type with its sigma range (a shift is another
+    schedule)."""
+    from ..utils.calibration_store import fingerprint
+
+    patches = {key: [(float(p[0]), float(p[2]) if len(p) > 2 else 1.0, type(p[1]).__name__) for p in entries]
+               for key, entries in getattr(model, "patches", {}).items()}
+    sampling = model.get_model_object("model_sampling")
+    extra = {"patches": patches, "sampling": type(sampling).__name__,
+             "sigma_min": float(sampling.sigma_min), "sigma_max": float(sampling.sigma_max)}
+    return fingerprint(model.model.diffusion_model.state_dict().items(), extra)
