@@ -7,20 +7,24 @@
 - Flux: a DIFFUSION_MODEL wrapper appends the region prompts' tokens to the positive rows' text and hands
   the model the joint attention mask ComfyUI's Flux already reads (``attention_mask``), so regions and
   their text stay together (Chen et al., arXiv:2411.02395).
+- SD3 (MMDiT): the same text and mask; an APPLY_MODEL wrapper appends the text to the cross-attention input
+  and passes the mask to the joint blocks' attention through ``optimized_attention_override`` (SD3's forward
+  takes no mask and runs no DIFFUSION_MODEL wrappers).
 
-Both run inside the window ``[start_percent, end_percent]`` of the run and do nothing outside it.
+All run inside the window ``[start_percent, end_percent]`` of the run and do nothing outside it.
 """
 
 from __future__ import annotations
 
 import comfy.ldm.flux.model
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.patcher_extension
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
 from ..regional.attention import Region, RegionError, as_mask_batch
-from ..regional.runtime import FluxRegional, RegionSet, UNetRegionalAttention
+from ..regional.runtime import FluxRegional, RegionSet, SD3Regional, UNetRegionalAttention
 from ..utils.sigma_window import SigmaWindow
 from ._host import attention, install_hooks
 from ._inputs import PreprintNode, model_input, model_output, percent_window_inputs
@@ -47,6 +51,13 @@ def _unet_cross_attention_layers(dm) -> dict:
                     for j, tb in enumerate(sub.transformer_blocks):
                         layers[(group, i, j)] = tb.attn2
     return layers
+
+
+def _check_widths(regions, width: int, family: str) -> None:
+    for i, r in enumerate(regions):
+        if r.context.shape[-1] != width:
+            raise RegionError(f"{NODE}: region {i + 1}'s prompt has {r.context.shape[-1]} features but this "
+                              f"{family} takes {width}; encode it with this model's CLIP.")
 
 
 def region_from(conditioning, mask, strength: float) -> Region:
@@ -106,11 +117,11 @@ class PreprintRegionalPrompting(PreprintNode):
                 "Different prompts in different areas, in one model pass per step (core's area / mask conditioning "
                 "runs the model once per region). The sampler's positive prompt is the base prompt: it fills the "
                 "area no region covers and is mixed back in by base_ratio. UNets (SD1.x, SDXL): every cross-"
-                "attention layer blends one attention output per prompt by the masks at its own resolution. Flux: "
-                f"region text joins the positive text under a joint attention mask ({PAPER}). The negative prompt is "
-                "untouched. Any width, height and aspect ratio."),
+                "attention layer blends one attention output per prompt by the masks at its own resolution. Flux and "
+                f"SD3: region text joins the positive text under a joint attention mask ({PAPER}). The negative "
+                "prompt is untouched. Any width, height and aspect ratio."),
             inputs=[
-                model_input("A UNet (SD1.x, SD2.x, SDXL) or a Flux model."),
+                model_input("A UNet (SD1.x, SD2.x, SDXL), a Flux or an SD3 / SD3.5 model."),
                 Regions.Input("regions", tooltip="The regions: chained Region (Preprint) nodes."),
                 io.Float.Input("base_ratio", default=0.2, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of the base prompt stays inside the regions: 0 = each region's "
@@ -150,16 +161,21 @@ class PreprintRegionalPrompting(PreprintNode):
                 m.set_model_attn2_replace(UNetRegionalAttention(attention, attn2, shared, base_ratio, window, prev),
                                           *key)
         elif type(dm) is comfy.ldm.flux.model.Flux:
-            width = int(dm.txt_in.in_features)
-            for i, r in enumerate(regions):
-                if r.context.shape[-1] != width:
-                    raise RegionError(f"{NODE}: region {i + 1}'s prompt has {r.context.shape[-1]} features but this "
-                                      f"Flux takes {width}; encode it with this model's CLIP.")
+            _check_widths(regions, int(dm.txt_in.in_features), "Flux")
             install_hooks(m, KEY, {WMP.DIFFUSION_MODEL: FluxRegional(cls.NAME, RegionSet(tuple(regions)), base_ratio,
                                                                       window)})
+        elif type(dm) is mmdit.OpenAISignatureMMDITWrapper:
+            _check_widths(regions, int(dm.context_embedder.in_features), "SD3")
+            if dm.context_processor is not None:  # it would mix the region text into the base prompt's tokens
+                raise RegionError(f"{NODE}: this MMDiT runs a context processor over the whole text before the "
+                                  "joint blocks, which would mix the region prompts into the base prompt; regional "
+                                  "prompting serves SD3 / SD3.5 without one. Use core's ConditioningSetMask here.")
+            patch = int(dm.patch_size)
+            install_hooks(m, KEY, {WMP.APPLY_MODEL: SD3Regional(RegionSet(tuple(regions)), base_ratio, window, patch,
+                                                                int(dm.register_length))})
         else:
             raise RegionError(f"{NODE}: this model's diffusion network is a {type(dm).__name__}; regional prompting "
-                              "supports UNets (SD1.x, SD2.x, SDXL) and Flux. For SD3 and other DiTs it is not built "
+                              "supports UNets (SD1.x, SD2.x, SDXL), Flux and SD3. For other DiTs it is not built "
                               "yet; use core's ConditioningSetMask there.")
         return io.NodeOutput(m)
 

@@ -6,8 +6,11 @@
 - Flux: a DIFFUSION_MODEL wrapper appends the region prompts to the positive rows' text and hands the forward a
   joint attention mask (``attention.joint_mask``), after Chen et al., "Training-free Regional Prompting for
   Diffusion Transformers", arXiv:2411.02395.
+- SD3 (MMDiT): the same text and mask (one builder, ``JointRegionText``: both sequences are ``[text; image]``),
+  the text appended to ``c_crossattn`` by an APPLY_MODEL wrapper and the mask handed to the joint attention calls
+  through ``optimized_attention_override``.
 
-Both act only inside the run's window and leave the negative prompt's rows untouched.
+All act only inside the run's window and leave the negative prompt's rows untouched.
 """
 
 from __future__ import annotations
@@ -105,30 +108,27 @@ class UNetRegionalAttention:
         return out
 
 
-class FluxRegional:
-    """DIFFUSION_MODEL wrapper for Flux: region text appended to the positive rows, joint attention mask.
+class JointRegionText:
+    """The region text and joint attention mask for a joint-attention DiT whose sequence is ``[text; image]`` (Flux
+    and SD3 alike): the region prompts' tokens appended to each positive row's text (zeros, seen by nobody, on the
+    other rows) and the ``attention.joint_mask`` of the regions on the image token grid. The same every step, so
+    built once per batch layout."""
 
-    ``Flux.forward`` hands its wrappers ``_forward``'s arguments positionally: ``(x, timestep, context, y, guidance,
-    ref_latents, control, transformer_options, **kwargs)`` on 0.3.64 and on the newest sources read (0.33), with
-    ``attention_mask`` in ``kwargs``. They are bound by name against the wrapped function's signature all the same,
-    so a reordered or extended signature still reaches the right tensors."""
-
-    REQUIRED = ("x", "context", "transformer_options")
-
-    def __init__(self, node: str, regions: RegionSet, base_ratio: float, window: SigmaWindow):
-        self.node, self.regions, self.base_ratio, self.window = node, regions, base_ratio, window
-        self._signature: tuple[object, inspect.Signature, str | None] | None = None
+    def __init__(self, regions: RegionSet, base_ratio: float):
+        self.regions, self.base_ratio = regions, base_ratio
         self._built: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # last batch layout's text, mask
 
-    def _text_and_mask(self, cou: tuple, batch: int, grid: tuple[int, int], n_ref: int, context: torch.Tensor,
-                       dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens appended to each row's text ``[batch, extra, D]`` and the joint attention mask
-        ``[batch, L, L]`` for one batch layout; the same every step, so built once per layout."""
-        key = (cou, batch, grid, n_ref, int(context.shape[1]), context.dtype, dtype, device)
+    def build(self, cou: tuple, batch: int, grid: tuple[int, int], n_ref: int, base_len: int, context: torch.Tensor,
+              dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens appended to each row's text ``[batch, extra, D]`` (in ``context``'s dtype) and the joint
+        attention mask ``[batch, L, L]`` for ``base_len`` text tokens before them (the base prompt, with any
+        register tokens the model puts in front of it), the region text, the ``grid`` of image tokens and
+        ``n_ref`` reference image tokens no region covers."""
+        key = (cou, batch, grid, n_ref, base_len, context.dtype, dtype, device)
         if self._built is not None and self._built[0] == key:
             return self._built[1]
         contexts = self.regions.contexts(context.device, context.dtype)
-        lengths = [int(context.shape[1])] + [int(c.shape[1]) for c in contexts]
+        lengths = [base_len] + [int(c.shape[1]) for c in contexts]
         extra_len = sum(lengths[1:])
         rows = set(positive_rows({"cond_or_uncond": list(cou)}, batch))
         chunk = batch // len(cou or [1])
@@ -152,6 +152,22 @@ class FluxRegional:
                 mask[b, pad, pad] = padding
         self._built = (key, (torch.stack(pieces), mask))
         return self._built[1]
+
+
+class FluxRegional:
+    """DIFFUSION_MODEL wrapper for Flux: region text appended to the positive rows, joint attention mask.
+
+    ``Flux.forward`` hands its wrappers ``_forward``'s arguments positionally: ``(x, timestep, context, y, guidance,
+    ref_latents, control, transformer_options, **kwargs)`` on 0.3.64 and on the newest sources read (0.33), with
+    ``attention_mask`` in ``kwargs``. They are bound by name against the wrapped function's signature all the same,
+    so a reordered or extended signature still reaches the right tensors."""
+
+    REQUIRED = ("x", "context", "transformer_options")
+
+    def __init__(self, node: str, regions: RegionSet, base_ratio: float, window: SigmaWindow):
+        self.node, self.regions, self.base_ratio, self.window = node, regions, base_ratio, window
+        self.joint = JointRegionText(regions, base_ratio)
+        self._signature: tuple[object, inspect.Signature, str | None] | None = None
 
     def _bind(self, executor, args, kwargs) -> tuple[inspect.BoundArguments, str | None]:
         fn = getattr(executor.original, "__func__", executor.original)
@@ -183,8 +199,8 @@ class FluxRegional:
         patch = int(getattr(executor.class_obj, "patch_size", 2))  # 2 on Flux.1; newer Flux.2 layouts use 1
         grid = (-(-x.shape[-2] // patch), -(-x.shape[-1] // patch))
         n_ref = sum(-(-r.shape[-2] // patch) * -(-r.shape[-1] // patch) for r in (ref_latents or []))
-        text, mask = self._text_and_mask(tuple(to.get("cond_or_uncond") or ()), x.shape[0], grid, n_ref, context,
-                                         x.dtype, x.device)
+        text, mask = self.joint.build(tuple(to.get("cond_or_uncond") or ()), x.shape[0], grid, n_ref,
+                                      int(context.shape[1]), context, x.dtype, x.device)
         # Text positions: zeros on Flux.1 in every release; where a newer config names txt_ids_dims (Flux.2 layouts)
         # _forward numbers the text 0..L-1 along those axes, so the region tokens simply continue the base prompt.
         a["context"] = torch.cat([context, text], dim=1)
@@ -193,3 +209,50 @@ class FluxRegional:
         else:
             a[varkw] = {**extra, "attention_mask": mask}
         return executor(*bound.args, **bound.kwargs)
+
+
+class JointMaskOverride:
+    """``optimized_attention_override`` handing the joint attention mask to the attention calls over the whole
+    ``[text; image]`` sequence (recognised by their length) and nothing else: SD3's image-only self-attention
+    (MMDiT-X blocks) runs as it was. Chains an earlier override; a call that already carries a mask keeps it."""
+
+    def __init__(self, mask: torch.Tensor, total: int, previous=None):
+        self.mask, self.total, self.previous = mask, total, previous
+
+    def __call__(self, func, *args, **kwargs):
+        q = args[0] if args else kwargs.get("q")
+        token_dim = 2 if kwargs.get("skip_reshape", False) else 1
+        if q is not None and q.shape[token_dim] == self.total and len(args) < 5 and kwargs.get("mask") is None:
+            kwargs = {**kwargs, "mask": self.mask.to(dtype=q.dtype) if self.mask.dtype != q.dtype else self.mask}
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class SD3Regional:
+    """APPLY_MODEL wrapper for SD3 (MMDiT): region text appended to the positive rows' ``c_crossattn`` and the joint
+    attention mask handed to every joint block's attention through ``optimized_attention_override``.
+
+    ComfyUI 0.3.64's MMDiT runs no DIFFUSION_MODEL wrappers and takes no attention mask, but every joint block calls
+    ``optimized_attention`` with the call's ``transformer_options``, whose override sees the joint ``[context; x]``
+    query. The last block's text is ``context_pre_only``: its text queries are computed and dropped, the mask is the
+    same. ``patch`` (the patch size) and ``lead`` (register tokens in front of the text) come from the model."""
+
+    def __init__(self, regions: RegionSet, base_ratio: float, window: SigmaWindow, patch: int, lead: int):
+        self.joint = JointRegionText(regions, base_ratio)
+        self.window, self.patch, self.lead = window, patch, lead
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        to = transformer_options or {}
+        if c_crossattn is None or not active(to, self.window):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        model = executor.class_obj
+        dtype = model.manual_cast_dtype if getattr(model, "manual_cast_dtype", None) is not None else model.get_dtype()
+        grid = (-(-x.shape[-2] // self.patch), -(-x.shape[-1] // self.patch))
+        base_len = self.lead + int(c_crossattn.shape[1])
+        text, mask = self.joint.build(tuple(to.get("cond_or_uncond") or ()), x.shape[0], grid, 0, base_len,
+                                      c_crossattn, dtype, x.device)
+        override = JointMaskOverride(mask, mask.shape[-1], to.get("optimized_attention_override"))
+        context = torch.cat([c_crossattn, text], dim=1)
+        return executor(x, t, c_concat, context, control, {**to, "optimized_attention_override": override}, **kwargs)

@@ -46,6 +46,8 @@ def _boot():
         root.removeHandler(capture)
     host.boot_log = capture.messages
     host.work_dir = work
+    # calibrations computed by the examples and tests go to the session's folder, never the checkout's models/
+    os.environ.setdefault("PREPRINT_CALIBRATION_DIR", str(work / "calibration"))
     return host
 
 

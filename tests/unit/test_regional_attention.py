@@ -19,7 +19,15 @@ from preprint.regional.attention import (
     masks_on_grid,
     regional_attention,
 )
-from preprint.regional.runtime import FluxRegional, RegionSet, UNetRegionalAttention, active, positive_rows
+from preprint.regional.runtime import (
+    FluxRegional,
+    JointMaskOverride,
+    RegionSet,
+    SD3Regional,
+    UNetRegionalAttention,
+    active,
+    positive_rows,
+)
 from preprint.utils.sigma_window import SigmaWindow
 
 
@@ -478,3 +486,59 @@ def test_flux_wrapper_reads_each_wrapped_functions_own_signature():
     assert wrapper(_Executor(model, named), args[0], args[1], args[2], transformer_options=args[7]) == "named"
     assert wrapper(_Executor(model), *args) == "out"  # then ComfyUI's _forward, positionally, with **kwargs
     assert torch.equal(model.seen[0]["attention_mask"], seen["attention_mask"])
+
+
+def test_joint_mask_override_masks_only_the_joint_calls_and_chains():
+    mask = torch.zeros(2, 7, 7)
+    seen = []
+
+    def previous(func, *args, **kwargs):
+        seen.append(kwargs.get("mask"))
+        return func(*args, **kwargs)
+
+    override = JointMaskOverride(mask, 7, previous)
+
+    def func(q, k, v, heads=1, mask=None, **kwargs):
+        return mask
+
+    q7, q5 = torch.zeros(2, 7, 4), torch.zeros(2, 5, 4)
+    assert override(func, q7, q7, q7, heads=2) is mask  # the joint [text; image] call
+    assert override(func, q5, q5, q5, heads=2) is None  # an image-only self-attention
+    own = torch.ones(2, 7, 7)
+    assert override(func, q7, q7, q7, heads=2, mask=own) is own  # a call's own mask is kept
+    assert override(func, q7.half(), q7.half(), q7.half(), heads=2).dtype == torch.float16
+    assert seen[0] is mask and seen[1] is None
+
+
+class _SD3Model:
+    manual_cast_dtype = None
+
+    def __init__(self):
+        self.seen = []
+
+    def get_dtype(self):
+        return torch.float32
+
+    def _apply(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        self.seen.append((c_crossattn, transformer_options))
+        return x
+
+
+def test_sd3_wrapper_appends_the_flux_paths_text_and_hands_its_mask_to_the_override():
+    g = torch.Generator().manual_seed(5)
+    regions = RegionSet((Region(torch.randn(1, 3, 8, generator=g), torch.ones(1, 6, 5)),))
+    wrapper = SD3Regional(regions, 0.5, SigmaWindow(), patch=2, lead=2)
+    model = _SD3Model()
+    x, context = torch.zeros(2, 16, 5, 3), torch.randn(2, 4, 8, generator=g)
+    to = {"cond_or_uncond": [0, 1], "sigmas": torch.tensor([3.0, 3.0])}
+    wrapper(_Executor(model, model._apply), x, torch.tensor([3.0, 3.0]), None, context, None, to)
+    got, options = model.seen[0]
+    assert torch.equal(got[0, 4:], regions.regions[0].context[0]) and torch.equal(got[1, 4:], torch.zeros(3, 8))
+    override = options["optimized_attention_override"]
+    # base span = 2 register tokens + 4 prompt tokens; grid 3 x 2 (odd height padded to the patch)
+    want = joint_mask([6, 3], masks_on_grid([r.mask for r in regions.regions], 1, 3, 2), 0.5)
+    assert override.total == 6 + 3 + 6 and torch.equal(override.mask[0], want[0])
+    assert "optimized_attention_override" not in to  # the caller's options untouched
+    closed = SD3Regional(regions, 0.5, SigmaWindow(1.0, 0.5), patch=2, lead=0)
+    closed(_Executor(model, model._apply), x, torch.tensor([3.0, 3.0]), None, context, None, to)
+    assert model.seen[1][0] is context and model.seen[1][1] is to

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from preprint.regional.soft_inpaint import active_mask, threshold
@@ -38,3 +39,53 @@ def test_all_ones_is_always_on_and_all_zeros_always_off():
     for i in range(8):
         assert torch.equal(active_mask(torch.ones(2, 3), sig[i], sig), torch.ones(2, 3))
         assert torch.equal(active_mask(torch.zeros(2, 3), sig[i], sig), torch.zeros(2, 3))
+
+
+def _concat(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    return torch.cat([mask, image], dim=1)
+
+
+def test_concat_layout_reads_comfyui_keys_and_refuses_a_mismatch():
+    from preprint.regional.soft_inpaint import concat_layout
+
+    assert concat_layout(("mask", "masked_image"), 5, 4) == (("mask", 1), ("masked_image", 4))
+    assert concat_layout(("concat_image", "mask_inverted"), 17, 16) == (("image", 16), ("mask_inverted", 1))
+    with pytest.raises(ValueError, match="make 5 channels, the input has 9"):
+        concat_layout(("mask", "masked_image"), 9, 4)
+
+
+def test_follow_change_hides_exactly_the_active_part():
+    from preprint.regional.soft_inpaint import follow_change
+
+    g = torch.Generator().manual_seed(0)
+    given_mask = torch.zeros(2, 1, 3, 5)
+    given_mask[..., 3:] = 1.0  # the conditioning hid the last two columns
+    given_img, original = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 4, 3, 5, generator=g)
+    blank = torch.full((2, 4, 3, 5), 7.0)
+    layout = (("mask", 1), ("masked_image", 4))
+    concat = _concat(given_mask, given_img)
+    active = torch.zeros(2, 1, 3, 5)
+    active[..., 1:] = 1.0  # the map now reaches two columns beyond the conditioning's mask
+    out = follow_change(concat, layout, active, original, blank)
+    assert torch.equal(out[:, :1], active)
+    img = out[:, 1:]
+    assert torch.equal(img[..., :1], original[..., :1])  # held: the picture
+    assert torch.equal(img[..., 1:3], blank[..., 1:3])  # regenerated beyond the conditioning's hole: blank
+    assert torch.equal(img[..., 3:], given_img[..., 3:])  # the conditioning's own hidden latent
+    # an active mask equal to the conditioning's, where the conditioning shows the picture: back value for value
+    assert torch.equal(follow_change(concat, layout, given_mask, given_img, blank), concat)
+
+
+def test_follow_change_other_mask_kinds_and_layouts_without_a_mask():
+    from preprint.regional.soft_inpaint import follow_change
+
+    active = torch.tensor([0.0, 1.0, 1.0]).view(1, 1, 1, 3)
+    img = torch.randn(1, 2, 1, 3)
+    flux = follow_change(torch.cat([img, torch.zeros(1, 64, 1, 3)], 1), (("masked_image", 2), ("mask_pixels", 64)),
+                         active, img, torch.zeros_like(img))
+    assert torch.equal(flux[:, 2:], active.expand(1, 64, 1, 3))
+    inv = follow_change(torch.cat([img, torch.ones(1, 1, 1, 3)], 1), (("image", 2), ("mask_inverted", 1)), active,
+                        img, img)
+    assert torch.equal(inv[:, 2:], 1 - active) and torch.equal(inv[:, :2], img)  # a plain image piece is kept
+    plain = torch.randn(1, 2, 1, 3)
+    assert follow_change(plain, (("image", 2),), active, img, img) is plain

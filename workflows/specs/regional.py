@@ -115,8 +115,25 @@ def _soft_inpaint(toy: bool) -> dict:
     return prompt
 
 
+def _soft_inpaint_model() -> dict:
+    """The soft-inpainting graph with an SD1.5 inpainting checkpoint: the first pass is drawn by the same checkpoint
+    (with no mask core hands it a blank one), decoded, and InpaintModelConditioning gives the second pass the picture,
+    the change map and the masked-image latent, which the Differential Diffusion node updates every step."""
+    prompt = _soft_inpaint(False)
+    prompt["1"]["inputs"]["ckpt_name"] = "sd-v1-5-inpainting.ckpt"
+    prompt["36"] = {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]},
+                    "_meta": {"title": "First pass as pixels"}}
+    prompt["37"] = {"class_type": "InpaintModelConditioning",
+                    "inputs": {"positive": ["34", 0], "negative": ["3", 0], "vae": ["1", 2], "pixels": ["36", 0],
+                               "mask": ["31", 0], "noise_mask": True}}
+    del prompt["32"]  # the change map travels as InpaintModelConditioning's noise mask instead
+    prompt["33"]["inputs"].update(positive=["37", 0], negative=["37", 1], latent_image=["37", 2])
+    return prompt
+
+
 WORKFLOWS = {
     "Soft inpainting with a feathered change map, SD1.5": _soft_inpaint(False),
+    "Soft inpainting with an inpainting model, SD1.5": _soft_inpaint_model(),
     "Soft inpainting on the proving-ground toy": _soft_inpaint(True),
     "Regional prompting, three regions in one pass, SD1.5": _sd15(),
     "Regional prompting, two regions, Flux": _flux(),
@@ -133,6 +150,11 @@ NOTES: dict[str, str] = {
         "at the left edge and reaches 1 three quarters across, each pixel's value its denoise strength. Try left "
         "on the FeatherMask node first: it is the length of the ramp from kept to redrawn, and a smaller value "
         "hands more of the picture to the edit. " + SOFT_INPAINT),
+    "Soft inpainting with an inpainting model, SD1.5": (
+        "The soft-inpainting graph with an SD1.5 inpainting checkpoint: InpaintModelConditioning hands the second "
+        "pass the picture and the feathered change map, and the Differential Diffusion node updates the model's "
+        "mask and masked-image inputs every step to the part being redrawn, so the hole grows with the map. Try "
+        "left on the FeatherMask node first: it is the length of the ramp from kept to redrawn. " + SOFT_INPAINT),
     "Soft inpainting on the proving-ground toy": (
         "The soft-inpainting graph on the pack's trained toy: a red circle is drawn first, then a second pass "
         "redraws toward a blue square on the right through a change map that is 0 at the left edge and reaches 1 "
