@@ -66,6 +66,14 @@ def region_from(conditioning, mask, strength: float) -> Region:
     if len(conditioning) > 1:
         raise RegionError(f"{REGION_NODE}: the conditioning holds {len(conditioning)} prompts; a region takes one. "
                           "Join prompts with ConditioningConcat, or give each its own Region node.")
+    hooks = conditioning[0][1].get("hooks")
+    if hooks is not None and len(getattr(hooks, "hooks", ())) > 0:
+        raise RegionError(
+            f"{REGION_NODE}: the region's prompt carries hooks (a LoRA set with SetClipHooks / Cond Set "
+            "Props). Regional Prompting runs every prompt in one model pass with one set of weights, so a LoRA "
+            "cannot be limited to this region here and would be dropped. For a LoRA in one area, give that area "
+            "core's Cond Set Props (mask + hooks) and combine it with the positive prompt (it gets its own pass); "
+            "for a LoRA everywhere, load it on the model (LoraLoader) and encode the region without hooks.")
     m = as_mask_batch(mask) * float(strength)
     if float(m.max()) <= 0.0:
         raise RegionError(f"{REGION_NODE}: the mask is empty (all zero) or the strength is 0, so the region would "

@@ -1,16 +1,21 @@
-"""Lay an example workflow out for the editor: left to right in the order data flows, no node over a link.
+"""Lay an example workflow out for the editor: left to right in the order data flows, no link over a node.
 
 Geometry as ComfyUI's editor (LiteGraph) draws a graph: a node's ``pos`` is the top-left corner of its body,
 with a title bar of ``TITLE`` px above it; input slot ``k`` connects at the body's left edge and output slot
 ``k`` at its right edge, both at ``y = pos.y + (k + 0.7) * SLOT``; a link is a cubic Bezier curve from the
 output to the input with horizontal tangents a quarter of the distance long.
 
-:func:`layout` puts each node in the column of its depth (longest path from a source), orders every column by
-the mean position of its neighbours (barycentre sweeps: fewer links cross each other), then places each
+:func:`layout` puts each node in the column of its depth (longest path from a source), or further right, up to
+the column right before its first use (fewer links skip columns, and so can pass over nodes), orders every column
+by the mean position of its neighbours (barycentre sweeps: fewer links cross each other), then places each
 column's nodes top to bottom at the first height where neither the node nor its title bar meets a link that
-passes through the column; the passes repeat until the positions settle. :func:`crossings` and
-:func:`overlaps` are the checks the tests run on the written files. :func:`place_note` then puts a workflow's
-Note at the top left, in a column of its own before the graph's first.
+passes through the column; the passes repeat until the positions settle. A placement with no link over a node
+is then compacted (nodes moved up while it stays clean). Where no ordering gives a clean placement, nodes are
+moved one at a time to the heights just above or below the links and nodes of their column (a descent, then an
+annealed search) until none is left: a clean graph always beats a shorter one; a clean one too tall for the view
+(:func:`fits_view`) gets a few more annealed searches for a shorter one. :func:`crossings` and :func:`overlaps`
+are the checks the tests run on the written files. :func:`place_note` then puts a workflow's Note at the top
+left, in a column of its own before the graph's first.
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ ROW_GAP = 36
 MARGIN = 8  # clearance a link keeps from a node it passes
 ORIGIN = (40.0, 60.0)
 RESTARTS = 40  # seeded shuffles of the column orders tried while crossings are left
-CROSSING_COST = 400.0  # px of graph height a link over a node is worth: a tall graph is unreadable too
+REPAIRS = 3  # the least crossed placements that the node-by-node search starts from
+ANNEAL_STEPS = 3000
+SHORTEN_SEEDS = 8  # annealed searches from a clean placement too tall for the view
+ANNEAL_OVER = 400.0  # px of height a link over a node costs inside the annealed search (it must end with none)
+# The editor draws titles and widgets down to a zoom of 8 / 14 (setting LiteGraph.Canvas.MinFontSizeForLOD, 8 px, over
+# its 14 px node text): a graph fits a 1600 x 1000 view when, fitted with a 40 px border, it needs no smaller zoom.
+VIEW = (1600.0, 1000.0)
+MIN_ZOOM = 8 / 14
+VIEW_BORDER = 40.0
 # A Note shows its text in the editor's textarea, in 10 px monospace (setting Comfy.TextareaWidget.FontSize). Measured
 # in frontend 1.27 with Chromium: 6.0 px a character, 11.6 px a line, the textarea 20 px narrower and 22 px lower than
 # the node body. Taken a little large, so that other monospace fonts fit unscrolled too.
@@ -200,26 +213,173 @@ def _place_column(boxes: dict[int, Box], links: list[Link], order: list[int],
 
 
 def layout(boxes: dict[int, Box], links: list[Link]) -> list[tuple[int, Link]]:
-    """Place ``boxes`` (their ``column`` set) in place, the best of a few orderings and placement rules (height
-    plus ``CROSSING_COST`` per link over a node); returns the crossings left (none when it succeeded)."""
-    for b in boxes.values():  # a node without inputs (a loader, an empty latent) right before its first use
-        if not any(ln.target == b.id for ln in links):
-            uses = [boxes[ln.target].column for ln in links if ln.source == b.id]
-            if uses:
-                b.column = max(b.column, min(uses) - 1)
-    best = None
+    """Place ``boxes`` (their ``column`` set) in place: the fewest links over a node (none unless the search
+    fails), then the least height; returns the crossings left (none when it succeeded)."""
+    # every node right before its first use (a loader, an empty latent, the prompt of a later region): the links
+    # that skip columns, and so can pass over nodes, are the fewest; from the last column back
+    for b in sorted(boxes.values(), key=lambda b: -b.column):
+        uses = [boxes[ln.target].column for ln in links if ln.source == b.id]
+        if uses:
+            b.column = max(b.column, min(uses) - 1)
+    if not boxes:
+        return []
+    best, crossed = None, []
     tries = [(sweeps, align, None) for sweeps in (4, 2, 1, 0) for align in (False, True)]
     tries += [(0, align, seed) for seed in range(RESTARTS) for align in (False, True)]
     for sweeps, align, seed in tries:
-        if seed is not None and best[0][1] == 0:
+        if seed is not None and best[0][0] == 0:
             break  # shuffled orders only while crossings are left
         left = _layout(boxes, links, sweeps, align, seed)
-        key = (len(left) * CROSSING_COST + max(b.y + b.height for b in boxes.values()), len(left))
-        if best is None or key < best[0]:
-            best = (key, {i: (b.x, b.y) for i, b in boxes.items()}, left)
-    for i, (x, y) in best[1].items():
+        if left:
+            crossed.append(((len(left), _height(boxes)), _positions(boxes)))
+        else:
+            _compact(boxes, links)
+        best = _better(best, boxes, links)
+    if best[0][0]:  # no ordering was clean: search node by node from the least crossed placements
+        for _, start in sorted(crossed, key=lambda c: c[0])[:REPAIRS]:
+            _restore(boxes, start)
+            if _descend(boxes, links):
+                _anneal(boxes, links)
+            if not crossings(boxes, links):
+                _compact(boxes, links)
+            best = _better(best, boxes, links)
+    _restore(boxes, best[1])
+    for seed in range(SHORTEN_SEEDS):  # clean but too tall for the view: look for a shorter clean placement
+        if best[0][0] or _fits_height(best[0][1]):
+            break
+        _anneal(boxes, links, seed)
+        if not crossings(boxes, links):
+            _compact(boxes, links)
+            best = _better(best, boxes, links)
+        _restore(boxes, best[1])
+    return crossings(boxes, links)
+
+
+def _positions(boxes: dict[int, Box]) -> dict[int, tuple[float, float]]:
+    return {i: (b.x, b.y) for i, b in boxes.items()}
+
+
+def _restore(boxes: dict[int, Box], positions: dict[int, tuple[float, float]]) -> None:
+    for i, (x, y) in positions.items():
         boxes[i].x, boxes[i].y = x, y
-    return best[2]
+
+
+def _better(best, boxes: dict[int, Box], links: list[Link]):
+    """``best`` or the placement ``boxes`` now have, whichever has fewer crossings, then less height."""
+    key = (len(crossings(boxes, links)), _height(boxes))
+    return (key, _positions(boxes)) if best is None or key < best[0] else best
+
+
+def _height(boxes: dict[int, Box]) -> float:
+    return max(b.y + b.height for b in boxes.values()) - min(b.y - TITLE for b in boxes.values())
+
+
+def extent(boxes: dict[int, Box]) -> tuple[float, float]:
+    """Width and height of the graph's bounding box, title bars included."""
+    return max(b.x + b.width for b in boxes.values()) - min(b.x for b in boxes.values()), _height(boxes)
+
+
+def fits_view(boxes: dict[int, Box]) -> bool:
+    """Whether the graph, fitted to a ``VIEW``-sized editor, is drawn in full detail (zoom >= ``MIN_ZOOM``)."""
+    width, height = extent(boxes)
+    return (width + 2 * VIEW_BORDER) * MIN_ZOOM <= VIEW[0] and _fits_height(height)
+
+
+def _fits_height(height: float) -> bool:
+    return (height + 2 * VIEW_BORDER) * MIN_ZOOM <= VIEW[1]
+
+
+def _clashes(boxes: dict[int, Box], i: int) -> bool:
+    """Whether node ``i`` overlaps another node."""
+    x0, y0, x1, y1 = boxes[i].rect()
+    for j, o in boxes.items():
+        if j != i:
+            a0, b0, a1, b1 = o.rect()
+            if x0 < a1 and a0 < x1 and y0 < b1 and b0 < y1:
+                return True
+    return False
+
+
+def _heights(boxes: dict[int, Box], links: list[Link], i: int) -> list[float]:
+    """Heights worth trying for node ``i``: the top, lined up with its inputs, right above or below each node of
+    its column and each band of links through it."""
+    b = boxes[i]
+    out = {ORIGIN[1], _wanted(boxes, links, i)}
+    x0, x1 = b.x, b.x + b.width
+    for j, o in boxes.items():
+        if j != i and o.x < x1 and x0 < o.x + o.width:
+            out.update((o.y + o.height + ROW_GAP + TITLE, o.y - TITLE - ROW_GAP - b.height))
+    for lo, hi, _ in _bands(boxes, [ln for ln in links if i not in (ln.source, ln.target)], x0, x1):
+        out.update((hi + TITLE + 1.0, lo - b.height - 1.0))
+    return sorted(y for y in out if y >= ORIGIN[1])
+
+
+def _compact(boxes: dict[int, Box], links: list[Link], rounds: int = 8) -> None:
+    """Move nodes of a clean placement up, each to the highest of its :func:`_heights` that keeps it clean."""
+    for _ in range(rounds):
+        moved = False
+        for i in sorted(boxes, key=lambda i: boxes[i].y):
+            b = boxes[i]
+            y0 = b.y
+            for y in _heights(boxes, links, i):
+                if y >= y0 - 0.5:
+                    break
+                b.y = y
+                if not _clashes(boxes, i) and not crossings(boxes, links):
+                    moved = True
+                    break
+                b.y = y0
+        if not moved:
+            break
+
+
+def _descend(boxes: dict[int, Box], links: list[Link], rounds: int = 6) -> bool:
+    """Move one node at a time to the height that most lowers (crossings, height); whether crossings are left."""
+    now = (len(crossings(boxes, links)), _height(boxes))
+    for _ in range(rounds):
+        moved = False
+        for i in sorted(boxes, key=lambda i: boxes[i].y):
+            b = boxes[i]
+            chosen = b.y
+            for y in _heights(boxes, links, i):
+                b.y = y
+                if _clashes(boxes, i):
+                    continue
+                key = (len(crossings(boxes, links)), _height(boxes))
+                if key < now:
+                    now, chosen, moved = key, y, True
+            b.y = chosen
+        if not moved or now[0] == 0:
+            break
+    return now[0] > 0
+
+
+def _anneal(boxes: dict[int, Box], links: list[Link], seed: int = 0, heat: float = 300.0) -> None:
+    """Simulated annealing over the nodes' heights (moves to their :func:`_heights`), which can cross the ridges
+    a descent cannot (a node moved over a link that only clears once a second node moves too); keeps the best
+    overlap-free placement seen."""
+    rng = random.Random(seed)
+
+    def cost() -> float:
+        return len(crossings(boxes, links)) * ANNEAL_OVER + len(overlaps(boxes)) * 2 * ANNEAL_OVER + _height(boxes)
+
+    now = cost()
+    best = (now if not overlaps(boxes) else float("inf"), {i: b.y for i, b in boxes.items()})
+    ids = sorted(boxes)
+    for step in range(ANNEAL_STEPS):
+        temperature = heat * (1 - step / ANNEAL_STEPS) + 1.0
+        b = boxes[rng.choice(ids)]
+        y0 = b.y
+        b.y = rng.choice(_heights(boxes, links, b.id))
+        new = cost()
+        if new <= now or rng.random() < np.exp((now - new) / temperature):
+            now = new
+            if now < best[0] and not overlaps(boxes):
+                best = (now, {i: b.y for i, b in boxes.items()})
+        else:
+            b.y = y0
+    for i, y in best[1].items():
+        boxes[i].y = y
 
 
 def _layout(boxes: dict[int, Box], links: list[Link], sweeps: int, align: bool, seed: int | None,
@@ -241,7 +401,7 @@ def _layout(boxes: dict[int, Box], links: list[Link], sweeps: int, align: bool, 
         _place_column(boxes, links, columns[c], [], align)
 
     def score() -> float:
-        return len(crossings(boxes, links)) * CROSSING_COST + max(b.y + b.height for b in boxes.values())
+        return len(crossings(boxes, links)) * ANNEAL_OVER + max(b.y + b.height for b in boxes.values())
 
     best = (score(), {i: b.y for i, b in boxes.items()})
     for _ in range(passes):  # the bands move with the nodes: repeat, keep the best placement seen

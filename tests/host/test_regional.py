@@ -239,3 +239,18 @@ def test_bad_input_is_named(models):
         regional(models["sd15"], ())
     msg = node_class("PreprintRegionalPrompting").validate_inputs(start_percent=0.6, end_percent=0.2)
     assert isinstance(msg, str) and msg.startswith("Regional Prompting (Preprint): start_percent")
+
+
+def test_a_region_prompt_with_lora_hooks_is_refused_not_dropped():
+    """One pass runs one set of weights: a LoRA hooked onto one region's prompt cannot apply there only, so the
+    Region node says so (and how to do it) instead of dropping the hook."""
+    import comfy.hooks
+
+    pos, _ = make_conds("sd15")
+    empty = [[pos[0][0], {**pos[0][1], "hooks": comfy.hooks.HookGroup()}]]
+    assert len(region(empty, torch.ones(1, 8, 8))) == 1  # an empty hook group is no LoRA
+    group = comfy.hooks.HookGroup()
+    group.add(comfy.hooks.WeightHook(strength_model=0.8))
+    hooked = [[pos[0][0], {**pos[0][1], "hooks": group}]]
+    with pytest.raises(ValueError, match="carries hooks.*Cond Set Props"):
+        region(hooked, torch.ones(1, 8, 8))
