@@ -4,14 +4,17 @@ guidance and FAM's Fourier frequency modulation (multi-resolution family).
 - DiffuseHigh: Kim et al., "DiffuseHigh: Training-free Progressive High-Resolution Image Synthesis through
   Structure Guidance", arXiv:2406.18459.
 - FAM: Yang et al., "FAM Diffusion: Frequency and Attention Modulation for High-Resolution Image Generation with
-  Stable Diffusion", arXiv:2411.18552 (frequency modulation only; attention modulation is not built).
+  Stable Diffusion", arXiv:2411.18552: frequency modulation (FM) and attention modulation (AM), two nodes.
 
-Host glue only; the maths is ``highres/frequency.py``. Both nodes keep per-run state (the guide in the sampler's
-latent space, the run's sigmas and noise) made by an OUTER_SAMPLE wrapper and put into that run's cloned
-``transformer_options``. DiffuseHigh acts on the guided x0 prediction as a post-CFG function (a list hook, so it
-stacks with other post-CFG functions and runs after CFG, where the official code replaces the low band). FAM acts
-on the denoiser's input through a keyed APPLY_MODEL wrapper: the paper modulates the noisy latent z_t that is
-denoised (Eq. 3-4), not the prediction.
+Host glue only; the maths is ``highres/frequency.py`` and ``highres/fam_attention.py``. The nodes keep per-run
+state (the guide in the sampler's latent space, the run's sigmas and noise) made by an OUTER_SAMPLE wrapper and put
+into that run's cloned ``transformer_options``. DiffuseHigh acts on the guided x0 prediction as a post-CFG function
+(a list hook, so it stacks with other post-CFG functions and runs after CFG, where the official code replaces the
+low band). FAM's FM acts on the denoiser's input through a keyed APPLY_MODEL wrapper: the paper modulates the noisy
+latent z_t that is denoised (Eq. 3-4), not the prediction. FAM's AM is a separate node because it needs the native
+result at its own size (FM takes it upsampled): its APPLY_MODEL wrapper runs the model once more per call on the
+native latent re-noised to the call's sigma, recording queries and keys at the chosen layers (``attn1``
+replacements), then runs the high-resolution call, whose layers blend the native maps in.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ from collections.abc import Callable
 
 import comfy.patcher_extension
 import torch
+import torch.nn.functional as F
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, Upsample
 from comfy_api.latest import io
 
+from ..guidance.pag_layers import LayerSpecError, check_syntax, parse_and_resolve
+from ..highres.fam_attention import CALL_KEY, AttentionModulation, Call
 from ..highres.frequency import (
     WAVELETS,
     dwt2,
@@ -32,8 +40,10 @@ from ..highres.frequency import (
     replace_low_band,
     sigma_at_fraction,
 )
-from ._host import RunState, install_hooks
-from ._inputs import PreprintNode, advanced
+from ..utils.sigma_window import SigmaWindow
+from ._host import RunState, attention, install_hooks
+from ._inputs import PreprintNode, advanced, percent_window_inputs
+from .pag import attention_layout
 
 log = logging.getLogger("preprint.highres")
 
@@ -41,8 +51,11 @@ CATEGORY = "Preprint/multi-resolution"
 WMP = comfy.patcher_extension.WrappersMP
 DIFFUSEHIGH_KEY = "preprint_diffusehigh"
 FAM_KEY = "preprint_fam_frequency"
+AM_KEY = "preprint_fam_attention"
+NATIVE_PASS = "preprint_fam_native_pass"  # transformer_options flag of the attention modulation's native-size call
 DIFFUSEHIGH_NODE = "DiffuseHigh Guidance (Preprint)"
 FAM_NODE = "FAM Frequency Modulation (Preprint)"
+AM_NODE = "FAM Attention Modulation (Preprint)"
 
 
 class _PerRun:
@@ -210,7 +223,7 @@ def _fam_apply_model(executor, x, t, *args, **kwargs):
     # apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs): ComfyUI passes them in order
     options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
     run = options.get(FAM_KEY) if isinstance(options, dict) else None
-    if run is not None:
+    if run is not None and not options.get(NATIVE_PASS):  # the native-size pass of attention modulation: not FM's
         x = run.modulate(executor.class_obj.model_sampling, x, t)
     return executor(x, t, *args, **kwargs)
 
@@ -233,7 +246,7 @@ class PreprintFAMFrequency(PreprintNode):
                 "w*c*(1 - rho) frequencies, 1 outside, so the native image's structure steers more and more of "
                 "the spectrum as the run ends, and the high frequencies stay the model's. t/T comes from the "
                 "model's own timestep map, so EPS, V and flow models and any sampler work. FAM's attention "
-                "modulation is not part of this node."),
+                "modulation is the separate FAM Attention Modulation node (UNets), chained after this one."),
             inputs=[
                 io.Model.Input("model", tooltip="Any image model (UNet or DiT). It is cloned, never changed."),
                 io.Latent.Input("native_latent",
@@ -271,4 +284,192 @@ class PreprintFAMFrequency(PreprintNode):
         return io.NodeOutput(m)
 
 
-NODES = [PreprintDiffuseHigh, PreprintFAMFrequency]
+class _AttentionRun:
+    """One sampling run of attention modulation: the native latent in sampler space, one per image, and the noise
+    that re-noises it to each call's sigma (drawn once per run from the run's seed, at the native size)."""
+
+    def __init__(self, native: torch.Tensor, noise: torch.Tensor, seed: int):
+        b, c, big_h, big_w = noise.shape
+        if native.shape[1] != c:
+            raise ValueError(f"{AM_NODE}: native_latent has {native.shape[1]} channels and the sampled latent {c}: it "
+                             "was encoded by another model family's VAE; connect this model's first-stage latent.")
+        if native.shape[0] not in (1, b):
+            raise ValueError(f"{AM_NODE}: native_latent holds {native.shape[0]} images and the sampled latent {b}: "
+                             "give one native latent for all, or one per image.")
+        h, w = native.shape[-2:]
+        if h > big_h or w > big_w or (h, w) == (big_h, big_w):
+            raise ValueError(
+                f"{AM_NODE}: native_latent is {w * 8}x{h * 8} px and the sampled latent {big_w * 8}x{big_h * 8} px; "
+                "attention modulation blends in the maps of the native-resolution pass, so native_latent must be the "
+                "native-size result, smaller than the image being sampled (no larger on either side). Connect the "
+                "first stage's latent before it is upscaled (the upscaled one goes to FAM Frequency Modulation).")
+        if abs(h / w - big_h / big_w) > 0.1 * big_h / big_w:
+            log.warning("%s: native_latent (%dx%d) and the sampled latent (%dx%d) differ in aspect ratio; the native "
+                        "maps are stretched to fit", AM_NODE, w, h, big_w, big_h)
+        g = torch.Generator(device="cpu").manual_seed((int(seed) ^ 0x46414D) & 0xFFFFFFFFFFFFFFFF)
+        self.noise = torch.randn((b, c, h, w), generator=g, dtype=torch.float32)
+        self.native = native.float().expand(b, -1, -1, -1)
+        self.size, self.batch = (big_h, big_w), b
+        self.warned = False
+
+    def latent(self, model_sampling, sigma: torch.Tensor, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """The native latent diffused to ``sigma`` (one per row), rows laid out as the call's (cond / uncond chunks
+        of the whole batch each)."""
+        reps = rows // self.batch
+        native = self.native.to(like.device).repeat(reps, 1, 1, 1)
+        noise = self.noise.to(like.device).repeat(reps, 1, 1, 1)
+        return model_sampling.noise_scaling(sigma.reshape(-1).float(), noise, native).to(like.dtype)
+
+
+class _AttentionApply:
+    """APPLY_MODEL wrapper: inside the window, the native pass (capture) and then the high-resolution call (blend)."""
+
+    def __init__(self, weight: float, window: SigmaWindow):
+        self.weight, self.window = weight, window
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        to = transformer_options if isinstance(transformer_options, dict) else {}
+        run = to.get(AM_KEY)
+        if run is None or to.get(NATIVE_PASS) or x.ndim != 4 or float(t.max()) not in self.window:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if tuple(x.shape[-2:]) != run.size:
+            if not run.warned:  # area conditioning (or tiles) crop the input: a crop has no native counterpart
+                log.warning("%s: a model call on a %s input, not the sampled latent's %s (area conditioning or "
+                            "tiles?); that call is left unmodulated", AM_NODE, tuple(x.shape[-2:]), run.size)
+                run.warned = True
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if x.shape[0] % run.batch:
+            raise ValueError(f"{AM_NODE}: a model call with {x.shape[0]} rows in a run of {run.batch} images; a "
+                             "guider that splits the images of a batch across calls is not served.")
+        native = run.latent(executor.class_obj.model_sampling, t, x.shape[0], x)
+        small = _Shrink(tuple(x.shape[-2:]), tuple(native.shape[-2:]))
+        capture = Call("capture")
+        # ControlNet residuals are the large image's features: the native pass runs without them
+        executor(native, t, small(c_concat), c_crossattn, None, {**to, NATIVE_PASS: True, CALL_KEY: capture},
+                 **{k: small(v) for k, v in kwargs.items()})
+        blend = Call("blend", self.weight, capture.store)
+        return executor(x, t, c_concat, c_crossattn, control, {**to, CALL_KEY: blend}, **kwargs)
+
+
+class _Shrink:
+    """A tensor of the large latent's height and width (inpainting models' ``c_concat``) resized to the native
+    latent's (area average); anything else unchanged."""
+
+    def __init__(self, large: tuple[int, int], native: tuple[int, int]):
+        self.large, self.native = large, native
+
+    def __call__(self, v):
+        if isinstance(v, torch.Tensor) and v.ndim == 4 and tuple(v.shape[-2:]) == self.large:
+            return F.interpolate(v.float(), size=self.native, mode="area").to(v.dtype)
+        return v
+
+
+def default_attention_layers(dm) -> str:
+    """The output blocks of the first (lowest-resolution) up level with self-attention, from the first such block to
+    the one that up-samples: SD1.x / SD2.x ``output:3-5``; SDXL ``output:0-2`` (diffusers' up block 0, the paper's
+    choice)."""
+    first = None
+    for i, block in enumerate(dm.output_blocks):
+        mods = list(block.modules())
+        if first is None and any(isinstance(m, SpatialTransformer) for m in mods):
+            first = i
+        if first is not None and (any(isinstance(m, Upsample) for m in mods) or i == len(dm.output_blocks) - 1):
+            return f"output:{first}" if i == first else f"output:{first}-{i}"
+    raise ValueError(f"{AM_NODE}: this UNet has no self-attention in its up blocks; name the layers to modulate.")
+
+
+def _check_layers(layers: str) -> None:
+    check_syntax(layers)
+    if "[" in layers:
+        raise LayerSpecError(f"{layers!r} selects heads; attention modulation blends whole layers, so write the "
+                             "layers without [heads].")
+
+
+class PreprintFAMAttention(PreprintNode):
+    NAME = AM_NODE
+    ALIASES = ("FAM", "attention modulation", "high resolution", "upscale", "texture consistency")
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return cls.schema(
+            node_id="PreprintFAMAttention",
+            category=CATEGORY,
+            description=(
+                "FAM attention modulation (Yang et al., FAM Diffusion, arXiv:2411.18552) for the high-resolution "
+                "pass of a diffuse-denoise upscale, on UNets (SD1.x, SD2.x, SDXL): at the chosen self-attention "
+                "layers the high-resolution attention map A_hr becomes weight * Up(A_native) + (1 - weight) * A_hr, "
+                "with A_native the same layer's map when the model denoises the native-size result, re-noised to "
+                "the same step, so local textures follow the native image. Every model call in the window runs the "
+                "model once more on the native latent (cost about 1/scale^2 of a call; ControlNet not applied "
+                "there); Up resizes the map on both its query and key axes (bilinear, each native key's weight "
+                "shared over the keys it covers, rows still summing to 1), computed without building any full map. "
+                "Chain it with FAM Frequency Modulation (which takes the upsampled latent) for the whole method."),
+            inputs=[
+                io.Model.Input("model", tooltip="A UNet model: SD1.x, SD2.x or SDXL. It is cloned, never changed."),
+                io.Latent.Input("native_latent",
+                                tooltip="The native-resolution result at its own size (the first stage's latent, "
+                                        "before upscaling), encoded by this model's VAE; one for all images or one "
+                                        "per image. It must be smaller than the sampled latent."),
+                io.Float.Input("weight", default=0.7, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of the native map in the blend (the paper's 0.7). 0 turns modulation "
+                                       "off; 1 uses the native map alone."),
+                io.String.Input("layers", default="",
+                                tooltip="Self-attention layers to modulate, in the layer-list syntax of the PAG "
+                                        "nodes (e.g. 'output:3-5', 'output:0.0-4'). Empty: the up level with "
+                                        "attention at the lowest resolution, output:3-5 on SD1.x, output:0-2 (all "
+                                        "30 transformers of up block 0, the paper's choice) on SDXL."),
+                *percent_window_inputs("Fraction of the run at which modulation starts (0 = first step).",
+                                       "Fraction of the run at which modulation ends (1 = last step). Equal to the "
+                                       "start: off."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with FAM attention modulation.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, weight=None, layers=None, start_percent=None, end_percent=None) -> bool | str:
+        return cls.check_widgets(weight=weight, layers=layers, start_percent=start_percent, end_percent=end_percent)
+
+    @classmethod
+    def check_values(cls, layers=None, **_) -> None:
+        if layers:
+            _check_layers(layers)
+
+    @classmethod
+    def execute(cls, model, native_latent: dict, weight: float, layers: str = "", start_percent: float = 0.0,
+                end_percent: float = 1.0) -> io.NodeOutput:
+        if not 0.0 <= weight <= 1.0:
+            raise cls.error(f"weight = {weight} must lie in [0, 1].")
+        dm = model.get_model_object("diffusion_model")
+        if not isinstance(dm, UNetModel):
+            raise cls.error(
+                f"this model's diffusion network is a {type(dm).__name__}, not a UNet. Attention modulation blends "
+                "a UNet's self-attention maps across two resolutions; a DiT's joint text-image attention with "
+                "size-dependent positions has no such map to carry over, so Flux, SD3 and kin are not served. Use "
+                "FAM Frequency Modulation (Preprint) alone on them.")
+        samples = _samples(native_latent, cls.NAME, "native_latent")
+        try:
+            spec = layers.strip() or default_attention_layers(dm)
+            _check_layers(spec)
+            selected = parse_and_resolve(spec, attention_layout(model, cls.NAME)[0])
+            window = SigmaWindow.from_percents(model.get_model_object("model_sampling").percent_to_sigma,
+                                               start_percent, end_percent)
+        except ValueError as e:
+            raise cls.error(str(e).removeprefix(f"{cls.NAME}: ")) from None
+        m = model.clone()
+        if weight == 0.0 or start_percent == end_percent:
+            return io.NodeOutput(m)
+
+        def make(guider, sigmas, seed, noise):
+            return _AttentionRun(_in_sampler_space(guider.model_patcher.model, samples), noise, seed)
+
+        install_hooks(m, AM_KEY, {WMP.OUTER_SAMPLE: _PerRun(AM_KEY, make),
+                                  WMP.APPLY_MODEL: _AttentionApply(weight, window)})
+        replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+        for key in selected:
+            previous = replaces.get(key, replaces.get(key[:2]))
+            m.set_model_attn1_replace(AttentionModulation(attention, key, previous, cls.NAME), *key)
+        return io.NodeOutput(m)
+
+
+NODES = [PreprintDiffuseHigh, PreprintFAMFrequency, PreprintFAMAttention]

@@ -82,10 +82,15 @@ class TiledRunState(RunState):
             raise _err(f"the latent has shape {tuple(noise.shape)}; only image latents (batch, channels, height, "
                        "width) can be tiled.")
         h, w = noise.shape[-2:]
-        if s.tile_h >= h and s.tile_w >= w:
-            # one tile spans the image: the plain model (example graphs run at thumbnail size in tests, so this is
-            # a warning, not an error)
-            f = s.factor
+        f = s.factor
+        if s.tile_h > h and s.tile_w > w:
+            # the first point where the latent's size is known, before any model call
+            raise _err(f"the tile ({s.tile_w * f} x {s.tile_h * f} px) is larger than the image ({w * f} x "
+                       f"{h * f} px) on both sides, so there is nothing to tile: the whole image would be one tile "
+                       "and the run the plain model. Use a tile smaller than the image on at least one side (the "
+                       "tiles then split that side; about the model's training size, e.g. 512-768 px for SD1.x), or "
+                       "remove this node to sample the image whole.")
+        if s.tile_h >= h and s.tile_w >= w:  # a tile equal to the image on a side spans it: here both
             log.warning("%s: the tile (%d x %d px) covers the whole image (%d x %d px): this run is not tiled. Use "
                         "a smaller tile to tile it.", NODE, s.tile_w * f, s.tile_h * f, w * f, h * f)
         return super().__call__(executor, noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -214,13 +219,15 @@ class PreprintTiledDiffusion(PreprintNode):
                 "tiles at a stride, averaged where they overlap, uniformly (MultiDiffusion, arXiv:2302.08113) or "
                 "with Gaussian weights (Mixture of Diffusers, arXiv:2302.02412). Edge tiles reach the image border "
                 "without resizing; ControlNet residuals, inpainting inputs and area / mask conditioning follow each "
-                "tile. A tile as large as the image is the plain model."),
+                "tile. A tile larger than the image on both sides is an error; a tile at least as large as the image "
+                "on one side spans that side."),
             inputs=[
                 io.Model.Input("model", tooltip="An image model: SD1.x, SD2.x, SDXL, Flux, SD3. It is cloned, "
                                                 "never changed."),
                 io.Int.Input("tile_width", default=768, min=64, max=16384, step=8,
-                             tooltip="Tile width in pixels (a multiple of 8); at most the image's width. About "
-                                     "the model's training size: 512-768 for SD1.x, 1024 for SDXL / Flux / SD3."),
+                             tooltip="Tile width in pixels (a multiple of 8); at most the image's width (a tile "
+                                     "larger than the image on both sides is an error). About the model's training "
+                                     "size: 512-768 for SD1.x, 1024 for SDXL / Flux / SD3."),
                 io.Int.Input("tile_height", default=768, min=64, max=16384, step=8,
                              tooltip="Tile height in pixels (a multiple of 8); at most the image's height."),
                 io.Combo.Input("mode", options=list(tl.MODES), default=tl.MODES[0],

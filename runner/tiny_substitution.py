@@ -21,6 +21,7 @@ LOADER_FILES: dict[str, list[tuple[str, str]]] = {
     "VAELoader": [("vae_name", "vae")],
 }
 LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
+MIN_TILE = 64  # the Tiled Diffusion node's smallest tile side, px
 
 
 def guess_architecture(prompt: dict) -> str:
@@ -50,8 +51,9 @@ def substitute_tiny(prompt: dict, architecture: str | None = None, max_side: int
                     max_steps: int | None = None) -> tuple[dict, str]:
     """A copy of ``prompt`` whose loaders are replaced by one PreprintTinyTestModel node.
 
-    Latent sizes are capped at ``max_side`` pixels and, when given, sampler steps at ``max_steps``: the tiny
-    model proves that the graph runs, so there is no point in paying for full-size work.
+    Latent sizes are capped at ``max_side`` pixels (at least 128 in a Tiled Diffusion graph, whose tiles shrink to
+    at most half of it) and, when given, sampler steps at ``max_steps``: the tiny model proves that the graph runs,
+    so there is no point in paying for full-size work.
     """
     prompt = copy.deepcopy(prompt)
     arch = architecture or guess_architecture(prompt)
@@ -69,6 +71,20 @@ def substitute_tiny(prompt: dict, architecture: str | None = None, max_side: int
         del prompt[nid]
     prompt[tiny_id] = {"class_type": "PreprintTinyTestModel", "inputs": {"architecture": arch, "weights_seed": 0},
                        "_meta": {"title": "Tiny untrained test model"}}
+    tiled = any(n.get("class_type") == "PreprintTiledDiffusion" for n in prompt.values())
+    if tiled and max_side is not None:
+        # a tile larger than the image is an error, so a capped tiled graph keeps room for two of the smallest
+        # tiles (64 px) and its tiles shrink with the image: it still tiles, as the full-size graph does
+        max_side = max(max_side, 2 * MIN_TILE)
+        for node in prompt.values():
+            if node.get("class_type") == "PreprintTiledDiffusion":
+                inputs = node["inputs"]
+                tile = max(MIN_TILE, (max_side // 2) // 8 * 8)
+                for key in ("tile_width", "tile_height"):
+                    if isinstance(inputs.get(key), int):
+                        inputs[key] = min(inputs[key], tile)
+                if isinstance(inputs.get("overlap"), int):
+                    inputs["overlap"] = min(inputs["overlap"], tile // 4 // 8 * 8)
     for node in prompt.values():
         inputs = node.get("inputs", {})
         if max_side is not None and node.get("class_type") in LATENT_NODES:

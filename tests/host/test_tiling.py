@@ -1,7 +1,7 @@
 """Tiled Diffusion on tiny SD1.5 and Flux layouts through real ComfyUI sampling: odd non-square sizes, one model
-call per tile, exactly-once coverage of the shifted grid, the whole-image tile as the plain model (bit for bit),
-tile batching, determinism, a real (tiny) ControlNet whose residuals reach each tile at its position, area
-conditioning, and the errors for bad input."""
+call per tile, exactly-once coverage of the shifted grid, the whole-image tile as the plain model (bit for bit), the
+error for a tile larger than the image, tile batching, determinism, a real (tiny) ControlNet whose residuals reach
+each tile at its position, area conditioning, and the errors for bad input."""
 
 from __future__ import annotations
 
@@ -86,12 +86,15 @@ def test_samples_at_an_odd_non_square_size_tile_by_tile(family, mode, request):
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 @pytest.mark.parametrize("mode", [SHIFTED, OVERLAPPING])
-def test_a_tile_as_large_as_the_image_is_bitwise_the_plain_model(family, mode, request):
+def test_a_tile_as_large_as_the_image_is_bitwise_the_plain_model(family, mode, request, caplog):
     base = request.getfixturevalue(family)
     plain = run_sampling(base, family, steps=4, height=H, width=W)
     m, rec = recorded(tiled(base, tile=W * 8, tile_height=H * 8, mode=mode))
-    assert torch.equal(run_sampling(m, family, steps=4, height=H, width=W), plain)
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(run_sampling(m, family, steps=4, height=H, width=W), plain)
     assert rec.calls and all(c["shape"][-2:] == (H, W) for c in rec.calls)
+    assert [r for r in caplog.records if r.getMessage().startswith(
+        "Tiled Diffusion (Preprint): the tile (176 x 104 px) covers the whole image (176 x 104 px)")]
 
 
 def test_a_sigma_window_outside_the_run_is_bitwise_the_plain_model(sd15):
@@ -170,18 +173,28 @@ def test_the_seed_moves_the_grid(sd15):
     assert grids[0] != grids[1]
 
 
-def test_a_tile_larger_than_the_image_spans_that_side_and_on_both_sides_is_the_plain_model(sd15, caplog):
+def test_a_tile_larger_than_the_image_on_one_side_spans_that_side(sd15, caplog):
     m, rec = recorded(tiled(sd15, tile=64, tile_height=256, mode=OVERLAPPING, overlap=0))
     with caplog.at_level(logging.WARNING):
         run_sampling(m, "sd15", steps=2, height=H, width=W)
     assert {c["shape"][-2:] for c in rec.calls} == {(H, 8)}  # one tile spans the height, 8-wide tiles across
     assert not [r for r in caplog.records if "not tiled" in r.getMessage()]
-    plain = run_sampling(sd15, "sd15", steps=2, height=H, width=W)
-    with caplog.at_level(logging.WARNING):
-        big = run_sampling(tiled(sd15, tile=768), "sd15", steps=2, height=H, width=W)
-    assert torch.equal(big, plain)
-    assert [r for r in caplog.records if r.getMessage().startswith(
-        "Tiled Diffusion (Preprint): the tile (768 x 768 px) covers the whole image (176 x 104 px)")]
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_a_tile_larger_than_the_image_on_both_sides_is_an_error_before_any_model_call(family, request):
+    base = request.getfixturevalue(family)
+    for tile, tile_height in ((768, None), (W * 8 + 8, H * 8 + 8)):  # far larger, and one element larger
+        m, rec = recorded(tiled(base, tile=tile, tile_height=tile_height))
+        with pytest.raises(ValueError, match=r"^Tiled Diffusion \(Preprint\): the tile \(\d+ x \d+ px\) is larger "
+                                             r"than the image \(176 x 104 px\) on both sides.*nothing to tile.*"
+                                             r"smaller than the image on at least one side.*remove this node"):
+            run_sampling(m, family, steps=2, height=H, width=W)
+        assert rec.calls == []
+    # equal to the image on one side and larger on the other: that side is spanned, the run untiled, as equal sizes
+    m, _ = recorded(tiled(base, tile=W * 8, tile_height=H * 8 + 64))
+    assert torch.equal(run_sampling(m, family, steps=2, height=H, width=W),
+                       run_sampling(base, family, steps=2, height=H, width=W))
 
 
 def test_bad_widgets_are_refused_before_queueing_and_at_execution(sd15):

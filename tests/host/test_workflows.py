@@ -79,10 +79,15 @@ def test_api_twin_fits_schemas_and_executes_on_a_tiny_model(path, defs, comfy_ho
                                                             constant_guidance_scheduler_files):
     prompt = json.loads(path.read_text())
     assert check_api(prompt, defs) == []
-    tiny, arch = substitute_tiny(prompt, max_side=64, max_steps=4)
+    tiny, arch = _thumbnail(prompt)
     outputs = comfy_host.execute(tiny)
     images = [img for out in outputs.values() for img in out.get("images", [])]
     assert images, f"{path.name} produced no image on the tiny {arch} model"
+
+
+def _thumbnail(prompt: dict) -> tuple[dict, str]:
+    """The example on the tiny model: sides capped at 64 px (128 px with tiles, which shrink to 64), 4 steps."""
+    return substitute_tiny(prompt, max_side=64, max_steps=4)
 
 
 def test_checks_catch_broken_workflows(defs):

@@ -1,6 +1,7 @@
 """Example workflows for frequency-band guidance in a two-stage upscale: DiffuseHigh's wavelet structure guidance
-(generate, decode, upscale, sharpen, encode, re-noise the last 15 of 50 steps) and FAM's frequency modulation
-(generate, upsample the latent, diffuse-denoise at the large size)."""
+(generate, decode, upscale, sharpen, encode, re-noise the last 15 of 50 steps), FAM's frequency modulation
+(generate, upsample the latent, diffuse-denoise at the large size) and the whole of FAM Diffusion (frequency and
+attention modulation: the native latent also goes, at its own size, to the attention node)."""
 
 import importlib.util
 from pathlib import Path
@@ -61,9 +62,21 @@ def _fam() -> dict:
     return prompt
 
 
+def _fam_attention() -> dict:
+    """FAM frequency modulation as in ``_fam``, then attention modulation fed the first stage's latent as it is."""
+    prompt = _fam()
+    prompt["17"] = {"class_type": "PreprintFAMAttention",
+                    "inputs": {"model": ["16", 0], "native_latent": ["11", 0], "weight": 0.7, "layers": "",
+                               "start_percent": 0.0, "end_percent": 1.0},
+                    "_meta": {"title": "FAM attention modulation (native maps at 512x512)"}}
+    prompt["7"]["inputs"]["model"] = ["17", 0]
+    return prompt
+
+
 WORKFLOWS = {
     "DiffuseHigh two-stage upscale, SD1.5": _diffusehigh(),
     "FAM frequency modulation 2x upscale, SD1.5": _fam(),
+    "FAM Diffusion 2x upscale (frequency + attention), SD1.5": _fam_attention(),
 }
 
 NOTES: dict[str, str] = {
@@ -77,4 +90,10 @@ NOTES: dict[str, str] = {
         "512 px result, less and less as the run goes on, so the global layout comes from the native size. Try c "
         "first: 0 switches the modulation off, higher keeps more of the native layout for longer. Paper: Yang et "
         "al., FAM Diffusion, arXiv:2411.18552."),
+    "FAM Diffusion 2x upscale (frequency + attention), SD1.5": (
+        "The whole FAM method: the 1024 px pass takes its low frequencies from the upsampled 512 px result and, in "
+        "the first up-block self-attention layers, blends in the attention maps of a 512 px pass over that result "
+        "re-noised to the same step, so local textures follow the native image. Try weight first: 0 leaves "
+        "frequency modulation alone, 0.7 is the paper's blend, 1 uses the native maps only. Paper: Yang et al., "
+        "FAM Diffusion, arXiv:2411.18552."),
 }
