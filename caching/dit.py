@@ -85,6 +85,9 @@ class DiTCacheRun:
         self.history: dict[tuple[BlockKey, str, ChunkKey], History] = {}
         self.history_tag: dict[tuple[BlockKey, str, ChunkKey], Hashable] = {}
         self.none_streams: dict[BlockKey, set[str]] = {}
+        # streams each block hands back: Wan's blocks take the text ("txt") but return only "img", so a skipped
+        # block must predict (and wait for history of) the returned streams alone
+        self.out_streams: dict[BlockKey, set[str]] = {}
         self.reference: dict[tuple[ChunkKey, str], tuple[Hashable, torch.Tensor]] = {}
         self.consecutive: dict[ChunkKey, int] = {}
         self.counts = BlockCounts()
@@ -187,6 +190,7 @@ class DiTCacheRun:
 
     def _record(self, call: _Call, key: BlockKey, before: dict[str, torch.Tensor], out: dict) -> None:
         """Push each stream's residual, ``out`` minus the input copy ``before`` (see :meth:`_inputs`)."""
+        self.out_streams[key] = {s for s in STREAMS if s in out}
         for s in STREAMS:
             if s in out and out[s] is None and any(n == s or n.startswith(s + ".") for n in before):
                 self.none_streams.setdefault(key, set()).add(s)  # e.g. SD3's last block drops the context
@@ -204,7 +208,10 @@ class DiTCacheRun:
 
     def _can_predict(self, call: _Call, key: BlockKey, args: dict) -> bool:
         dropped = self.none_streams.get(key, ())
-        for n in flat_streams({s: args.get(s) for s in STREAMS if s not in dropped}):
+        returned = self.out_streams.get(key)
+        if returned is None:
+            return False  # the block never ran in this run
+        for n in flat_streams({s: args.get(s) for s in STREAMS if s not in dropped and s in returned}):
             for k in call.keys:
                 h = self.history.get((key, n, k))
                 if h is None or len(h) < self.order or self.history_tag.get((key, n, k)) != call.tag:
@@ -216,7 +223,7 @@ class DiTCacheRun:
         for s in STREAMS:
             a = args.get(s)
             parts = flat_streams({s: a})
-            if not parts:
+            if not parts or s not in self.out_streams[key]:
                 continue
             if s in self.none_streams.get(key, ()):
                 out[s] = None

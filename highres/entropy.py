@@ -44,7 +44,8 @@ LATENT_KEY = "preprint_entropy_latent"
 
 
 class RecordLatentSize:
-    """APPLY_MODEL wrapper: the latent's height and width, for the attention override to count image tokens."""
+    """APPLY_MODEL wrapper: the latent's height and width, for the attention override to count image tokens (a
+    video latent's frames are not recorded: the override reads them off the token count)."""
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
@@ -52,17 +53,34 @@ class RecordLatentSize:
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
 
+def patch_extent(patch) -> tuple[int, int, int] | tuple[int, int]:
+    """A model's patch size as (rows, columns), or (frames, rows, columns) for a video DiT that patches time too
+    (Wan, HunyuanVideo give a (t, h, w) sequence; Flux, SD3, Qwen-Image, Lumina2 an int)."""
+    if isinstance(patch, (tuple, list)):
+        p = tuple(int(n) for n in patch)
+        if len(p) not in (2, 3) or min(p) < 1:
+            raise ValueError(f"attention entropy scaling: unexpected patch size {tuple(patch)}")
+        return p
+    return int(patch), int(patch)
+
+
 class EntropyOverride:
     """``optimized_attention_override``: self-attention queries times sqrt(log T / log N); chains an earlier
-    override."""
+    override.
 
-    def __init__(self, train_latent: tuple[int, int], patch: int, previous=None):
-        self.patch, self.previous = patch, previous
+    ``dit``: the model's image self-attention runs over the whole token sequence (image, or text + image), so a
+    shorter one (Lumina2's text refiner) is not an image attention and keeps its scale; a UNet's down-sampled levels
+    are shorter and are scaled. On a video DiT the frames are whole multiples of a frame's tokens in the layer's
+    keys (the text, if joint, being shorter than one frame), and only the frame's area is compared with training."""
+
+    def __init__(self, train_latent: tuple[int, int], patch, previous=None, dit: bool = False):
+        self.patch, self.previous, self.dit = patch_extent(patch), previous, dit
+        self.video = len(self.patch) == 3
         self.train_tokens = self._image_tokens(*train_latent)
 
     def _image_tokens(self, h: int, w: int) -> int:
-        p = self.patch
-        return -(-h // p) * -(-w // p)
+        ph, pw = self.patch[-2:]
+        return -(-h // ph) * -(-w // pw)
 
     def __call__(self, func, *args, **kwargs):
         to = kwargs.get("transformer_options") or {}
@@ -71,9 +89,10 @@ class EntropyOverride:
             q, k = args[0], args[1]
             token_dim = 2 if kwargs.get("skip_reshape", False) else 1
             n_q, n_k = q.shape[token_dim], k.shape[token_dim]
-            if n_q == n_k:  # self-attention (cross-attention keys are the text's)
-                now = self._image_tokens(*latent)
-                factor = entropy_factor(n_k, keys_at_training_size(n_k, now, self.train_tokens))
+            now = self._image_tokens(*latent)
+            if n_q == n_k and not (self.dit and n_k < now):  # self-attention (cross-attention keys are the text's)
+                frames = n_k // now if self.video else 1
+                factor = entropy_factor(n_k, keys_at_training_size(n_k, frames * now, frames * self.train_tokens))
                 if factor != 1.0:
                     args = (q * factor, *args[1:])
         if self.previous is not None:

@@ -205,13 +205,14 @@ class PreprintAttentionEntropyScaling(PreprintNode):
     def execute(cls, model, training_width: int, training_height: int) -> io.NodeOutput:
         train = _training_latent(model, training_width, training_height)
         dm = model.model.diffusion_model
-        patch = 1 if isinstance(dm, UNetModel) else int(getattr(dm, "patch_size", 2) or 2)
+        # video DiTs (Wan, HunyuanVideo) patch (frames, rows, columns); the others rows and columns
+        patch = 1 if isinstance(dm, UNetModel) else (getattr(dm, "patch_size", 2) or 2)
         m = model.clone()
         to = m.model_options.setdefault("transformer_options", {})
         previous = to.get("optimized_attention_override")
         while isinstance(previous, EntropyOverride):  # a second node replaces ours, never nests it
             previous = previous.previous
-        to["optimized_attention_override"] = EntropyOverride(train, patch, previous)
+        to["optimized_attention_override"] = EntropyOverride(train, patch, previous, dit=not isinstance(dm, UNetModel))
         install_hooks(m, LATENT_KEY, {WMP.APPLY_MODEL: RecordLatentSize()})
         return io.NodeOutput(m)
 
@@ -219,8 +220,18 @@ class PreprintAttentionEntropyScaling(PreprintNode):
 ROPE_NODE = "RoPE Scaling (Preprint)"
 
 
+# DiTs with a Flux-style three-axis embedder whose text tokens do not sit at position 0: Qwen-Image numbers its
+# text after the image's largest row / column, so the scaled extent of an axis would count the text as image.
+ROPE_TEXT_AFTER_IMAGE = ("QwenImageTransformer2DModel",)
+
+
 def _rope_embedder(model):
     dm = model.model.diffusion_model
+    if any(c.__name__ in ROPE_TEXT_AFTER_IMAGE for c in type(dm).__mro__):
+        raise ValueError(f"{ROPE_NODE}: this model is a {type(model.model).__name__} ({type(dm).__name__}), whose "
+                         "text tokens are numbered after the image's rows and columns instead of at position 0, so "
+                         "per-axis scaling would stretch the text's positions with the image's. The node serves "
+                         "Flux, Flux Kontext, Chroma and HunyuanVideo; remove it from this model.")
     # the model's own embedder: while a sampled patcher's object patches are still applied, the attribute holds the
     # last run's replacement and the original waits in the backup
     backup = getattr(model, "object_patches_backup", {})
@@ -275,7 +286,8 @@ class PreprintRoPEScaling(PreprintNode):
             raise ValueError(f"{ROPE_NODE}: unknown mode {mode!r}; use one of {ROPE_MODES}")
         pe = _rope_embedder(model)  # the model's own embedder: a second node's object patch replaces ours
         factor = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
-        patch = int(getattr(model.model.diffusion_model, "patch_size", 2) or 2)
+        patch = getattr(model.model.diffusion_model, "patch_size", 2) or 2
+        patch = int(patch[-1]) if isinstance(patch, (tuple, list)) else int(patch)  # HunyuanVideo: (t, h, w)
         rows = (training_height or 1024) / factor / patch
         cols = (training_width or 1024) / factor / patch
         m = model.clone()
