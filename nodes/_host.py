@@ -192,16 +192,48 @@ def calibration_folder() -> str:
     return folder_paths.get_folder_paths(CALIBRATION_FOLDER)[0]
 
 
+def _patch_tensors(value, path: str = ""):
+    """Every tensor inside a weight patch (LoRA adapters hold them in tuples or a ``weights`` attribute)."""
+    import torch
+
+    if torch.is_tensor(value):
+        yield path, value
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from _patch_tensors(item, f"{path}.{i}")
+    elif hasattr(value, "weights"):
+        yield from _patch_tensors(value.weights, f"{path}.w")
+
+
 def model_fingerprint(model) -> str:
-    """A calibration key for a MODEL (patcher): the diffusion model's weights (sampled, see
-    ``utils.calibration_store.fingerprint``), the LoRA / weight patches on the patcher (keys and strengths: a LoRA
-    at another strength is another model), and the sampling type with its sigma range (a shift is another
-    schedule)."""
+    """A calibration key for a MODEL (patcher): the diffusion model's own weights (sampled, see
+    ``utils.calibration_store.fingerprint``), the weight patches on the patcher (LoRA tensors and strengths: a LoRA
+    at another strength is another model) and its hook patches, and the sampling type with its sigma range (a shift
+    is another schedule).
+
+    The same before and after ComfyUI loads the model: loading writes patches into the weights in place and keeps
+    the originals in ``model.backup``, which is read instead."""
     from ..utils.calibration_store import fingerprint
 
-    patches = {key: [(float(p[0]), float(p[2]) if len(p) > 2 else 1.0, type(p[1]).__name__) for p in entries]
-               for key, entries in getattr(model, "patches", {}).items()}
+    backup = getattr(model, "backup", {}) or {}
+
+    def weights():
+        for name, tensor in model.model.diffusion_model.state_dict().items():
+            saved = backup.get(f"diffusion_model.{name}")
+            yield name, saved.weight if saved is not None else tensor
+
+    patch_items = []
+    for key, entries in getattr(model, "patches", {}).items():
+        for i, p in enumerate(entries):
+            patch_items.append((f"{key}#{i}|{float(p[0])}|{float(p[2]) if len(p) > 2 else 1.0}", p[1]))
+    for ref, patches in (getattr(model, "hook_patches", {}) or {}).items():
+        for key, entries in patches.items():
+            for i, p in enumerate(entries):
+                patch_items.append((f"hook:{getattr(ref, 'hook_id', ref)}|{key}#{i}|{float(p[0])}", p[1]))
+    patch_tensors = [(f"{label}{sub}", t) for label, value in patch_items for sub, t in _patch_tensors(value)]
     sampling = model.get_model_object("model_sampling")
-    extra = {"patches": patches, "sampling": type(sampling).__name__,
+    extra = {"patches": sorted(label for label, _ in patch_items),
+             "patch_values": fingerprint(patch_tensors) if patch_tensors else "",
+             "sampling": type(sampling).__name__,
              "sigma_min": float(sampling.sigma_min), "sigma_max": float(sampling.sigma_max)}
-    return fingerprint(model.model.diffusion_model.state_dict().items(), extra)
+    return fingerprint(weights(), extra)

@@ -122,7 +122,7 @@ class PreprintDPMSolverV3Statistics(PreprintNode):
                                      "point costs 2 JVPs per sample."),
                 io.Int.Input("samples", default=64, min=4, max=8192,
                              tooltip="Trajectories the expectations are taken over (official: 1024-4096). More is "
-                                     "smoother statistics at proportional cost; 64 is a few GPU minutes on SD1.5."),
+                                     "smoother statistics at proportional cost."),
                 advanced(io.Int.Input("chunk", default=8, min=1, max=1024,
                                       tooltip="Samples per JVP call: lower it if the GPU runs out of memory (the "
                                               "statistics do not change).")),
@@ -278,7 +278,15 @@ def sample_from_saved(model, x, sigmas, extra_args=None, callback=None, disable=
     patcher = getattr(guider, "model_patcher", None)
     if patcher is None:
         raise TypeError(f"{KSAMPLER_NAME}: run it through KSampler, SamplerCustom or SamplerCustomAdvanced.")
-    cfg = float(getattr(guider, "cfg", 1.0))
+    cfg = getattr(guider, "cfg", None)
+    if isinstance(guider, comfy.samplers.CFGGuider) and isinstance(cfg, (int, float)):
+        cfg = float(cfg)
+    elif type(guider).__name__ == "BasicGuider":
+        cfg = 1.0  # one prompt, no guidance: the statistics computed at CFG 1
+    else:
+        raise ValueError(f"{SAMPLER_NAME} ({KSAMPLER_NAME}): statistics are keyed by one CFG scale, and this run's "
+                         f"guider ({type(guider).__name__}) has none. Use it with KSampler / CFGGuider / BasicGuider, "
+                         "or the DPM-Solver-v3 sampler node with its statistics linked.")
     found = saved_statistics(model_fingerprint(patcher), cfg, x.shape[1:])
     if found is None:
         raise ValueError(

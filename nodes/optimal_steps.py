@@ -72,8 +72,9 @@ def teacher_sigmas(model_sampling, grid_name: str, teacher_steps: int) -> torch.
 def run_search(model, positive, negative, latent: torch.Tensor, steps: int, teacher_steps: int, cfg: float,
                samples: int, seed: int, grid: torch.Tensor, aggregate: str) -> oss.OSSResult:
     """The search on ``samples`` seeded noises of the latent's shape, through ComfyUI's CFGGuider."""
+    # the values of core's prepare_noise for this seed, from a private generator (prepare_noise reseeds the global one)
     zeros = torch.zeros((samples, *latent.shape[1:]), dtype=latent.dtype)
-    noise = comfy.sample.prepare_noise(zeros, seed)
+    noise = torch.randn(zeros.shape, dtype=zeros.dtype, generator=torch.Generator().manual_seed(seed))
     bar = comfy.utils.ProgressBar(oss.evaluations(teacher_steps, steps))
     found = {}
 

@@ -91,24 +91,43 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return tensors, json.loads(header["key"]), json.loads(header["meta"])
 
 
+def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(key, meta) of one calibration file without reading its tensors (statistics files can be gigabytes)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable calibration file ({error}); delete it and calibrate again") \
+            from error
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a calibration file of this pack (format {header.get('format')!r}); "
+                         "delete it and calibrate again")
+    return json.loads(header["key"]), json.loads(header["meta"])
+
+
 def load(folder: str | os.PathLike, kind: str, key: Mapping) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The calibration saved under ``key``, as (tensors, meta), or None when there is none."""
+    """The calibration saved under ``key``, as (tensors, meta), or None when there is none. A file found is
+    touched, so "the newest calibration" (``listing``) is the one used last, not only the one computed last."""
     path = path_for(folder, kind, key)
     if not path.is_file():
         return None
     tensors, stored_key, meta = read(path)
     if stored_key != json.loads(_canonical(dict(key))):
         return None  # a digest collision or a renamed file: not this key's calibration
+    os.utime(path)
     return tensors, meta
 
 
 def listing(folder: str | os.PathLike, kind: str) -> list[tuple[Path, dict, dict]]:
-    """Every readable calibration of one kind in a folder as (path, key, meta), newest first; unreadable files are
-    skipped here (``read`` names them when asked for directly)."""
+    """Every readable calibration of one kind in a folder as (path, key, meta), newest (last written or loaded)
+    first, from the headers only; unreadable files are skipped here (``read`` names them when asked directly)."""
     found = []
     for path in Path(folder).glob(f"{kind}-*.safetensors"):
         try:
-            _, key, meta = read(path)
+            key, meta = read_header(path)
         except ValueError:
             continue
         found.append((path.stat().st_mtime, path, key, meta))

@@ -84,12 +84,17 @@ def count_calls(model) -> Iterator[CallCounter]:
 
     Yields the counter; sample with ``counter.model`` so the original model is not touched.
     """
+    yield counted(model)
+
+
+def counted(model) -> CallCounter:
+    """A call counter whose ``.model`` is a clone of ``model`` with the counting wrapper installed."""
     counter = CallCounter()
     patched = model.clone()
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "preprint_test_counter",
                                  counter.wrapper)
     counter.model = patched  # type: ignore[attr-defined]
-    yield counter
+    return counter
 
 
 def node_class(node_id: str):

@@ -7,26 +7,12 @@ import comfy.samplers
 import pytest
 import torch
 
-from .harness import make_conds, make_latent, run_custom_sampling, run_node, run_sampling, tiny_model
+from .harness import counted, make_conds, make_latent, run_custom_sampling, run_node, run_sampling, tiny_model
 
 FAMILIES = ["sd15", "flux"]
 TINY = {"grid_points": 2, "samples": 2, "chunk": 2, "trajectory_substeps": 1, "seed": 0,
         "derivatives": "finite_difference",
         "recompute": False}
-
-
-class Calls:
-    """Counts diffusion-model forward calls through a DIFFUSION_MODEL wrapper on a clone."""
-
-    def __init__(self, model):
-        self.calls = 0
-        self.model = model.clone()
-        self.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
-                                        "preprint_test_v3_calls", self.wrapper)
-
-    def wrapper(self, executor, *args, **kwargs):
-        self.calls += 1
-        return executor(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +41,7 @@ def sigmas_for(model, steps=5):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_statistics_computed_saved_and_reused_without_model_calls(models, family, folder):
-    counter = Calls(models[family])
+    counter = counted(models[family])
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         stats, path = statistics(counter.model, family)
     # two finite-difference JVPs per grid point and chunk (each: the +- pair in one call, the centre in another),
@@ -89,7 +75,7 @@ def test_chunking_does_not_change_the_statistics(models, folder):
 def test_forward_mode_jvp_through_comfyui_in_inference_mode(models, folder):
     """Forward-mode AD through the real guider and UNet, inside inference mode as ComfyUI's executor runs nodes
     (the model's weights and conds are inference tensors there); it agrees with the finite differences."""
-    counter = Calls(models["sd15"])
+    counter = counted(models["sd15"])
     settings = {"grid_points": 2, "samples": 2, "chunk": 2, "recompute": True}
     with torch.inference_mode():
         fwd, _ = statistics(counter.model, "sd15", derivatives="forward", **settings)

@@ -66,3 +66,16 @@ def test_bad_kind_is_refused(tmp_path):
         except ValueError:
             continue
         raise AssertionError(kind)
+
+
+def test_listing_reads_headers_and_a_loaded_file_becomes_the_newest(tmp_path):
+    import os
+
+    a = store.save(tmp_path, "oss", {"cfg": 7}, {"x": torch.ones(2)})
+    b = store.save(tmp_path, "oss", {"cfg": 4}, {"x": torch.zeros(2)})
+    os.utime(a, (1, 1))
+    os.utime(b, (2, 2))
+    assert [p for p, _, _ in store.listing(tmp_path, "oss")] == [b, a]
+    assert store.read_header(a) == ({"cfg": 7}, {})
+    store.load(tmp_path, "oss", {"cfg": 7})  # used again: the newest now
+    assert [p for p, _, _ in store.listing(tmp_path, "oss")] == [a, b]
