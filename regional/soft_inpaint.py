@@ -106,7 +106,11 @@ def follow_change(concat: torch.Tensor, layout: tuple[tuple[str, int], ...], act
         elif kind == "mask_inverted":
             out.append(1.0 - on)
         elif kind == "mask_pixels":
-            out.append(on.expand(-1, width, *on.shape[2:]))
+            # where the map agrees with a binary conditioning mask keep its pixel-accurate values (Flux Fill folds
+            # the pixel mask, edges and all); elsewhere (and for soft conditioning masks) the block follows the map
+            block = on.expand(-1, width, *on.shape[2:])
+            binary = ((part == 0) | (part == 1)).all(dim=1, keepdim=True)
+            out.append(block if hidden is None else torch.where((region == hidden) & binary, part, block))
         elif kind == "masked_image":
             shown = part if hidden is None else torch.where(hidden, part, blank.to(part))
             out.append(torch.where(region, shown, original.to(part)))

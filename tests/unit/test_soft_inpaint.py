@@ -89,3 +89,22 @@ def test_follow_change_other_mask_kinds_and_layouts_without_a_mask():
     assert torch.equal(inv[:, 2:], 1 - active) and torch.equal(inv[:, :2], img)  # a plain image piece is kept
     plain = torch.randn(1, 2, 1, 3)
     assert follow_change(plain, (("image", 2),), active, img, img) is plain
+
+
+def test_flux_fill_pixel_mask_keeps_the_conditioning_edges_where_the_map_agrees():
+    """Flux Fill's 64 mask channels are the pixel mask folded 8 x 8: a block the conditioning half-covers keeps its
+    exact pixels wherever the change map agrees with the conditioning's rounding; only disagreeing blocks become
+    whole blocks of the map."""
+    from preprint.regional.soft_inpaint import follow_change
+
+    pixels = torch.zeros(1, 64, 1, 3)
+    pixels[:, :40, :, 1] = 1.0  # block 1: 40 of 64 pixels masked (mean 0.625: hidden), with its edge
+    pixels[:, :10, :, 0] = 1.0  # block 0: 10 of 64 (mean 0.16: shown), edge pixels the conditioning carries
+    img = torch.randn(1, 2, 1, 3)
+    concat = torch.cat([img, pixels], 1)
+    layout = (("masked_image", 2), ("mask_pixels", 64))
+    agree = torch.tensor([0.0, 1.0, 0.0]).view(1, 1, 1, 3)  # the conditioning's own rounding
+    assert torch.equal(follow_change(concat, layout, agree, img, torch.zeros_like(img))[:, 2:], pixels)
+    grown = torch.tensor([0.0, 1.0, 1.0]).view(1, 1, 1, 3)  # the map reaches block 2 too
+    out = follow_change(concat, layout, grown, img, torch.zeros_like(img))[:, 2:]
+    assert torch.equal(out[..., :2], pixels[..., :2]) and torch.equal(out[..., 2], torch.ones(1, 64, 1))
