@@ -28,11 +28,25 @@ def chunk_keys(transformer_options: dict, batch: int) -> list[ChunkKey]:
     """
     uuids = transformer_options.get("uuids") or []
     if not uuids or batch % len(uuids) != 0:
-        return [("__whole_batch__", False)]
+        return _per_tile(transformer_options, [("__whole_batch__", False)])
     perturbed = transformer_options.get("preprint_perturbed") or ()
     if isinstance(perturbed, Mapping):
-        return [(u, perturbed.get(i, False)) for i, u in enumerate(uuids)]
-    return [(u, i in perturbed) for i, u in enumerate(uuids)]
+        return _per_tile(transformer_options, [(u, perturbed.get(i, False)) for i, u in enumerate(uuids)])
+    return _per_tile(transformer_options, [(u, i in perturbed) for i, u in enumerate(uuids)])
+
+
+TILES = "preprint_tiles"  # set by Tiled Diffusion on each tile's call: (tiles in the call, latent height, width)
+
+
+def _per_tile(transformer_options: dict, keys: list[ChunkKey]) -> list[ChunkKey]:
+    """Under Tiled Diffusion a call holds crops at some positions (several tiles side by side along the batch, the
+    chunks of each tile in turn): every tile position is its own stream, so a cache compares a tile with the same
+    tile at the previous step, never with its neighbour."""
+    info = transformer_options.get(TILES)
+    if not info or not info[0] or len(keys) % len(info[0]) != 0:
+        return keys
+    tiles, per = info[0], len(keys) // len(info[0])
+    return [((u, tuple(tiles[i // per])), m) for i, (u, m) in enumerate(keys)]
 
 
 def split_chunks(t: torch.Tensor, n: int) -> list[torch.Tensor]:

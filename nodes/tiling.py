@@ -26,6 +26,7 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
+from ..caching.store import TILES
 from ..highres import tiling as tl
 from ..utils.sigma_window import SigmaWindow
 from ._host import RunState, install_hooks
@@ -37,7 +38,7 @@ CATEGORY = "Preprint/multi-resolution"
 WMP = comfy.patcher_extension.WrappersMP
 NODE = "Tiled Diffusion (Preprint)"
 KEY = "preprint_tiled_diffusion"
-TILE_INFO = "preprint_tiles"  # transformer_options entry of each tile call: (tiles of the call, latent h, w)
+TILE_INFO = TILES  # transformer_options entry of each tile call (caches key their state per tile by it)
 
 
 def _err(message: str) -> ValueError:

@@ -93,3 +93,19 @@ def test_history_prediction_has_the_dtype_of_the_latest_value(order):
     out = h.predict(float(order))
     assert out.dtype == torch.float16
     assert torch.equal(out, torch.full((2,), float(order), dtype=torch.float16))  # linear data: exact
+
+
+def test_chunk_keys_under_tiled_diffusion_are_per_tile_position():
+    """Tiled Diffusion puts n tiles side by side along the batch (each tile's chunks in turn): a cache must keep
+    one stream per tile position, so a tile is compared with itself at the previous step, not with a neighbour."""
+    from preprint.caching.store import TILES, chunk_keys
+
+    plain = chunk_keys({"uuids": ["c", "u"]}, 2)
+    assert plain == [("c", False), ("u", False)]
+    tiles = [(0, 0, 8, 12), (0, 8, 8, 12)]
+    keys = chunk_keys({"uuids": ["c", "u", "c", "u"], TILES: (tiles, 13, 22)}, 4)
+    assert len(set(keys)) == 4
+    assert keys[0] == (("c", tiles[0]), False) and keys[3] == (("u", tiles[1]), False)
+    # the same tile at the next step gets the same keys; another position does not
+    assert chunk_keys({"uuids": ["c", "u"], TILES: ([tiles[1]], 13, 22)}, 2) == keys[2:]
+    assert chunk_keys({"uuids": ["c", "u"], TILES: ([(4, 4, 8, 12)], 13, 22)}, 2) != keys[2:]
