@@ -237,3 +237,22 @@ def model_fingerprint(model) -> str:
              "sampling": type(sampling).__name__,
              "sigma_min": float(sampling.sigma_min), "sigma_max": float(sampling.sigma_max)}
     return fingerprint(weights(), extra)
+
+
+def with_guided_denoiser(model, positive, negative, cfg: float, noise, latent, sigmas, seed: int, work: Callable):
+    """Run ``work(denoise, x, sigmas)`` with ComfyUI's own CFG guider as the denoiser, inside a sampling call that
+    never steps (so every wrapper, hook and patch on the model is set up as in a real run), and return its result.
+    ``denoise(x, sigma)`` is the guided x0 prediction of the run; ``x`` and ``sigmas`` are the run's own (on the
+    run's device). Used by the nodes that calibrate on the user's model."""
+    found = {}
+
+    def calibrating_sampler(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
+        extra = extra_args or {}
+        found["result"] = work(lambda xx, s: model_k(xx, s, **extra), x, sigmas_in)
+        return x
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    guider.sample(noise, latent, comfy.samplers.KSAMPLER(calibrating_sampler), sigmas, seed=seed, disable_pbar=True)
+    return found["result"]

@@ -24,7 +24,13 @@ from comfy_api.latest import io
 
 from ..samplers import dc_solver as dc
 from ..utils import calibration_store as store
-from ._host import calibration_folder, model_fingerprint, parameterisation_of, with_model_parameterisation
+from ._host import (
+    calibration_folder,
+    model_fingerprint,
+    parameterisation_of,
+    with_guided_denoiser,
+    with_model_parameterisation,
+)
 from ._inputs import PreprintNode
 
 log = logging.getLogger("preprint")
@@ -61,34 +67,23 @@ def run_search(model, positive, negative, latent: torch.Tensor, cfg: float, sigm
     noise = torch.randn(zeros.shape, dtype=zeros.dtype, generator=torch.Generator().manual_seed(seed))
     steps = len(sigmas) - 1
     bar = comfy.utils.ProgressBar(len(reference_sigmas) - 1 + (ITERATIONS + 1) * steps)
-    found = {}
 
     def progress(done: int, total: int) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         bar.update_absolute(len(reference_sigmas) - 1 + done * steps)
 
-    def searching_sampler(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
-        extra = extra_args or {}
-        kind = parameterisation_of(model_k.inner_model.model_patcher.get_model_object("model_sampling"))
+    def search(denoise, x, sigmas_in):
+        kind = parameterisation_of(model.get_model_object("model_sampling"))
         with torch.inference_mode(False), torch.enable_grad():
             x0 = x.clone()  # x was made in inference mode; autograd needs an ordinary tensor
-
-            def denoise(xx, s):
-                return model_k(xx, s, **extra).clone()
-
             fine = reference_sigmas.to(sigmas_in)
             with torch.no_grad():
-                ref = dc.dc_unipc(denoise, x0, fine, parameterisation=kind)
+                ref = dc.dc_unipc(lambda xx, s: denoise(xx, s).clone(), x0, fine, parameterisation=kind)
             bar.update_absolute(len(fine) - 1)
-            found["result"] = dc.search_ratios(denoise, x0, sigmas_in.clone(), ref, ITERATIONS, LR,
-                                               parameterisation=kind, model_gradient=False, progress_fn=progress)
-        return x
+            return dc.search_ratios(lambda xx, s: denoise(xx, s).clone(), x0, sigmas_in.clone(), ref, ITERATIONS, LR,
+                                    parameterisation=kind, model_gradient=False, progress_fn=progress)
 
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    guider.sample(noise, zeros, comfy.samplers.KSAMPLER(searching_sampler), sigmas, seed=seed, disable_pbar=True)
-    return found["result"]
+    return with_guided_denoiser(model, positive, negative, cfg, noise, zeros, sigmas, seed, search)
 
 
 class PreprintDCSolver(PreprintNode):

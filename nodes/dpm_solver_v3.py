@@ -30,6 +30,7 @@ from ._host import (
     model_sampling_of,
     parameterisation_of,
     register_ksampler_name,
+    with_guided_denoiser,
     with_model_parameterisation,
 )
 from ._inputs import PreprintNode, advanced
@@ -180,10 +181,7 @@ class PreprintDPMSolverV3Statistics(PreprintNode):
         result: dict = {}
         bar = comfy.utils.ProgressBar(grid_points + 1)
 
-        def calibrating_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-            def denoise(xx, ss):
-                return model_k(xx, ss, **(extra_args or {}))
-
+        def calibrate(denoise, x, sigmas):
             modes = ["forward", "finite_difference"] if derivatives == "auto" else [derivatives]
             for n, mode in enumerate(modes):
                 try:
@@ -201,16 +199,12 @@ class PreprintDPMSolverV3Statistics(PreprintNode):
                     hint = " Set derivatives to finite_difference." if mode == "forward" else ""
                     raise cls.error(f"computing the statistics failed with {mode} derivatives: {error}.{hint}") \
                         from error
-            return x
+            return result
 
-        guider = comfy.samplers.CFGGuider(model)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
         zeros = torch.zeros((1, *latent.shape[1:]), dtype=latent.dtype)
         ms = model.get_model_object("model_sampling")
         sigmas = torch.tensor([float(ms.sigma_max), float(ms.sigma_min)])
-        guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(calibrating_sampler), sigmas, seed=seed,
-                      disable_pbar=True)
+        with_guided_denoiser(model, positive, negative, cfg, zeros, zeros, sigmas, seed, calibrate)
         return result["stats"], result["mode"]
 
 

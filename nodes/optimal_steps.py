@@ -28,7 +28,7 @@ from comfy_api.latest import io
 
 from ..samplers import optimal_steps as oss
 from ..utils import calibration_store as store
-from ._host import calibration_folder, model_fingerprint
+from ._host import calibration_folder, model_fingerprint, with_guided_denoiser
 from ._inputs import PreprintNode, advanced
 from .schedules import register_scheduler_name
 
@@ -76,22 +76,12 @@ def run_search(model, positive, negative, latent: torch.Tensor, steps: int, teac
     zeros = torch.zeros((samples, *latent.shape[1:]), dtype=latent.dtype)
     noise = torch.randn(zeros.shape, dtype=zeros.dtype, generator=torch.Generator().manual_seed(seed))
     bar = comfy.utils.ProgressBar(oss.evaluations(teacher_steps, steps))
-    found = {}
-
     def progress(done: int, total: int) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         bar.update_absolute(done, total)
 
-    def searching_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra = extra_args or {}
-        found["result"] = oss.search(lambda xx, s: model_k(xx, s, **extra), x, sigmas, steps, aggregate, progress)
-        return x
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    guider.sample(noise, zeros, comfy.samplers.KSAMPLER(searching_sampler), grid, seed=seed, disable_pbar=True)
-    return found["result"]
+    return with_guided_denoiser(model, positive, negative, cfg, noise, zeros, grid, seed,
+                                lambda denoise, x, sigmas: oss.search(denoise, x, sigmas, steps, aggregate, progress))
 
 
 class PreprintOptimalStepsSearch(PreprintNode):
