@@ -12,6 +12,8 @@ Groups by model family:
   indices inside a block (SDXL has 2 or 10 per block). ``"input:4-8, middle:0, output:0-2"``.
 * Flux-style DiT: ``double`` and ``single`` block indices. ``"double:0-18, single:10-37"``.
 * SD3 / MMDiT: ``joint`` block indices. ``"joint:13"``.
+* Qwen-Image, Wan: ``double`` (their one stack of blocks). ``"double:30"``.
+* HunyuanVideo: ``double`` and ``single``, as Flux.
 
 Heads (HeadHunter-style head selection, arXiv:2506.10978): ``"joint:12[2,5], joint:13[0-3]"``.
 
@@ -28,8 +30,11 @@ from dataclasses import dataclass
 UNET_GROUPS = ("input", "middle", "output")
 FLUX_GROUPS = ("double", "single")
 MMDIT_GROUPS = ("joint",)
-FAMILY_GROUPS = {"unet": UNET_GROUPS, "flux": FLUX_GROUPS, "mmdit": MMDIT_GROUPS}
-FAMILY_NAMES = {"unet": "UNet (SD1.x / SD2.x / SDXL)", "flux": "Flux-style DiT", "mmdit": "SD3 / MMDiT"}
+# Qwen-Image and Wan have one stack of blocks, addressed as ComfyUI's block patches address them ("double_block")
+FAMILY_GROUPS = {"unet": UNET_GROUPS, "flux": FLUX_GROUPS, "mmdit": MMDIT_GROUPS, "qwen_image": ("double",),
+                 "wan": ("double",), "hunyuan_video": FLUX_GROUPS}
+FAMILY_NAMES = {"unet": "UNet (SD1.x / SD2.x / SDXL)", "flux": "Flux-style DiT", "mmdit": "SD3 / MMDiT",
+                "qwen_image": "Qwen-Image", "wan": "Wan video DiT", "hunyuan_video": "HunyuanVideo"}
 
 # (group, block, transformer index or None for DiT blocks)
 LayerKey = tuple[str, int, "int | None"]
@@ -217,7 +222,8 @@ def default_spec(layout: AttentionLayout) -> str:
     * UNet: the middle block (official PAG for SD1.5 and SDXL, and diffusers' ``"mid"``).
     * SD3 / MMDiT: joint block 13 of 24, the official SD3 PAG layer; on other depths the block at the same
       relative depth.
-    * Flux: the block at the middle of the whole double + single stack, the DiT analogue of SD3's choice.
+    * Flux, HunyuanVideo, Qwen-Image, Wan: the block at the middle of the whole double + single stack, the DiT
+      analogue of SD3's choice (no published PAG layer for these).
     """
     if layout.family == "unet":
         if "middle" in layout.blocks and layout.blocks["middle"]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from . import sag as sag_math
 from .attention_perturbation import Perturbation, attention_weights, merge_heads, perturb_rows, split_heads
 from .pag import guided_prediction
+from .pag_tokens import TokenLayout, perturb_layout
 
 # transformer_options entry listing the chunks of a call that belong to a perturbed / degraded pass
 PERTURBED = "preprint_perturbed"
@@ -132,9 +133,15 @@ SAG = Technique("preprint_sag", "sag")
 
 @dataclass(frozen=True)
 class PassInfo:
+    """What the perturbed pass's patches need to know of the model: the chunk index of the perturbed copy, the layer
+    family, the patch size (an int, or ``(t, h, w)`` for video DiTs), whether its joint attention puts the image
+    before the text (HunyuanVideo's flipped blocks) and reference-image tokens before the latent's own."""
+
     cond_index: int
     family: str
-    patch: int
+    patch: int | tuple[int, ...]
+    image_first: bool = False
+    refs_first: bool = False
 
 
 def pass_rows(topts: dict, info: PassInfo, batch: int) -> list[int]:
@@ -153,8 +160,13 @@ def mark_perturbed(marker: str):
             mine = set(chunks_of(topts.get("cond_or_uncond") or [], info.cond_index))
             topts[PERTURBED] = set(topts.get(PERTURBED, ())) | mine
             if info.family != "unet":
-                topts["preprint_pag_grid"] = (math.ceil(x.shape[-2] / info.patch), math.ceil(x.shape[-1] / info.patch))
-                topts["preprint_pag_txt_len"] = int(c_crossattn.shape[1]) if c_crossattn is not None else 0
+                ph, pw = (info.patch, info.patch) if isinstance(info.patch, int) else info.patch[-2:]
+                topts["preprint_pag_grid"] = (math.ceil(x.shape[-2] / ph), math.ceil(x.shape[-1] / pw))
+                if not isinstance(info.patch, int) and x.ndim == 5:
+                    topts["preprint_pag_frames"] = math.ceil(x.shape[-3] / info.patch[0])
+                n_txt = int(c_crossattn.shape[1]) if c_crossattn is not None else 0
+                byt5 = kwargs.get("txt_byt5")  # HunyuanVideo appends these glyph tokens to the text
+                topts["preprint_pag_txt_len"] = n_txt + (int(byt5.shape[1]) if byt5 is not None else 0)
         return executor(x, t, c_concat, c_crossattn, control, topts, **kwargs)
     return wrapper
 
@@ -283,6 +295,32 @@ def unet_patch(host: Host, prev, pert: Perturbation, marker: str):
     return patch
 
 
+def joint_layout(topts: dict, info: PassInfo | None, single: bool, length: int, n_txt_block: int,
+                 n_img_block: int) -> TokenLayout | None:
+    """Where the image tokens of one attention call of a DiT block lie, or None for a call that is not the block's
+    self-attention over the image (a text-only or other call of another length).
+
+    Newer ComfyUI says it itself in the single-stream blocks (``block_type`` "single" and ``img_slice``); otherwise
+    the split comes from the block's own inputs (double blocks: ``img`` and ``txt``) or the text length recorded
+    for the call (single blocks, which see the joint sequence only)."""
+    image_first = info.image_first if info is not None else False
+    if single:
+        span = topts.get("img_slice") if topts.get("block_type", "single") == "single" else None
+        if span is not None and len(span) == 2:
+            image = (int(span[0]), int(span[1]))
+        else:
+            n_txt = min(int(topts.get("preprint_pag_txt_len", 0)), length)
+            image = (0, length - n_txt) if image_first else (n_txt, length)
+    elif length == n_txt_block + n_img_block:
+        image = (0, n_img_block) if image_first else (n_txt_block, length)
+    elif length == n_img_block:  # SD3.5's extra image-only self-attention; Wan's self-attention
+        image = (0, length)
+    else:
+        return None
+    return TokenLayout(image, topts.get("preprint_pag_grid"), int(topts.get("preprint_pag_frames", 1)),
+                       info.refs_first if info is not None else False)
+
+
 def dit_patch(prev, pert: Perturbation, single: bool, marker: str):
     def block(args, extra):
         def call(a):
@@ -296,7 +334,6 @@ def dit_patch(prev, pert: Perturbation, single: bool, marker: str):
         txt = args.get("txt")
         n_txt_block = int(txt.shape[1]) if txt is not None and not single else 0
         n_img_block = int(img.shape[1])
-        grid = topts.get("preprint_pag_grid")
         prev_override = topts.get("optimized_attention_override")
 
         def override(func, *a, **kw):
@@ -307,18 +344,18 @@ def dit_patch(prev, pert: Perturbation, single: bool, marker: str):
                 qh, kh, vh = q, k, v
             else:  # (B, L, H*D); SD3 hands v over as (B, L, H, D)
                 qh, kh, vh = (split_heads(t.reshape(t.shape[0], t.shape[1], -1), heads) for t in (q, k, v))
-            length = qh.shape[2]
-            if single:
-                n_txt = int(topts.get("preprint_pag_txt_len", 0))
-            elif length == n_txt_block + n_img_block:
-                n_txt = n_txt_block
-            elif length == n_img_block:  # SD3.5's extra image-only self-attention
-                n_txt = 0
-            else:
+            if kh.shape[2] != qh.shape[2]:  # cross-attention (Wan's text and image-prompt attention)
+                return base
+            if kh.shape[1] != qh.shape[1]:  # grouped-query attention: each key head serves several query heads
+                kh, vh = (t.repeat_interleave(qh.shape[1] // t.shape[1], dim=1) for t in (kh, vh))
+            layout = joint_layout(kw.get("transformer_options") or topts, info, single, qh.shape[2], n_txt_block,
+                                  n_img_block)
+            if layout is None:
                 return base
             skip_out = kw.get("skip_output_reshape", False)
             base_h = base if skip_out else split_heads(base, qh.shape[1])
-            out = perturb_rows(base_h, qh, kh, vh, rows, pert, n_txt=n_txt, grid=grid)
+            mask = kw.get("mask", a[4] if len(a) > 4 else None)
+            out = perturb_layout(base_h, qh, kh, vh, rows, pert, layout, mask)
             return out if skip_out else merge_heads(out)
 
         return call({**args, "transformer_options": {**topts, "optimized_attention_override": override}})
@@ -358,11 +395,13 @@ class PerturbedCopy(GuidedPass):
     patch: int
     rescale: float
     targets: tuple[str, ...] = ("positive",)
+    image_first: bool = False  # see PassInfo
+    refs_first: bool = False
 
     def run(self, state, executor, model, conds, x_in, timestep, model_options, target, scale):
         # another technique's wrapper may run inside this one and append its own copy after ours
         perturbed = [{**c, "uuid": perturbed_uuid(c.get("uuid"), self.technique.stream)} for c in conds[target]]
-        info = PassInfo(len(conds), self.family, self.patch)
+        info = PassInfo(len(conds), self.family, self.patch, self.image_first, self.refs_first)
         mo = perturbed_pass_options(self.host, model_options, self.technique, info, self.layers, self.perturbation)
         out = executor(model, [*conds, perturbed], x_in, timestep, mo)
         state.pending = Pending(x_in, out[target], out[info.cond_index], scale)

@@ -13,6 +13,7 @@ every one appends its own copy to the same call and adds its own guidance term.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension as pe
@@ -60,14 +61,46 @@ def _diffusion_model(model):
     return model.get_model_object("diffusion_model")
 
 
+SERVED_MODELS = "UNets (SD1.x, SD2.x, SDXL), Flux / Chroma, SD3 / MMDiT, Qwen-Image, Wan and HunyuanVideo"
+
+
+@dataclass(frozen=True)
+class DitTokens:
+    """How a DiT's attention lays out its tokens (see ``guidance/pag_tokens.py``): the patch size (``(t, h, w)`` for
+    video), whether its joint attention puts the image before the text, and whether reference-image tokens come
+    before the latent's own."""
+
+    patch: int | tuple[int, ...] = 1
+    image_first: bool = False
+    refs_first: bool = False
+
+
+def _lumina_refusal(node: str, name: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{node}: this model is a Lumina2 / Z-Image ({name}). Its transformer layers offer no per-block patch point "
+        "in this ComfyUI (no 'dit' block replacement), so single attention layers cannot be chosen and perturbed. "
+        f"This node serves {SERVED_MODELS}; on Lumina2 / Z-Image use plain CFG.")
+
+
 def attention_layout(model, node: str) -> tuple[AttentionLayout, int]:
     """Self-attention layers of the patcher's diffusion model, and its patch size (1 for UNets)."""
+    layout, tokens = attention_layout_tokens(model, node)
+    return layout, tokens.patch
+
+
+def attention_layout_tokens(model, node: str) -> tuple[AttentionLayout, DitTokens]:
+    """Self-attention layers of the patcher's diffusion model and how its DiT attention lays out tokens."""
     import comfy.ldm.chroma.model
     import comfy.ldm.flux.model
+    import comfy.ldm.hunyuan_video.model
+    import comfy.ldm.lumina.model
     import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.ldm.qwen_image.model
+    import comfy.ldm.wan.model
 
     dm = _diffusion_model(model)
     name = type(dm).__name__
+    tokens = DitTokens()
     if all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
         blocks: dict[str, dict[int, BlockInfo]] = {}
         groups = (("input", list(dm.input_blocks)), ("middle", [dm.middle_block]), ("output", list(dm.output_blocks)))
@@ -80,37 +113,53 @@ def attention_layout(model, node: str) -> tuple[AttentionLayout, int]:
                             blocks.setdefault(group, {})[i] = BlockInfo(len(sub.transformer_blocks), tbs[0].attn1.heads)
                         break
         layout = AttentionLayout("unet", blocks, {g: len(m) for g, m in groups})
-        patch = 1
-    elif isinstance(dm, (comfy.ldm.flux.model.Flux, comfy.ldm.chroma.model.Chroma)):
-        layout = AttentionLayout("flux", {
+    elif isinstance(dm, (comfy.ldm.flux.model.Flux, comfy.ldm.chroma.model.Chroma,
+                         comfy.ldm.hunyuan_video.model.HunyuanVideo)):
+        video = isinstance(dm, comfy.ldm.hunyuan_video.model.HunyuanVideo)
+        layout = AttentionLayout("hunyuan_video" if video else "flux", {
             "double": {i: BlockInfo(1, b.num_heads) for i, b in enumerate(dm.double_blocks)},
             "single": {i: BlockInfo(1, b.num_heads) for i, b in enumerate(dm.single_blocks)},
         }, {"double": len(dm.double_blocks), "single": len(dm.single_blocks)})
-        patch = int(dm.patch_size)
+        # the double blocks say themselves which order their joint attention uses; on ComfyUI 0.3.64 HunyuanVideo's
+        # single blocks follow the same [image | text] order (newer ComfyUI states the image span per call instead)
+        first = dm.double_blocks[0] if len(dm.double_blocks) else None
+        patch = tuple(int(p) for p in dm.patch_size) if video else int(dm.patch_size)
+        tokens = DitTokens(patch, bool(getattr(first, "flipped_img_txt", False)), refs_first=video)
     elif isinstance(dm, mmdit.MMDiT):
         layout = AttentionLayout("mmdit", {"joint": {i: BlockInfo(1, b.x_block.attn.num_heads)
                                                      for i, b in enumerate(dm.joint_blocks)}},
                                  {"joint": len(dm.joint_blocks)})
-        patch = int(dm.patch_size)
+        tokens = DitTokens(int(dm.patch_size))
+    elif isinstance(dm, comfy.ldm.qwen_image.model.QwenImageTransformer2DModel):
+        layout = AttentionLayout("qwen_image", {"double": {i: BlockInfo(1, b.attn.heads)
+                                                           for i, b in enumerate(dm.transformer_blocks)}},
+                                 {"double": len(dm.transformer_blocks)})
+        tokens = DitTokens(int(dm.patch_size))
+    elif isinstance(dm, comfy.ldm.wan.model.WanModel):
+        layout = AttentionLayout("wan", {"double": {i: BlockInfo(1, b.num_heads) for i, b in enumerate(dm.blocks)}},
+                                 {"double": len(dm.blocks)})
+        tokens = DitTokens(tuple(int(p) for p in dm.patch_size), refs_first=True)
+    elif isinstance(dm, comfy.ldm.lumina.model.NextDiT):
+        raise _lumina_refusal(node, name)
     else:
         raise UnsupportedModelError(
-            f"{node}: the model's diffusion network ({name}) is not one this node can patch. It supports UNets "
-            "(SD1.x, SD2.x, SDXL), Flux / Chroma and SD3 / MMDiT models; use a checkpoint of one of those.")
+            f"{node}: the model's diffusion network ({name}) is not one this node can patch. It supports "
+            f"{SERVED_MODELS}; use a checkpoint of one of those.")
     if layout.layer_count == 0:
         raise UnsupportedModelError(
             f"{node}: this {name} has no self-attention layers, so there is no attention to perturb. "
             "Perturbed-attention guidance needs a model with self-attention (SD1.x, SDXL, Flux, SD3).")
-    return layout, patch
+    return layout, tokens
 
 
 def resolve_layers(model, spec: str, node: str):
-    layout, patch = attention_layout(model, node)
+    layout, tokens = attention_layout_tokens(model, node)
     text = spec.strip() or default_spec(layout)
     try:
         layers = parse_and_resolve(text, layout)
     except LayerSpecError as e:
         raise ValueError(f"{node}: layers {spec!r}: {e}") from None
-    return layout, patch, layers
+    return layout, tokens, layers
 
 
 def _hint_sd3_scale(family: str, node: str, scale: float) -> None:
@@ -134,10 +183,11 @@ def install_guided_pass(model, schedule: GuidanceSchedule, guided: GuidedPass, m
 def apply_pag(model, node: str, tech: Technique, layers_spec: str, schedule: GuidanceSchedule, pert: Perturbation,
               rescale: float):
     m = model.clone()
-    layout, patch, layers = resolve_layers(m, layers_spec, node)
+    layout, tokens, layers = resolve_layers(m, layers_spec, node)
     if pert.kind == "identity":
         _hint_sd3_scale(layout.family, node, schedule.scale)
-    install_guided_pass(m, schedule, PerturbedCopy(HOST, tech, layers, pert, layout.family, patch, rescale),
+    install_guided_pass(m, schedule, PerturbedCopy(HOST, tech, layers, pert, layout.family, tokens.patch, rescale,
+                                                   image_first=tokens.image_first, refs_first=tokens.refs_first),
                         PagRunState)
     log.debug("%s on %d layer(s): %s", node, len(layers), sorted(layers))
     return m
@@ -157,7 +207,8 @@ LAYERS_TOOLTIP = (
     "Which self-attention layers to perturb. Empty = the default for this model: UNet 'middle:0'; SD3 'joint:13' "
     "(the official SD3 PAG layer); Flux the block in the middle of the double+single stack. UNet groups: input, "
     "middle, output ('input:4-8, middle:0, output:0-2'; 'output:1.0-1' picks transformer depths); Flux: double, "
-    "single ('double:0-18, single:10-37'); SD3: joint ('joint:13'). A wrong name lists the layers the model has.")
+    "single ('double:0-18, single:10-37'); SD3: joint ('joint:13'); Qwen-Image, Wan: double ('double:30'); "
+    "HunyuanVideo: double, single. A wrong name lists the layers the model has.")
 
 
 PAG_SCALE_NOTE = (" Published values: SD1.5 3 with cfg 4, or 5 alone at cfg 1; SD3 0.7 with cfg 5 (diffusers' SD3 "
@@ -186,7 +237,8 @@ class _PerturbedAttentionNode(PreprintNode):
         return cls.schema(
             node_id=cls.NODE_ID, category=CATEGORY, description=cls.DESCRIPTION,
             inputs=[
-                model_input("The diffusion model to patch (UNet: SD1.x/SDXL; DiT: Flux, SD3)."),
+                model_input("The diffusion model to patch (UNet: SD1.x/SDXL; DiT: Flux, Chroma, SD3, Qwen-Image, Wan, "
+                            "HunyuanVideo)."),
                 io.Float.Input("scale", default=3.0, min=-100.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance scale s in D_cfg + s (D_cond - D_perturbed). 0 switches it off "
                                        "exactly (no extra batch rows are run)." + cls.SCALE_NOTE),
@@ -237,7 +289,7 @@ class PreprintPerturbedAttentionGuidance(_PerturbedAttentionNode):
         "PAG (Ahn et al., 'Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance', arXiv:2403.17377): "
         "replaces self-attention maps of the chosen layers by the identity and guides away from that weaker "
         "prediction. Runs in the same model call as cond and uncond (one forward per step with CFG), on SD1.x/SDXL "
-        "UNets, Flux and SD3; with interval, adaptive scale and rescale.")
+        "UNets, Flux, Chroma, SD3, Qwen-Image, Wan and HunyuanVideo; with interval, adaptive scale and rescale.")
 
     @classmethod
     def extra_inputs(cls) -> list:
@@ -289,8 +341,8 @@ class PreprintSmoothedEnergyGuidance(_PerturbedAttentionNode):
     DESCRIPTION = (
         "SEG (Hong, 'Smoothed Energy Guidance: Guiding Diffusion Models with Reduced Energy Curvature of Attention', "
         "arXiv:2408.00760): blurs the self-attention queries of the chosen layers with a Gaussian over the image "
-        "grid and guides away from that prediction. Batched into the CFG call; UNet, Flux and SD3; head lists "
-        "allowed.")
+        "grid (each frame's on video models) and guides away from that prediction. Batched into the CFG call; UNet, "
+        "Flux, Chroma, SD3, Qwen-Image, Wan and HunyuanVideo; head lists allowed.")
 
     @classmethod
     def extra_inputs(cls) -> list:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..guidance.pag_layers import FAMILY_NAMES
 from ..guidance.pag_runtime import DegradedPass, SagRunState
 from ._host import HOST
 from ._inputs import PreprintNode, model_input, model_output, sigma_window_inputs
@@ -73,7 +74,7 @@ class PreprintSelfAttentionGuidance(PreprintNode):
         if layout.family != "unet":
             raise cls.error(
                 "SAG needs a UNet (SD1.x, SD2.x, SDXL): its mask comes from the self-attention of the UNet's middle "
-                f"block over the latent grid, which {'Flux' if layout.family == 'flux' else 'SD3'} models do not have. "
+                f"block over the latent grid, which {FAMILY_NAMES[layout.family]} models do not have. "
                 "On this model use Perturbed-Attention Guidance or Smoothed Energy Guidance (Preprint).")
         _, _, layers = resolve_layers(m, layer.strip() or "middle:0.0", cls.NAME)
         if len(layers) != 1:
