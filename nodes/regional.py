@@ -12,26 +12,38 @@
   takes no mask and runs no DIFFUSION_MODEL wrappers).
 
 All run inside the window ``[start_percent, end_percent]`` of the run and do nothing outside it.
+
+Regional LoRA (UNets, Flux): a region prompt carrying LoRA weight hooks keeps them; the hooks' patches are resolved
+against the model as core resolves them (``model_lora_keys_unet`` + ``load_lora``), and an APPLY_MODEL wrapper adds
+each LoRA's weight change, by core's ``calculate_weight``, to its region's tokens only (``regional/lora.py``), with
+per-run keyframe clocks set up by an OUTER_SAMPLE wrapper. Hooks on the base or negative prompt stay core's.
 """
 
 from __future__ import annotations
 
+import comfy.hooks
 import comfy.ldm.flux.model
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+import comfy.lora
 import comfy.patcher_extension
+import comfy.utils
+import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
 from ..regional.attention import Region, RegionError, as_mask_batch
+from ..regional.lora import HookSchedule, Keyframe, LoraRegion, RegionalLoraApply, RegionalLoraRun, RegionLoraSpec
 from ..regional.runtime import FluxRegional, RegionSet, SD3Regional, UNetRegionalAttention
 from ..utils.sigma_window import SigmaWindow
-from ._host import attention, install_hooks
+from ._host import RunState, attention, install_hooks
 from ._inputs import PreprintNode, model_input, model_output, percent_window_inputs
 
 CATEGORY = "Preprint/regional"
 WMP = comfy.patcher_extension.WrappersMP
 KEY = "preprint_regional"
+LORA_KEY = "preprint_regional_lora"
+LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)  # what a region's LoRA can act on
 REGION_NODE = "Region (Preprint)"
 NODE = "Regional Prompting (Preprint)"
 PAPER = "Chen et al., Training-free Regional Prompting for Diffusion Transformers, arXiv:2411.02395"
@@ -66,19 +78,109 @@ def region_from(conditioning, mask, strength: float) -> Region:
     if len(conditioning) > 1:
         raise RegionError(f"{REGION_NODE}: the conditioning holds {len(conditioning)} prompts; a region takes one. "
                           "Join prompts with ConditioningConcat, or give each its own Region node.")
-    hooks = conditioning[0][1].get("hooks")
-    if hooks is not None and len(getattr(hooks, "hooks", ())) > 0:
-        raise RegionError(
-            f"{REGION_NODE}: the region's prompt carries hooks (a LoRA set with SetClipHooks / Cond Set "
-            "Props). Regional Prompting runs every prompt in one model pass with one set of weights, so a LoRA "
-            "cannot be limited to this region here and would be dropped. For a LoRA in one area, give that area "
-            "core's Cond Set Props (mask + hooks) and combine it with the positive prompt (it gets its own pass); "
-            "for a LoRA everywhere, load it on the model (LoraLoader) and encode the region without hooks.")
+    hooks = region_hooks(conditioning[0][1].get("hooks"))
     m = as_mask_batch(mask) * float(strength)
     if float(m.max()) <= 0.0:
         raise RegionError(f"{REGION_NODE}: the mask is empty (all zero) or the strength is 0, so the region would "
                           "cover nothing. Paint the area the prompt belongs to, or remove this region.")
+    if hooks is not None:
+        return LoraRegion(context=conditioning[0][0].detach().cpu(), mask=m.cpu(), hooks=hooks)
     return Region(context=conditioning[0][0].detach().cpu(), mask=m.cpu())
+
+
+def _model_strength(hook) -> float:
+    return float(getattr(hook, "_strength_model", 1.0))
+
+
+def region_hooks(group):
+    """A region prompt's hook group if it carries a LoRA for the model, None if it carries nothing for the model;
+    hooks a region cannot serve are refused by name."""
+    if group is None or len(getattr(group, "hooks", ())) == 0:
+        return None
+    other = sorted({type(h).__name__ for h in group.hooks if not isinstance(h, comfy.hooks.WeightHook)})
+    if other:
+        raise RegionError(f"{REGION_NODE}: the region's prompt carries {', '.join(other)} hooks; a region takes LoRA "
+                          "hooks (Create Hook LoRA) only. Attach other hooks to the base prompt, where core applies "
+                          "them.")
+    if any(not getattr(h, "need_weight_init", True) or getattr(h, "weights", None) is None for h in group.hooks):
+        raise RegionError(f"{REGION_NODE}: the region's prompt carries a model-as-LoRA hook (Create Hook Model as "
+                          "LoRA), which patches every weight of the model, norms and embeddings included; a region's "
+                          "LoRA can act on Linear and Conv layers only. Use a LoRA file (Create Hook LoRA), or give "
+                          "that area core's Cond Set Props (mask + hooks) combined with the positive prompt.")
+    if all(_model_strength(h) == 0.0 for h in group.hooks):
+        return None  # a CLIP-only hook: the region's text encoding already carries it
+    return group
+
+
+def _keyframes(hook, percent_to_sigma) -> tuple[Keyframe, ...]:
+    kfs = getattr(getattr(hook, "hook_keyframe", None), "keyframes", None) or []
+    return tuple(Keyframe(float(k.strength), float(percent_to_sigma(k.start_percent)), int(k.guarantee_steps))
+                 for k in kfs)
+
+
+def _delta_fn(by_key: dict):
+    """A parameter's change at given hook strengths, by ComfyUI's own patch maths (``comfy.lora.calculate_weight``,
+    as ComfyUI patches hooked weights), in float32; the model's parameter is never written."""
+    def delta(path: str, param: str, tensor: torch.Tensor, strengths: tuple) -> torch.Tensor:
+        key = f"diffusion_model.{path}.{param}"
+        patches = [(strengths[j], v, 1.0, offset, fn) for j, v, offset, fn in by_key[key] if strengths[j] != 0.0]
+        base = tensor.detach().to(torch.float32, copy=True)
+        return comfy.lora.calculate_weight(patches, base.clone(), key) - base
+    return delta
+
+
+def lora_specs(model, dm, regions) -> tuple[tuple[RegionLoraSpec, ...], dict]:
+    """Every hooked region's LoRA resolved against this model's layers (as ComfyUI resolves a hook's LoRA:
+    ``model_lora_keys_unet`` + ``load_lora``), and the modules they touch by path."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    percent_to_sigma = model.get_model_object("model_sampling").percent_to_sigma
+    specs, modules = [], {}
+    for i, r in enumerate(regions):
+        hooks = getattr(r, "hooks", None)
+        if hooks is None:
+            continue
+        weight_hooks = [h for h in hooks.hooks if _model_strength(h) != 0.0]
+        by_key: dict = {}
+        for j, h in enumerate(weight_hooks):
+            for k, v in comfy.lora.load_lora(h.weights, key_map, log_missing=False).items():
+                key, offset, fn = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+                by_key.setdefault(key, []).append((j, v, offset, fn))
+        if not by_key:
+            raise RegionError(f"{NODE}: region {i + 1}'s LoRA matches no layer of this model; is it a LoRA for "
+                              "another model family? (For a LoRA meant for the text encoder only, set the hook's "
+                              "strength_model to 0.)")
+        params: dict[str, list[str]] = {}
+        bad = []
+        for key in by_key:
+            path, _, param = key.removeprefix("diffusion_model.").rpartition(".")
+            module = comfy.utils.get_attr(dm, path) if key.startswith("diffusion_model.") and path else None
+            if param not in ("weight", "bias") or not isinstance(module, LAYERS):
+                bad.append(key)
+                continue
+            params.setdefault(path, []).append(param)
+            modules[path] = module
+        if bad:
+            raise RegionError(f"{NODE}: region {i + 1}'s LoRA changes {len(bad)} weights outside Linear and Conv "
+                              f"layers ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); a region's LoRA acts "
+                              "on Linear and Conv layers only. Give that area core's Cond Set Props (mask + hooks) "
+                              "instead, or use a LoRA of Linear / Conv layers.")
+        specs.append(RegionLoraSpec(i, tuple(HookSchedule(_model_strength(h), _keyframes(h, percent_to_sigma))
+                                             for h in weight_hooks),
+                                    {p: tuple(v) for p, v in params.items()}, _delta_fn(by_key)))
+    return tuple(specs), modules
+
+
+def install_region_loras(m, dm, regions, shared: RegionSet, window: SigmaWindow, family: str, patch: int = 1) -> None:
+    """The OUTER_SAMPLE run state and APPLY_MODEL wrapper of the regions' LoRAs (removing an earlier node's when
+    no region carries one)."""
+    specs, modules = lora_specs(m, dm, regions)
+    if not specs:
+        for kind in (WMP.OUTER_SAMPLE, WMP.APPLY_MODEL):
+            m.remove_wrappers_with_key(kind, LORA_KEY)
+        return
+    install_hooks(m, LORA_KEY, {
+        WMP.OUTER_SAMPLE: RunState(LORA_KEY, lambda guider, sigmas, seed: RegionalLoraRun(specs)),
+        WMP.APPLY_MODEL: RegionalLoraApply(family, LORA_KEY, specs, modules, shared, window, patch)})
 
 
 class PreprintRegion(PreprintNode):
@@ -93,9 +195,12 @@ class PreprintRegion(PreprintNode):
             description=(
                 "One region for Regional Prompting (Preprint): a prompt and the mask where it applies. Chain Region "
                 f"nodes to add more. Regional prompting in one pass follows {PAPER} (DiT) and the attention-couple "
-                "form of MultiDiffusion (Bar-Tal et al., arXiv:2302.08113) for UNets."),
+                "form of MultiDiffusion (Bar-Tal et al., arXiv:2302.08113) for UNets. A LoRA hooked onto the prompt "
+                "changes the weights for this region's tokens only (UNets and Flux)."),
             inputs=[
-                io.Conditioning.Input("conditioning", tooltip="The region's prompt (a CLIPTextEncode output)."),
+                io.Conditioning.Input("conditioning", tooltip="The region's prompt (a CLIPTextEncode output). A LoRA "
+                                      "hook on it (Create Hook LoRA through Set CLIP Hooks or Cond Set Props) acts on "
+                                      "this region only, in the same pass."),
                 io.Mask.Input("mask", tooltip="Where the prompt applies, over the whole frame, any resolution (it is "
                                               "resampled to every layer's grid). Soft values blend; one mask for all "
                                               "images or one per image of the batch."),
@@ -153,6 +258,8 @@ class PreprintRegionalPrompting(PreprintNode):
         window = SigmaWindow.from_percents(ms.percent_to_sigma, start_percent, end_percent)
         dm = model.get_model_object("diffusion_model")
         m = model.clone()
+        shared = RegionSet(tuple(regions))
+        hooked = [i + 1 for i, r in enumerate(regions) if getattr(r, "hooks", None) is not None]
         if isinstance(dm, UNetModel):
             layers = _unet_cross_attention_layers(dm)
             width = next(iter(layers.values())).to_k.in_features if layers else None
@@ -163,23 +270,28 @@ class PreprintRegionalPrompting(PreprintNode):
                     raise RegionError(f"{NODE}: region {i + 1}'s prompt has {r.context.shape[-1]} features but this "
                                       f"UNet's cross-attention takes {width}; encode it with this model's CLIP.")
             replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-            shared = RegionSet(tuple(regions))
             for key, attn2 in layers.items():
                 prev = replaces.get(key, replaces.get(key[:2]))
                 m.set_model_attn2_replace(UNetRegionalAttention(attention, attn2, shared, base_ratio, window, prev),
                                           *key)
+            install_region_loras(m, dm, regions, shared, window, "unet")
         elif type(dm) is comfy.ldm.flux.model.Flux:
             _check_widths(regions, int(dm.txt_in.in_features), "Flux")
-            install_hooks(m, KEY, {WMP.DIFFUSION_MODEL: FluxRegional(cls.NAME, RegionSet(tuple(regions)), base_ratio,
-                                                                      window)})
+            install_hooks(m, KEY, {WMP.DIFFUSION_MODEL: FluxRegional(cls.NAME, shared, base_ratio, window)})
+            install_region_loras(m, dm, regions, shared, window, "flux", int(getattr(dm, "patch_size", 2)))
         elif type(dm) is mmdit.OpenAISignatureMMDITWrapper:
             _check_widths(regions, int(dm.context_embedder.in_features), "SD3")
             if dm.context_processor is not None:  # it would mix the region text into the base prompt's tokens
                 raise RegionError(f"{NODE}: this MMDiT runs a context processor over the whole text before the "
                                   "joint blocks, which would mix the region prompts into the base prompt; regional "
                                   "prompting serves SD3 / SD3.5 without one. Use core's ConditioningSetMask here.")
+            if hooked:
+                raise RegionError(f"{NODE}: region {hooked[0]}'s prompt carries a LoRA hook; regional LoRA serves "
+                                  "UNets and Flux, not SD3 yet. Give that area core's Cond Set Props (mask + hooks) "
+                                  "combined with the positive prompt (its own pass), or encode the region without "
+                                  "hooks.")
             patch = int(dm.patch_size)
-            install_hooks(m, KEY, {WMP.APPLY_MODEL: SD3Regional(RegionSet(tuple(regions)), base_ratio, window, patch,
+            install_hooks(m, KEY, {WMP.APPLY_MODEL: SD3Regional(shared, base_ratio, window, patch,
                                                                 int(dm.register_length))})
         else:
             raise RegionError(f"{NODE}: this model's diffusion network is a {type(dm).__name__}; regional prompting "

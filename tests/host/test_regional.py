@@ -241,16 +241,14 @@ def test_bad_input_is_named(models):
     assert isinstance(msg, str) and msg.startswith("Regional Prompting (Preprint): start_percent")
 
 
-def test_a_region_prompt_with_lora_hooks_is_refused_not_dropped():
-    """One pass runs one set of weights: a LoRA hooked onto one region's prompt cannot apply there only, so the
-    Region node says so (and how to do it) instead of dropping the hook."""
+def test_a_region_prompt_with_lora_hooks_keeps_them_for_the_regional_pass():
+    """A LoRA hooked onto one region's prompt is kept on the region (regional LoRA applies it inside the one pass:
+    tests/host/test_regional_lora.py), never dropped; an empty hook group is no LoRA."""
     import comfy.hooks
 
     pos, _ = make_conds("sd15")
     empty = [[pos[0][0], {**pos[0][1], "hooks": comfy.hooks.HookGroup()}]]
-    assert len(region(empty, torch.ones(1, 8, 8))) == 1  # an empty hook group is no LoRA
-    group = comfy.hooks.HookGroup()
-    group.add(comfy.hooks.WeightHook(strength_model=0.8))
+    assert getattr(region(empty, torch.ones(1, 8, 8))[0], "hooks", None) is None
+    group = comfy.hooks.create_hook_lora({}, strength_model=0.8, strength_clip=1.0)
     hooked = [[pos[0][0], {**pos[0][1], "hooks": group}]]
-    with pytest.raises(ValueError, match="carries hooks.*Cond Set Props"):
-        region(hooked, torch.ones(1, 8, 8))
+    assert region(hooked, torch.ones(1, 8, 8))[0].hooks is group

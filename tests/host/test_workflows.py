@@ -74,9 +74,43 @@ def constant_guidance_scheduler_files(comfy_host, tmp_path_factory):
     folder_paths.filename_list_cache.pop("guidance_schedulers", None)
 
 
+@pytest.fixture(scope="module")
+def tiny_lora_files(comfy_host, tmp_path_factory):
+    """LoRA files the examples name (placeholders for the user's own), made of random low-rank factors for every
+    Linear / Conv layer of the tiny model each example runs on, in a loras folder registered for this module."""
+    import math
+
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from preprint.runner.tiny_models import tiny_model
+
+    folder = tmp_path_factory.mktemp("loras")
+    for p in API_FILES:
+        prompt = json.loads(p.read_text())
+        names = {n["inputs"]["lora_name"] for n in prompt.values() if "lora_name" in n["inputs"]}
+        if not names:
+            continue
+        g, sd = torch.Generator().manual_seed(0), {}
+        for name, m in tiny_model(_thumbnail(prompt)[1]).model.diffusion_model.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                key, fan_in = "lora_unet_" + name.replace(".", "_"), math.prod(m.weight.shape[1:])
+                sd[key + ".lora_down.weight"] = torch.randn(2, *m.weight.shape[1:], generator=g) / math.sqrt(fan_in)
+                up = (m.weight.shape[0], 2, *[1] * (m.weight.ndim - 2))
+                sd[key + ".lora_up.weight"] = 0.1 * torch.randn(up, generator=g)
+        for name in names:
+            save_file(sd, str(folder / name))
+    paths = folder_paths.folder_names_and_paths["loras"][0]
+    paths.append(str(folder))
+    folder_paths.filename_list_cache.pop("loras", None)
+    yield folder
+    paths.remove(str(folder))
+    folder_paths.filename_list_cache.pop("loras", None)
+
+
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
 def test_api_twin_fits_schemas_and_executes_on_a_tiny_model(path, defs, comfy_host,
-                                                            constant_guidance_scheduler_files):
+                                                            constant_guidance_scheduler_files, tiny_lora_files):
     prompt = json.loads(path.read_text())
     assert check_api(prompt, defs) == []
     tiny, arch = _thumbnail(prompt)

@@ -9,9 +9,11 @@ common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
 
-def _regions(clip: list, width: int, height: int, prompts: list[str], first_id: int = 20) -> tuple[dict, list]:
+def _regions(clip: list, width: int, height: int, prompts: list[str], first_id: int = 20,
+             clips: dict[int, list] | None = None) -> tuple[dict, list]:
     """One vertical strip per prompt, left to right: SolidMask + MaskComposite for the strip, CLIPTextEncode for the
-    prompt, a chained Region node. Returns the nodes and the link to the last Region."""
+    prompt (with ``clips[k]`` instead of ``clip`` for prompt k where given), a chained Region node. Returns the nodes
+    and the link to the last Region."""
     nodes, link, n = {}, None, len(prompts)
     nodes[str(first_id)] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": width, "height": height},
                             "_meta": {"title": "Empty frame"}}
@@ -23,7 +25,8 @@ def _regions(clip: list, width: int, height: int, prompts: list[str], first_id: 
                                 "inputs": {"destination": [str(first_id), 0], "source": [str(base), 0], "x": x0,
                                            "y": 0, "operation": "add"},
                                 "_meta": {"title": f"Strip {k + 1} of {n}"}}
-        nodes[str(base + 2)] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": clip},
+        nodes[str(base + 2)] = {"class_type": "CLIPTextEncode",
+                                "inputs": {"text": text, "clip": (clips or {}).get(k, clip)},
                                 "_meta": {"title": f"Region {k + 1} prompt"}}
         inputs = {"conditioning": [str(base + 2), 0], "mask": [str(base + 1), 0], "strength": 1.0}
         if link is not None:
@@ -131,6 +134,28 @@ def _soft_inpaint_model() -> dict:
     return prompt
 
 
+LORA_FILE = "your_sd15_lora.safetensors"  # a placeholder: pick one of your own SD1.5 LoRAs on the node
+
+
+def _lora() -> dict:
+    """Two regions, the right one's prompt encoded through Set CLIP Hooks with a LoRA hook: the LoRA acts on the
+    right half only, inside the one regional pass."""
+    prompt = {**common.sd15_base(width=768, height=512), **common.ksampler(model=["11", 0], sampler_name="dpmpp_2m",
+                                                                              steps=25, cfg=7.0)}
+    prompt["2"]["inputs"]["text"] = "two friends on a park bench, autumn afternoon, detailed"
+    prompt["40"] = {"class_type": "CreateHookLora",
+                    "inputs": {"lora_name": LORA_FILE, "strength_model": 1.0, "strength_clip": 1.0},
+                    "_meta": {"title": "The right region's LoRA (pick your own)"}}
+    prompt["41"] = {"class_type": "SetClipHooks",
+                    "inputs": {"clip": ["1", 1], "apply_to_conds": True, "schedule_clip": False, "hooks": ["40", 0]},
+                    "_meta": {"title": "CLIP with the LoRA hook (for the right region's prompt)"}}
+    regions, link = _regions(["1", 1], 768, 512, ["a woman in a red coat", "a man in a grey suit, in the LoRA's style"],
+                             clips={1: ["41", 0]})
+    prompt.update(regions)
+    prompt["11"] = _regional(["1", 0], link)
+    return prompt
+
+
 WORKFLOWS = {
     "Soft inpainting with a feathered change map, SD1.5": _soft_inpaint(False),
     "Soft inpainting with an inpainting model, SD1.5": _soft_inpaint_model(),
@@ -138,6 +163,7 @@ WORKFLOWS = {
     "Regional prompting, three regions in one pass, SD1.5": _sd15(),
     "Regional prompting, two regions, Flux": _flux(),
     "Regional prompting on the proving-ground toy": _toy(),
+    "Regional LoRA, a LoRA in one of two regions, SD1.5": _lora(),
 }
 
 SOFT_INPAINT = "Paper: Levin and Fried, Differential Diffusion: Giving Each Pixel Its Strength, arXiv:2306.00950."
@@ -170,6 +196,12 @@ NOTES: dict[str, str] = {
         "attention mask ties each to its part of the picture. Try end_percent first: the layout forms early, so "
         "regions act in the first 40% here and the base prompt alone guides the rest; base_ratio 0.3 keeps some "
         "of the base prompt inside the regions. " + REGIONAL),
+    "Regional LoRA, a LoRA in one of two regions, SD1.5": (
+        "Two regions in one pass per step; the right region's prompt is encoded through Set CLIP Hooks with a Create "
+        "Hook LoRA, and that LoRA's weight change acts only on the right region's tokens (its mask on every layer's "
+        "grid), not on the left region, the base prompt's area or the negative prompt. Try lora_name on Create Hook "
+        "LoRA first: the file named here is a placeholder for one of your own SD1.5 LoRAs, and strength_model there "
+        "sets how strongly it acts in its region. " + REGIONAL),
     "Regional prompting on the proving-ground toy": (
         "Two regions on the pack's trained toy at 128x128, a red circle on the left and a blue square on the "
         "right, with the base prompt naming only the background; the toy follows captions only loosely. Try "
