@@ -20,6 +20,14 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
+from ..regional.segments import (
+    PAPER_TOP_FRACTION,
+    FeatureRecorder,
+    fuse_features,
+    region_mask,
+    region_of_interest,
+    segment,
+)
 from ..regional.word_attention import (
     AttentionRecorder,
     Box,
@@ -47,6 +55,9 @@ INSTDIFFEDIT = ("Zou et al., Towards Efficient Diffusion-Based Image Editing wit
 DIRECTED = ("Ma et al., Directed Diffusion: Direct Control of Object Placement through Attention Guidance, "
             "arXiv:2302.13153")
 LAYERS = ("1/4 resolution", "all resolutions")
+REGIONS = ("attention map (InstDiffEdit)", "feature segments (LIME)")
+LIME = ("Simsar et al., LIME: Localized Image Editing via Attention Regularization in Diffusion Models, "
+        "arXiv:2312.09256")
 LATENT_SCALE = 8  # pixels per latent cell on SD1.x / SD2.x / SDXL
 
 
@@ -130,7 +141,10 @@ class PreprintMaskFromWords(PreprintNode):
                 f"({INSTDIFFEDIT}). The encoded image is noised, a short pass of the model with the prompt records the "
                 "words' attention on the 1/4-resolution layers (16x16 for 512 px on SD1.5), the map is refined by "
                 "token similarity, blurred and thresholded. Feed it to Set Latent Noise Mask and a KSampler with the "
-                "edit prompt: core's inpainting keeps the rest of the image. UNets only (SD1.x, SD2.x, SDXL)."),
+                "edit prompt: core's inpainting keeps the rest of the image. With region 'feature segments (LIME)' the "
+                f"mask is instead LIME's automatic region ({LIME}): the UNet's decoder features of the same pass are "
+                "clustered into segments and the segments holding the words' most attended pixels are joined. UNets "
+                "only (SD1.x, SD2.x, SDXL)."),
             inputs=[
                 model_input("The UNet (SD1.x, SD2.x, SDXL) that will make the edit."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP: the prompt is tokenized and encoded as "
@@ -163,6 +177,20 @@ class PreprintMaskFromWords(PreprintNode):
                 io.Float.Input("blur", default=4.0, min=0.0, max=64.0, step=0.5,
                                tooltip="Gaussian blur of the map before the threshold, in pixels (0 = none): "
                                        "smoother, rounder masks."),
+                # optional: prompts saved before these widgets existed still run, with the defaults
+                advanced(io.Combo.Input("region", options=list(REGIONS), default=REGIONS[0], optional=True,
+                                        tooltip="How the mask is made: the words' attention map thresholded "
+                                                "(InstDiffEdit), or LIME's automatic region: the segments of the "
+                                                "UNet's own features that hold the words' most attended pixels "
+                                                "(follows object edges; threshold is then not used).")),
+                advanced(io.Int.Input("segments", default=8, min=2, max=32, optional=True,
+                                      tooltip="LIME: number of feature segments (k-means clusters; paper: 8). More "
+                                              "= smaller pieces, tighter masks.")),
+                advanced(io.Float.Input("top_fraction", default=round(PAPER_TOP_FRACTION, 4), min=0.001, max=0.5,
+                                        step=0.001, optional=True,
+                                        tooltip="LIME: the share of latent pixels the words attend most; every "
+                                                "segment holding one joins the mask (paper: 100 pixels of a 64x64 "
+                                                "latent = 0.0244).")),
             ],
             outputs=[
                 io.Mask.Output(display_name="mask", tooltip="The binary mask at the image's pixel size (latent x 8)."),
@@ -172,12 +200,15 @@ class PreprintMaskFromWords(PreprintNode):
         )
 
     @classmethod
-    def validate_inputs(cls, noise_level=None, steps=None, layers=None, threshold=None, blur=None) -> bool | str:
-        return cls.check_widgets(noise_level=noise_level, steps=steps, layers=layers, threshold=threshold, blur=blur)
+    def validate_inputs(cls, noise_level=None, steps=None, layers=None, threshold=None, blur=None, region=None,
+                        segments=None, top_fraction=None) -> bool | str:
+        return cls.check_widgets(noise_level=noise_level, steps=steps, layers=layers, threshold=threshold, blur=blur,
+                                 region=region, segments=segments, top_fraction=top_fraction)
 
     @classmethod
     def execute(cls, model, clip, latent, prompt: str, words: str, seed: int, noise_level: float, steps: int,
-                layers: str, refine: bool, threshold: float, blur: float) -> io.NodeOutput:
+                layers: str, refine: bool, threshold: float, blur: float, region: str = REGIONS[0],
+                segments: int = 8, top_fraction: float = PAPER_TOP_FRACTION) -> io.NodeOutput:
         layer_map = _unet_layers(cls.NAME, model)
         try:
             chosen = parse_words(words)
@@ -193,6 +224,9 @@ class PreprintMaskFromWords(PreprintNode):
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         recorder = AttentionRecorder(attention, factor=4 if layers == LAYERS[0] else None)
         m = _chain(model, layer_map, lambda key, attn2, prev: recorder.layer(prev))
+        features = FeatureRecorder()
+        if region == REGIONS[1]:
+            m.set_model_output_block_patch(features)
         noise = torch.randn(samples.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float32)
         sigmas = pass_sigmas(model.get_model_object("model_sampling"), noise_level, steps)
         guider = comfy.samplers.CFGGuider(m)
@@ -208,8 +242,29 @@ class PreprintMaskFromWords(PreprintNode):
         else:
             soft = normalise(target)
         height, width = samples.shape[-2] * LATENT_SCALE, samples.shape[-1] * LATENT_SCALE
+        if region == REGIONS[1]:
+            return cls._segments_mask(features, soft, samples.shape[-2:], (height, width), segments, top_fraction,
+                                      blur, seed)
         mask, smooth = mask_from_map(soft, height, width, blur, threshold)
         grey = 0.6 * smooth
+        preview = torch.stack([grey + 0.4 * mask, grey, grey], dim=-1).clamp(0, 1)
+        return io.NodeOutput(mask, preview)
+
+    @classmethod
+    def _segments_mask(cls, features: FeatureRecorder, soft, grid, size, segments: int, top_fraction: float,
+                       blur: float, seed: int) -> io.NodeOutput:
+        """LIME's region: segments of the decoder features (on the latent grid) holding the most attended pixels,
+        at pixel size (blur only rounds its edges)."""
+        lat_h, lat_w = (int(n) for n in grid)
+        fused = fuse_features(features.features(), lat_h, lat_w, seed=int(seed))
+        labels = segment(fused, segments, seed=int(seed))
+        attention_map = torch.nn.functional.interpolate(soft.unsqueeze(1).float(), size=(lat_h, lat_w),
+                                                        mode="bilinear", align_corners=False).squeeze(1)
+        roi = region_of_interest(labels, attention_map, top_fraction)
+        mask = region_mask(roi, size[0], size[1], blur)
+        shade = torch.nn.functional.interpolate(labels.unsqueeze(1).float() / max(1, segments - 1), size=size,
+                                                mode="nearest").squeeze(1)
+        grey = 0.6 * shade
         preview = torch.stack([grey + 0.4 * mask, grey, grey], dim=-1).clamp(0, 1)
         return io.NodeOutput(mask, preview)
 

@@ -75,6 +75,45 @@ def test_the_mask_follows_the_words_attention_and_the_threshold(kit):
     assert every.shape == low.shape
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lime_region_is_the_union_of_feature_segments_holding_the_most_attended_pixels(kit, family, monkeypatch):
+    import sys
+
+    wa = sys.modules[node_class("PreprintMaskFromWords").__module__]  # the module ComfyUI loaded
+    seen = {}
+    real_fuse, real_roi = wa.fuse_features, wa.region_of_interest
+
+    def fuse(features, h, w, seed=0):
+        seen["features"] = features
+        return real_fuse(features, h, w, seed=seed)
+
+    def roi(labels, attention, fraction):
+        seen.update(labels=labels, attention=attention, fraction=fraction)
+        seen["roi"] = real_roi(labels, attention, fraction)
+        return seen["roi"]
+
+    monkeypatch.setattr(wa, "fuse_features", fuse)
+    monkeypatch.setattr(wa, "region_of_interest", roi)
+    m, clip, _, _ = kit[family]
+    lat = image_latent(13, 22, batch=2)
+    mask, preview = mask_from_words(m, clip, lat, words="cat", blur=0.0, region="feature segments (LIME)",
+                                    segments=4, top_fraction=0.05)
+    dm = m.get_model_object("diffusion_model")
+    # every decoder block's input was recorded, one row per image (the pass runs the prompt alone)
+    assert len(seen["features"]) == len(dm.output_blocks) and all(f.shape[0] == 2 for f in seen["features"])
+    labels, attention = seen["labels"], seen["attention"]
+    assert labels.shape == attention.shape == (2, 13, 22) and int(labels.max()) == 3 and seen["fraction"] == 0.05
+    for i in range(2):  # whole segments, the one holding the most attended pixel among them
+        chosen = labels[i][seen["roi"][i] > 0].unique()
+        assert torch.equal(seen["roi"][i], torch.isin(labels[i], chosen).float())
+        assert int(labels[i].flatten()[attention[i].argmax()]) in chosen.tolist()
+    # blur 0: the mask is the region, each latent cell an 8x8 block of pixels
+    assert mask.shape == (2, 104, 176) and preview.shape == (2, 104, 176, 3)
+    assert torch.equal(mask, seen["roi"].repeat_interleave(8, dim=1).repeat_interleave(8, dim=2))
+    plain = mask_from_words(m, clip, lat, words="cat", blur=0.0)[0]
+    assert not torch.equal(mask, plain)  # not the thresholded attention map
+
+
 def test_mask_from_words_names_its_errors(kit):
     m, clip, _, _ = kit["sd15"]
     lat = image_latent(8, 8)

@@ -22,6 +22,7 @@ def _lime_with_mask_from_words() -> dict:
     prompt["30"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": words.EDIT_PROMPT},
                     "_meta": {"title": "Edit prompt (shared by the encoder and LIME)"}}
     prompt["2"]["inputs"]["text"] = ["30", 0]
+    prompt["23"]["inputs"]["region"] = "feature segments (LIME)"  # LIME's own automatic region
     prompt["11"] = {"class_type": "PreprintLIME",
                     "inputs": {"model": ["1", 0], "clip": ["1", 1], "prompt": ["30", 0],
                                "words": "silver knight armour", "mask": ["23", 0], "strength": 1.0,
@@ -36,11 +37,12 @@ WORKFLOWS = {TITLE: _lime_with_mask_from_words()}
 
 NOTES: dict[str, str] = {
     TITLE: (
-        "Mask From Words finds the pink dress in the loaded image, and the KSampler redraws only that mask with the "
+        "Mask From Words finds the pink dress in the loaded image as LIME does (the segments of the UNet's own "
+        "features that hold the words' most attended pixels), and the KSampler redraws only that mask with the "
         "edit prompt, while LIME makes the masked area attend only the words \"silver knight armour\" in the first "
         "half of the edit, so the rest of the prompt cannot pull it back to what was there. Try end_percent on the "
         "LIME node first: it is how far into the noise schedule the regularisation lasts (the edit starts at 0.4 "
         "at denoise 0.6), and lower values hand the region back to the whole prompt sooner; strength softens it. "
         "Paper: Simsar et al., LIME: Localized Image Editing via Attention Regularization in Diffusion Models, "
-        "arXiv:2312.09256 (written for InstructPix2Pix with an automatic region; here the region is the mask)."),
+        "arXiv:2312.09256 (written for InstructPix2Pix; here on a text-to-image UNet)."),
 }

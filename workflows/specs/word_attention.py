@@ -27,7 +27,8 @@ def mask_from_words_edit() -> dict:
                           "prompt": "a drawing of a girl with blonde hair in a pink dress on a green hill under a "
                                     "blue sky",
                           "words": "pink dress", "seed": 0, "noise_level": 0.5, "steps": 4,
-                          "layers": "1/4 resolution", "refine": True, "threshold": 0.2, "blur": 4.0}},
+                          "layers": "1/4 resolution", "refine": True, "threshold": 0.2, "blur": 4.0,
+                          "region": "attention map (InstDiffEdit)", "segments": 8, "top_fraction": 0.0244}},
         "24": {"class_type": "PreviewImage", "inputs": {"images": ["23", 1]}, "_meta": {"title": "Mask preview"}},
         "25": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["22", 0], "mask": ["23", 0]}},
         "2": {"class_type": "CLIPTextEncode",
