@@ -48,6 +48,16 @@ TOYS: dict[str, ToySpec] = {
 }
 ARCHITECTURES = tuple(TOYS)
 
+# The noise schedule the training command gives the SD toy: SD1.5's scaled-linear betas ending at 0.0066 instead
+# of 0.012, so sigma_max is 5.06 instead of 14.6 (sigma_min 0.029 as SD1.5). A latent of 16x16 tokens decides its
+# colours and layout at sigma ~1-5; SD1.5's top levels are so noisy for it that a small EPS network spends its
+# capacity there for nothing and samples start from noise its x0 estimate cannot read. Each weight file records the
+# schedule it was trained on and the loader builds the model with that one (a file without the record was trained
+# on SD1.5's own), as ComfyUI reads a checkpoint's ``sampling_settings``: every sampler and scheduler sees the
+# toy's real sigmas.
+SD15_SAMPLING = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.0066}
+SAMPLING_KEYS = frozenset({"beta_schedule", "linear_start", "linear_end", "timesteps", "zsnr"})
+
 
 class ProvingWeightsError(RuntimeError):
     """A proving-ground weight file is missing, unreadable or does not match this ComfyUI."""
@@ -83,8 +93,9 @@ def vae_ddconfig(latent_channels: int) -> dict:
             "ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
 
-def model_config(arch: str):
-    """ComfyUI's supported-model config object for a toy (its latent format, sampling and conditioning)."""
+def model_config(arch: str, sampling_settings: dict | None = None):
+    """ComfyUI's supported-model config object for a toy (its latent format, sampling and conditioning); the SD
+    toy's noise schedule is ``sampling_settings`` (default: the one the training command uses)."""
     import comfy.supported_models
 
     if arch == "sd15":
@@ -92,15 +103,16 @@ def model_config(arch: str):
         # SD1.5 forces 8 heads; the toy uses 32-channel heads (1, 2, 4, 4 heads by level).
         cfg.unet_config["num_heads"] = -1
         cfg.unet_config["num_head_channels"] = 32
+        cfg.sampling_settings = dict(SD15_SAMPLING if sampling_settings is None else sampling_settings)
         return cfg
     if arch == "flux":
         return comfy.supported_models.Flux(dit_config())
     raise ValueError(f"unknown proving-ground architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
-def build_model(arch: str, dtype: torch.dtype = torch.float32):
+def build_model(arch: str, dtype: torch.dtype = torch.float32, sampling_settings: dict | None = None):
     """The toy's ComfyUI BaseModel (EPS UNet or flow DiT) with uninitialised weights, on the CPU."""
-    cfg = model_config(arch)
+    cfg = model_config(arch, sampling_settings)
     cfg.set_inference_dtype(dtype, None)
     return cfg.get_model({}, device=torch.device("cpu"))
 
@@ -212,6 +224,16 @@ def check_fingerprint(clip, metadata: dict, path: Path, arch: str, tolerance: fl
             f"{[round(v, 5) for v in have]} != {want}): the CLIP / T5 classes changed; {_rebuild_hint(arch)}")
 
 
+def trained_schedule(metadata: dict, path: Path, arch: str) -> dict:
+    """The noise schedule (ComfyUI ``sampling_settings``) a weight file was trained on: its record, or SD1.5's own
+    for a file written before the record existed."""
+    settings = metadata.get("sampling_settings", {})
+    if not isinstance(settings, dict) or not set(settings) <= SAMPLING_KEYS:
+        raise ProvingWeightsError(f"{path} records a noise schedule this pack cannot build ({settings!r}; known keys "
+                                  f"{sorted(SAMPLING_KEYS)}); {_rebuild_hint(arch)}")
+    return settings
+
+
 def load_toy(arch: str, folder: Path | None = None):
     """(MODEL as a ModelPatcher, CLIP, VAE) of a trained proving-ground toy."""
     import comfy.model_management
@@ -223,7 +245,7 @@ def load_toy(arch: str, folder: Path | None = None):
     model_path, vae_path = weight_path(spec.model_file, folder), weight_path(spec.vae_file, folder)
     sd, meta = load_weights(model_path, arch)
     vae_sd, _ = load_weights(vae_path, arch)
-    model = build_model(arch)
+    model = build_model(arch, sampling_settings=trained_schedule(meta, model_path, arch))
     _load_into(model.diffusion_model, sd, model_path, arch)
     clip = text_encoder(arch)
     check_fingerprint(clip, meta, model_path, arch)

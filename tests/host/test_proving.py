@@ -73,6 +73,25 @@ def test_changed_text_encoder_is_caught_by_the_fingerprint(comfy_host, tmp_path)
     assert str(path) in str(info.value) and models.REBUILD_COMMAND in str(info.value)
 
 
+@pytest.mark.parametrize("recorded, sigma_max", [({}, 14.6146), (models.SD15_SAMPLING, 5.0575)])
+def test_the_toy_samples_on_the_noise_schedule_its_file_records(comfy_host, tmp_path, recorded, sigma_max):
+    from safetensors.torch import load_file, save_file
+
+    path = _copy_weights(tmp_path, "sd15")
+    tensors = load_file(str(path))
+    _, meta = models.load_weights(path)
+    meta["sampling_settings"] = recorded  # {}: a file from before the record, trained on SD1.5's own schedule
+    save_file(tensors, str(path), metadata={"preprint": json.dumps(meta)})
+    sampling = models.load_toy("sd15", folder=tmp_path)[0].get_model_object("model_sampling")
+    assert sampling.sigma_max.item() == pytest.approx(sigma_max, abs=1e-3)
+    assert sampling.sigma_min.item() == pytest.approx(0.0292, abs=1e-3)
+    meta["sampling_settings"] = {"linear_end": 0.0066, "shift": 3.0}  # not a key of an EPS schedule
+    save_file(tensors, str(path), metadata={"preprint": json.dumps(meta)})
+    with pytest.raises(models.ProvingWeightsError, match="noise schedule this pack cannot build") as info:
+        models.load_toy("sd15", folder=tmp_path)
+    assert str(path) in str(info.value) and models.REBUILD_COMMAND in str(info.value)
+
+
 def test_weights_of_another_layout_are_refused(comfy_host, tmp_path):
     _copy_weights(tmp_path, "sd15")
     spec = models.TOYS["sd15"]
