@@ -45,7 +45,8 @@ class Budget:
 
 
 # the 4-channel VAE keeps its colours only with the gentler recipe (at 1.5e-3 on 32-pixel crops it collapses to grey)
-BUDGETS = {"sd15": Budget(vae_steps=1200, vae_batch=16, vae_crop=48, vae_lr=1e-3), "flux": Budget()}
+BUDGETS = {"sd15": Budget(vae_steps=1200, vae_batch=16, vae_crop=48, vae_lr=1e-3, model_steps=2000),
+           "flux": Budget()}
 VAE_FIELDS = ("vae_steps", "vae_batch", "vae_crop", "vae_lr")
 
 
@@ -306,7 +307,7 @@ def train_toy(arch: str, out_dir: Path, seed: int = 0, budget: Budget | None = N
     meta = {"arch": arch, "seed": seed, "budget": budget.__dict__, "text_seed": models.TEXT_SEED,
             "text_fingerprint": models.fingerprint(clip), "command": models.REBUILD_COMMAND,
             "minutes": {"vae": round(vae_minutes, 1), "model": round((time.time() - t1) / 60, 1)},
-            "latent_stats": stats, "torch": torch.__version__}
+            "latent_stats": stats, "torch": torch.__version__, "sampling_settings": dict(cfg.sampling_settings)}
     models.save_weights(models.weight_path(spec.vae_file, out_dir), vae.state_dict(),
                         {**meta, "part": "vae", "latent_channels": spec.latent_channels})
     models.save_weights(models.weight_path(spec.model_file, out_dir), ema, {**meta, "part": "model"})
