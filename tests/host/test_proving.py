@@ -73,7 +73,7 @@ def test_changed_text_encoder_is_caught_by_the_fingerprint(comfy_host, tmp_path)
     assert str(path) in str(info.value) and models.REBUILD_COMMAND in str(info.value)
 
 
-@pytest.mark.parametrize("recorded, sigma_max", [({}, 14.6146), (models.SD15_SAMPLING, 5.0575)])
+@pytest.mark.parametrize("recorded, sigma_max", [({}, 14.6146), (models.LOW_SIGMA_SAMPLING, 5.0575)])
 def test_the_toy_samples_on_the_noise_schedule_its_file_records(comfy_host, tmp_path, recorded, sigma_max):
     from safetensors.torch import load_file, save_file
 
