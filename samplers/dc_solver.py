@@ -13,7 +13,8 @@ so all-ones ratios are plain UniPC. Here the interpolation variable is the solve
 The ratios are found per step (from index 2, where three outputs exist) by differentiating the sampler's end point
 with respect to rho and minimising the mean squared error to a many-step reference from the same noise (Sec. 3.3:
 AdamW, lr 0.1, 20 iterations, about 10 samples). The paper's cascade polynomial regression (CPR), which predicts
-rho from (step, NFE, CFG) without a search, is not built here.
+rho from (step, NFE, CFG) without a search, is in ``samplers/dc_cpr.py``; ``compensated`` says which steps' ratios
+act, the only ones a fit may use.
 
 Sigmas: ``parameterisation="eps"`` integrates in lambda = -log sigma with alpha = 1, the same arithmetic as
 ComfyUI's ``uni_pc`` (which converts every model to that VE form); ``"flow"`` uses a flow model's true
@@ -128,6 +129,7 @@ def dc_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, ratios: to
         sig[-1] = min(final_sigma, 0.5 * float(sig[-2]))
     order = min(order, max(steps - 1, 1))
     lams = half_log_snr(sig, kind)
+    acts = compensated_lambdas(lams[:-1])
     s_in = x.new_ones([x.shape[0]])
     raw: list[torch.Tensor] = []  # model outputs as evaluated: the interpolation nodes
     hist: list[torch.Tensor] = []  # what the solver combines: the newest entry compensated
@@ -135,7 +137,7 @@ def dc_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, ratios: to
     for i in progress(steps, disable):
         raw = (raw + [m])[-3:]
         hist = (hist + [m])[-order:]
-        if ratios is not None and i >= FIRST_COMPENSATED and bool(torch.isfinite(lams[i - 2:i + 1]).all()):
+        if ratios is not None and bool(acts[i]):
             w = compensation_weights(list(lams[i - 2:i + 1]), ratios[i].to(lams))
             hist[-1] = w[0].to(x) * raw[-1] + w[1].to(x) * raw[-2] + w[2].to(x) * raw[-3]
         step_callback(callback, x, i, sigmas[i], m)
@@ -157,6 +159,23 @@ def dc_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, ratios: to
         m = denoise(x_pred, sigmas[i + 1] * s_in)
         x = base - scale * (_weighted(co.rhos_c[:-1].to(x), d1s) + co.rhos_c[-1].to(x) * (m - m0))
     return x / alpha(sig[-1], kind).to(x)
+
+
+def compensated_lambdas(lams: torch.Tensor) -> torch.Tensor:
+    """[steps] bool: the steps whose ratio acts, given the lambdas of the steps' start points: from index 2 on (the
+    interpolation needs three outputs) where all three lambdas are finite (not a flow model's sigma = 1)."""
+    finite = torch.isfinite(lams)
+    acts = torch.zeros(len(lams), dtype=torch.bool)
+    for i in range(FIRST_COMPENSATED, len(lams)):
+        acts[i] = bool(finite[i - FIRST_COMPENSATED:i + 1].all())
+    return acts
+
+
+def compensated(sigmas: torch.Tensor, parameterisation: Parameterisation = "eps") -> torch.Tensor:
+    """[len(sigmas) - 1] bool: which steps of this sigma list a compensation ratio changes (the others are inert,
+    so a search leaves them at 1 and a fit of the ratios must skip them)."""
+    sig = check_sigmas(sigmas, "DC-Solver").detach().to("cpu", torch.float64)
+    return compensated_lambdas(half_log_snr(sig[:-1], check_parameterisation(parameterisation)))
 
 
 def _finite_tail(lams: torch.Tensor) -> int:

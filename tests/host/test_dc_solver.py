@@ -56,7 +56,7 @@ def test_plain_mode_matches_core_uni_pc_bh2_where_core_runs_order_two(models):
     """Without ratios the node is UniPC-bh2 at order 2. Core's uni_pc_bh2 uses order min(3, steps - 1), so the two
     agree at 3 steps; at more steps core is third order and they differ (checked the other way round below)."""
     model = models["sd15"]
-    (ours,) = run_node(SAMPLER)
+    (ours,) = run_node(SAMPLER, mode="plain")
     sig = sigmas_for(model, 3)
     a = run_custom_sampling(model, "sd15", ours, sig, height=6, width=10)
     b = run_custom_sampling(model, "sd15", comfy.samplers.sampler_object("uni_pc_bh2"), sig, height=6, width=10)
@@ -94,10 +94,11 @@ def test_search_saves_reuses_and_its_ratios_drive_the_sampler(loaded, family, fo
         search(redo.model, family, recompute=True)
         assert redo.calls == 6 + 21 * 3
     # the ratios reach the sampler: deterministic, different from plain; all-ones ratios are plain exactly
-    (plain,) = run_node(SAMPLER)
+    (plain,) = run_node(SAMPLER, mode="plain")
     (comp,) = run_node(SAMPLER, ratios=ratios)
-    a, b, b2 = (sample(model, family, s, sig) for s in (plain, comp, comp))
-    assert torch.isfinite(b).all() and torch.equal(b, b2)
+    (found,) = run_node(SAMPLER)  # mode auto, nothing linked: the ratios saved for this setting are found
+    a, b, b2, c = (sample(model, family, s, sig) for s in (plain, comp, comp, found))
+    assert torch.isfinite(b).all() and torch.equal(b, b2) and torch.equal(b, c)
     assert not torch.equal(a, b)
     ones = {"ratios": torch.ones(steps, dtype=torch.float64), "steps": steps, "scheduler": "karras"}
     (unit,) = run_node(SAMPLER, ratios=ones)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from preprint.samplers.dc_solver import compensation_weights, dc_unipc, sample_dc_solver, search_ratios
+from preprint.samplers.dc_cpr import SearchedSetting, fit_cpr, outside_range, predict_ratios
+from preprint.samplers.dc_solver import compensated, compensation_weights, dc_unipc, sample_dc_solver, search_ratios
 from preprint.utils.gaussian_mixture import MixtureDenoiser, make_mixture
 
 from .conftest import EVENT_SHAPE, flow_sigmas, karras_sigmas
@@ -151,3 +152,142 @@ def test_searched_ratios_reduce_error_on_held_out_noise(kind, steps, model_gradi
 
     plain, searched = err(None), err(result.ratios)
     assert searched < 0.8 * plain, (plain, searched, result.ratios.tolist())
+
+
+# --- cascade polynomial regression (CPR, Sec. 3.4) ---------------------------------------------------------------
+
+def _known_coefficients(degree: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((degree + 1, 3, 3), generator=g, dtype=torch.float64)
+
+
+def _synthetic(e: torch.Tensor, grid: dict[int, list[float]], kind: str = "eps") -> list[SearchedSetting]:
+    """Ratios exactly on the cascade polynomial at the steps that act; the inert steps hold junk the fit must skip."""
+    out = []
+    for steps, cfgs in grid.items():
+        used = compensated(_sigmas(kind, steps), kind)
+        for cfg in cfgs:
+            ratios = torch.where(used, predict_ratios(e, steps, cfg), torch.full((steps,), 50.0, dtype=torch.float64))
+            out.append(SearchedSetting(steps, cfg, ratios, used))
+    return out
+
+
+def test_compensated_marks_the_steps_whose_ratio_acts():
+    assert compensated(_sigmas("eps", 5), "eps").tolist() == [False, False, True, True, True]
+    # a flow list starts at sigma 1 (lambda = -inf): index 2 interpolates through it, so only index 3 on acts
+    assert compensated(_sigmas("flow", 5), "flow").tolist() == [False, False, False, True, True]
+    model = _model("flow")
+    sig = _sigmas("flow", 5)
+    x = _noise("flow", 2, 5, 1.0)
+    base = dc_unipc(model, x, sig, parameterisation="flow")
+    for i, acts in enumerate(compensated(sig, "flow").tolist()):
+        rho = torch.ones(5, dtype=torch.float64)
+        rho[i] = 0.7
+        assert torch.equal(dc_unipc(model, x, sig, rho, parameterisation="flow"), base) != acts, i
+
+
+@pytest.mark.parametrize("degree,grid,kind", [
+    (2, {5: [3.0, 6.0, 9.0], 7: [3.0, 6.0, 9.0], 10: [3.0, 6.0, 9.0]}, "eps"),
+    # not a grid: each step count at its own CFG scales (the cascade fits the CFG stage per step count)
+    (3, {7: [1.5, 4.0, 7.5], 9: [2.0, 5.0, 8.0, 11.0], 12: [3.0, 6.0, 9.0]}, "flow"),
+    (1, {4: [2.0, 5.0, 8.0], 9: [2.0, 5.0, 8.0], 20: [2.0, 5.0, 8.0]}, "eps"),
+])
+def test_cpr_fit_recovers_known_cascade_coefficients(degree, grid, kind):
+    e = _known_coefficients(degree, seed=degree)
+    fit = fit_cpr(_synthetic(e, grid, kind), step_degree=degree)
+    torch.testing.assert_close(fit.coefficients, e, rtol=0, atol=1e-7)
+    assert fit.steps_range == (min(grid), max(grid))
+    assert fit.cfg_range == (min(min(c) for c in grid.values()), max(max(c) for c in grid.values()))
+    # the cascade evaluated by hand: rho_i = sum_k x^k sum_j g^j sum_l e_kjl n^l at an unseen setting
+    steps, cfg = 11, 4.2
+    x, g, n = torch.arange(steps, dtype=torch.float64) / steps, cfg / 12.0, steps / 50.0
+    want = sum(x ** k * sum(g ** j * sum(e[k, j, m] * n ** m for m in range(3)) for j in range(3))
+               for k in range(degree + 1))
+    torch.testing.assert_close(predict_ratios(fit.coefficients, steps, cfg), want, rtol=0, atol=1e-7)
+
+
+def test_cpr_fit_is_least_squares_at_each_stage():
+    """Two searches of one setting that disagree are averaged: the fit goes through their mean."""
+    e = _known_coefficients(2)
+    grid = {5: [3.0, 6.0, 9.0], 7: [3.0, 6.0, 9.0], 10: [3.0, 6.0, 9.0]}
+    settings = _synthetic(e, grid)
+    up = settings[4]._replace(ratios=settings[4].ratios + 0.1)
+    down = settings[4]._replace(ratios=settings[4].ratios - 0.1)
+    fit = fit_cpr([*settings[:4], up, down, *settings[5:]], step_degree=2)
+    torch.testing.assert_close(fit.coefficients, e, rtol=0, atol=1e-7)
+    moved = fit_cpr([*settings[:4], up, *settings[5:]], step_degree=2)
+    assert not torch.allclose(moved.coefficients, e, atol=1e-3)
+
+
+def test_cpr_ratios_beat_plain_unipc_at_an_unseen_setting():
+    """Ratios searched on a 3 x 3 grid (flow mixture, 10 noises, 100-step reference), CPR-predicted at step counts
+    and CFG scales never searched, against the 100-step reference on 16 held-out noises."""
+    kind = "flow"
+    mixture = make_mixture(EVENT_SHAPE, components=6, seed=3)
+    cond_w = torch.tensor([4.0, 2.0, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
+    train, test = _noise(kind, 10, 100, 1.0), _noise(kind, 16, 200, 1.0)
+    settings = []
+    for steps in (6, 8, 10):
+        for cfg in (1.5, 2.5, 3.5):
+            model = MixtureDenoiser(mixture, kind=kind, cond_weights=cond_w, cfg=cfg)
+            ref = dc_unipc(model, train, _sigmas(kind, 100), parameterisation=kind)
+            found = search_ratios(model, train, _sigmas(kind, steps), ref, parameterisation=kind)
+            settings.append(SearchedSetting(steps, cfg, found.ratios, compensated(_sigmas(kind, steps), kind)))
+    fit = fit_cpr(settings, step_degree=2)
+    for steps, cfg in ((9, 2.0), (7, 2.0)):
+        model = MixtureDenoiser(mixture, kind=kind, cond_weights=cond_w, cfg=cfg)
+        ref = dc_unipc(model, test, _sigmas(kind, 100), parameterisation=kind)
+
+        def err(ratios, steps=steps, model=model, ref=ref):
+            out = dc_unipc(model, test, _sigmas(kind, steps), ratios, parameterisation=kind)
+            return float(((out - ref) ** 2).mean())
+
+        plain, predicted = err(None), err(predict_ratios(fit.coefficients, steps, cfg))
+        assert predicted < 0.5 * plain, (steps, cfg, plain, predicted)
+
+
+def test_cpr_bad_inputs_are_clear_errors():
+    e = _known_coefficients(2)
+    full = {5: [3.0, 6.0, 9.0], 7: [3.0, 6.0, 9.0], 10: [3.0, 6.0, 9.0]}
+    with pytest.raises(ValueError, match=r"only 2 step count\(s\) were searched \(5 steps at CFG 3, 6, 9; 7 steps.*"
+                                         r"9 settings at least"):
+        fit_cpr(_synthetic(e, {5: full[5], 7: full[7]}))
+    with pytest.raises(ValueError, match=r"CFG scales of the 7-step searches \(7 steps at CFG 3, 6\): 2 distinct "
+                                         r"value\(s\) cannot determine a degree-2 polynomial \(it needs 3\)"):
+        fit_cpr(_synthetic(e, {**full, 7: [3.0, 6.0]}))
+    with pytest.raises(ValueError, match="too close together"):
+        fit_cpr(_synthetic(e, {**full, 7: [3.0, 3.0 + 1e-6, 3.0 + 2e-6]}))
+    with pytest.raises(ValueError, match=r"5-step search at CFG 3 \(3 compensated steps\): 3 distinct value\(s\) "
+                                         r"cannot determine a degree-3 polynomial.*Lower step_degree"):
+        fit_cpr(_synthetic(_known_coefficients(3), full), step_degree=3)
+    bad = _synthetic(e, full)
+    with pytest.raises(ValueError, match="holds 4 ratios and 5 flags"):
+        fit_cpr([bad[0]._replace(ratios=bad[0].ratios[:4]), *bad[1:]])
+    nan = bad[0].ratios.clone()
+    nan[3] = float("nan")
+    with pytest.raises(ValueError, match="ratios at CFG 3 are not finite"):
+        fit_cpr([bad[0]._replace(ratios=nan), *bad[1:]])
+    with pytest.raises(ValueError, match="no searched ratios were given"):
+        fit_cpr([])
+    with pytest.raises(ValueError, match="holds 5 ratios and 4 flags"):
+        fit_cpr([bad[0]._replace(used=bad[0].used[:4]), *bad[1:]])
+    for degree in (-1, 7):
+        with pytest.raises(ValueError, match="step_degree must be 0 to 6"):
+            fit_cpr(bad, step_degree=degree)
+    # an inert step's ratio never acts: whatever it holds (even NaN) is skipped, not an error
+    inert = bad[0].ratios.clone()
+    inert[0] = float("nan")
+    torch.testing.assert_close(fit_cpr([bad[0]._replace(ratios=inert), *bad[1:]]).coefficients, e, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match=r"shape \[degree \+ 1, 3, 3\]"):
+        predict_ratios(torch.zeros(3, 2, 3), 5, 3.0)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        predict_ratios(e, 0, 3.0)
+
+
+def test_cpr_range_warning_names_what_is_extrapolated():
+    assert outside_range((5, 10), (3.0, 9.0), 7, 4.5) is None
+    assert outside_range((5, 10), (3.0, 9.0), 5, 9.0) is None
+    msg = outside_range((5, 10), (3.0, 9.0), 4, 12.0)
+    assert "4 steps (fitted on 5 to 10)" in msg and "CFG 12 (fitted on 3 to 9)" in msg
+    assert "CFG" not in outside_range((5, 10), (3.0, 9.0), 11, 3.0)
+    assert "steps" not in outside_range((5, 10), (3.0, 9.0), 10, 2.9).split(";")[0]
