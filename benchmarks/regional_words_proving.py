@@ -27,9 +27,12 @@ node class as ComfyUI runs it; a section's table is written when the section end
 
 Sampling: DPM-Solver++ 2M Karras, 20 steps, CFG 5, empty negative.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/regional_words_proving.py [masks] [directed] [lime] [--quick]
-(no section named: all three; --quick: a pipeline check, few scenes and steps, results not written; --report: only
-redraw the md from the json). Writes
+* ``segments``: Mask From Words' two regions on the masks section's scenes: the attention map (all layers, cut at
+  0.5) against LIME's automatic region (feature segments, 8 and 16); IoU with the named object's true mask.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/regional_words_proving.py [masks] [directed] [lime] [segments]
+[--quick] (no section named: all four; --quick: a pipeline check, few scenes and steps, results not written;
+--report: only redraw the md from the json). Writes
 benchmarks/results/regional_words_proving.{json,md} (sections merged, so they may run separately) and one contact
 sheet per section, regional_words_<section>.png.
 """
@@ -413,7 +416,60 @@ def section_lime(model, clip, vae) -> tuple[dict, torch.Tensor]:
 
 
 # -- results ---------------------------------------------------------------------------------------------------
-SECTIONS = {"masks": section_masks, "directed": section_directed, "lime": section_lime}
+# Mask From Words region settings compared in ``segments``: the best attention-map setting of ``masks`` (all layers,
+# refine on, cut at 0.5) against LIME's automatic region at the node's defaults and with twice the segments
+SEGMENT_SETTINGS = (("attention map, all layers, cut at 0.5", {"region": "attention map (InstDiffEdit)",
+                                                               "threshold": 0.5}),
+                    ("LIME segments, 8 (default)", {"region": "feature segments (LIME)", "segments": 8}),
+                    ("LIME segments, 16", {"region": "feature segments (LIME)", "segments": 16}))
+
+
+def section_segments(model, clip, vae) -> tuple[dict, torch.Tensor]:
+    """Mask From Words' two regions on the ``masks`` scenes: IoU with the named object's true mask (own word, the other
+    object's word), mask area, and a whole-image baseline; shape and colour words, 128 and 256 px."""
+    from preprint.proving.scenes import caption_of, render, to_comfy_image
+
+    scenes = two_object_scenes(MASK_SCENES, seed=3)
+    rows, columns = [], {}
+    for size in MASK_SIZES:
+        acc: dict = {}
+        whole = []
+        for i, scene in enumerate(scenes):
+            image = render(scene, size, size)
+            latent = vae.encode(to_comfy_image(image))
+            prompt = caption_of(scene)
+            truths = [object_mask(scene, j, size, size) for j in range(2)]
+            whole += [iou(torch.ones(size, size), t) for t in truths]
+            if size == SIZE and i < 8:
+                columns[i] = [image, truths[0].float().expand(3, -1, -1)]
+            for label, setting in SEGMENT_SETTINGS:
+                for kind in ("shape", "colour"):
+                    a = acc.setdefault((label, kind), {"own": [], "other": [], "area": []})
+                    masks = []
+                    for obj in scene.objects:
+                        out = node("PreprintMaskFromWords").execute(
+                            model=model, clip=clip, latent={"samples": latent}, prompt=prompt,
+                            words=words_of(obj, kind), seed=0, noise_level=0.5, steps=4, layers="all resolutions",
+                            refine=True, blur=4.0, **{"threshold": 0.5, **setting})
+                        masks.append(out.result[0][0])
+                        if size == SIZE and i in columns and kind == "shape" and len(masks) == 1:
+                            columns[i].append(out.result[1][0].permute(2, 0, 1))
+                    for j in range(2):
+                        a["own"].append(iou(masks[j], truths[j]))
+                        a["other"].append(iou(masks[1 - j], truths[j]))
+                        a["area"].append(float(masks[j].mean()))
+        for (label, kind), a in acc.items():
+            rows.append({"size": size, "setting": label, "words": kind, "iou": mean(a["own"]),
+                         "other_word": mean(a["other"]), "mask_area": mean(a["area"]), "whole_image": mean(whole),
+                         "masks": len(a["own"])})
+            print(rows[-1], flush=True)
+    cols = [columns[i] for i in sorted(columns)]
+    grid = torch.stack([c[r] for r in range(len(cols[0])) for c in cols])
+    return {"scenes": MASK_SCENES, "rows": rows}, grid
+
+
+SECTIONS = {"masks": section_masks, "directed": section_directed, "lime": section_lime,
+            "segments": section_segments}
 
 
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
@@ -499,7 +555,18 @@ def lime_summary(rows: list[dict]) -> list[str]:
             f"{floor['change_outside']}." for k in LIME if k != "no LIME"]
 
 
+def segments_text(res: dict) -> list[str]:
+    cols = [("size", "px"), ("setting", "region"), ("words", "words"), ("iou", "IoU, own word"),
+            ("other_word", "IoU, other object's word"), ("mask_area", "mask area"), ("whole_image", "whole image")]
+    return [f"{res['scenes']} scenes x 2 objects per row (the masks section's scenes), each object masked by its own "
+            "word; Mask From Words at noise level 0.5, 4 steps, all layers, refine on, blur 4 px. The attention-map "
+            "row cuts the map at 0.5 (the best cut of the masks section); the LIME rows are the automatic region "
+            "(decoder-feature segments holding the words' most attended pixels, top fraction 0.0244).", "",
+            *table(res["rows"], cols)]
+
+
 TEXT = {"masks": ("Mask From Words (InstDiffEdit) against ground-truth object masks", masks_text),
+        "segments": ("Mask From Words: LIME's automatic region against the attention map", segments_text),
         "directed": ("Directed Diffusion: the directed object in its half", directed_text),
         "lime": ("LIME: recolouring one object inside a mask", lime_text)}
 
@@ -532,6 +599,8 @@ SHEETS = {"masks": "per scene (columns): the image, the ground truth of its firs
                    "128 px, and the same two at 256 px (shown halved)",
           "directed": "rows: plain, then each Directed Diffusion setting, the first object directed to the left "
                       "half; first seed",
+          "segments": "per scene (columns): the image, the ground truth of its first object, then the node's preview "
+                      "for that object's shape word with each region setting (segments in grey, mask red)",
           "lime": "rows: the original (edit region lighter), VAE round trip, img2img without mask, the masked edit "
                   "without LIME, then with LIME (defaults, end_percent 1.0); first seed"}
 
@@ -554,7 +623,8 @@ def main() -> None:
         result, grid = SECTIONS[section](model, clip, vae)
         result.update(command=command.strip(), minutes=round((time.perf_counter() - t0) / 60, 1),
                       sheet=SHEETS[section])
-        columns = {"masks": min(8, MASK_SCENES), "directed": len(grid) // (1 + len(DIRECTED)),
+        columns = {"masks": min(8, MASK_SCENES), "segments": min(8, MASK_SCENES),
+                   "directed": len(grid) // (1 + len(DIRECTED)),
                    "lime": len(grid) // (3 + len(LIME))}[section]
         if QUICK:
             print(json.dumps(result)[:2000])
