@@ -6,7 +6,12 @@ unless the table says otherwise. Prompts: the proving-ground benchmark's one- an
 
 * samplers (sd15 toy, CFG 5): prompt adherence and distribution distance to the 40-step core Euler images
   of the same prompts and seeds (so the distance measures what too few steps lose), at 4, 6, 8 and 12
-  steps, Preprint samplers against core Euler, DPM++ 2M and UniPC;
+  steps, Preprint samplers against core Euler, DPM++ 2M and UniPC; and the calibrated solvers, each calibrated on
+  the toy itself first (CFG 5, 128x128, one held-out two-object prompt, into a temporary calibration folder) with
+  the calibration seconds in the table: DPM-Solver-v3 with statistics at grid_points 20, 8 samples (its node's
+  defaults, 120 x 64, take over an hour on a CPU thread; one file serves every step count), DC-Solver with ratios
+  searched at each step count and Euler on an Optimal Steps schedule searched at each step count (both at their
+  nodes' defaults);
 * guidance (sd15 toy): adherence with PAG, SEG, SAG (Preprint) and core PAG, at CFG 1 (guidance alone)
   and CFG 3 (with CFG), 20 steps DPM++ 2M Karras;
 * CADS (sd15 toy, CFG 9): layout diversity across 6 seeds per prompt, and adherence, with and without;
@@ -15,6 +20,8 @@ unless the table says otherwise. Prompts: the proving-ground benchmark's one- an
   and drift of the decoded images.
 
 Run: .venv/bin/python benchmarks/proving_techniques.py [samplers] [guidance] [cads] [caches]
+(PREPRINT_BENCH_QUICK=1: samplers on 2 prompts at 4 and 8 steps with tiny calibrations, a check of the wiring;
+its numbers mean nothing, and it still writes the results files)
 writes benchmarks/results/proving_techniques.{json,md} and proving_techniques_<section>.png.
 """
 
@@ -22,7 +29,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,25 +63,107 @@ def gen(model, clip, vae, prompts_, **kw) -> torch.Tensor:
     return generate(model, clip, vae, prompts_, **kw)
 
 
+# the calibrated solvers' settings on the toy: DC-Solver and OSS at their nodes' defaults; the v3 statistics at a
+# reduced grid and sample count (its defaults are 1,936 forward-mode JVP calls of 16 rows, well over an hour on a
+# CPU thread); PREPRINT_BENCH_QUICK shrinks all three for a check of the wiring
+CALIBRATION = {"v3": {"grid_points": 20, "samples": 8, "chunk": 8},
+               "dc": {"reference_steps": 200, "samples": 10}, "oss": {"teacher_steps": 100, "samples": 4}}
+CALIBRATION_QUICK = {"v3": {"grid_points": 4, "samples": 2, "chunk": 2},
+                     "dc": {"reference_steps": 20, "samples": 1}, "oss": {"teacher_steps": 20, "samples": 1}}
+
+
+def quick() -> bool:
+    return os.environ.get("PREPRINT_BENCH_QUICK", "") not in ("", "0")
+
+
+def gen_custom(model, clip, vae, prompts_, sampler, sigmas, cfg: float) -> torch.Tensor:
+    """``gen`` for a SAMPLER object and its sigmas (as SamplerCustom does), same noises and decoding."""
+    import comfy.sample
+
+    from preprint.proving.models import encode
+    from preprint.proving.scenes import from_comfy_image
+
+    neg, out = encode(clip, ""), []
+    with torch.no_grad():
+        for text in prompts_:
+            pos = encode(clip, text)
+            for seed in SEEDS:
+                latent = torch.zeros(1, vae.latent_channels, 16, 16)
+                noise = comfy.sample.prepare_noise(latent, seed)
+                samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, pos, neg, latent, seed=seed,
+                                                     disable_pbar=True)
+                out.append(from_comfy_image(vae.decode(samples)))
+    return torch.cat(out).clamp(0, 1)
+
+
+def calibrated(model, clip, cfg: float, steps_list) -> dict:
+    """The calibrated solvers, calibrated on the toy itself (into a temporary folder, recomputed): for each label a
+    dict steps -> (SAMPLER, sigmas, calibration seconds). The calibration prompt is a two-object prompt the scores
+    do not use; the latent is the toy's 128x128 (16x16)."""
+    import comfy.samplers
+
+    from preprint.nodes.dc_solver import PreprintDCSolver, PreprintDCSolverSearch
+    from preprint.nodes.dpm_solver_v3 import PreprintDPMSolverV3Statistics, PreprintSamplerDPMSolverV3
+    from preprint.nodes.optimal_steps import PreprintOptimalStepsSearch
+    from preprint.proving.models import encode
+
+    os.environ["PREPRINT_CALIBRATION_DIR"] = tempfile.mkdtemp(prefix="proving-calibration-")
+    settings = CALIBRATION_QUICK if quick() else CALIBRATION
+    pos, neg = encode(clip, prompts()[1][1]), encode(clip, "")
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    ms = model.get_model_object("model_sampling")
+    out: dict = {"preprint_dpm_solver_v3 (calibrated)": {}, "dc_solver (searched)": {}, "euler + OSS schedule": {}}
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        t0 = time.perf_counter()
+        stats = PreprintDPMSolverV3Statistics.execute(
+            model, pos, neg, cfg, latent, trajectory_substeps=1, seed=0, derivatives="auto", recompute=True,
+            **settings["v3"]).result[0]
+        v3_s = time.perf_counter() - t0  # one statistics file serves every step count
+        v3 = PreprintSamplerDPMSolverV3.execute(2, True, True, statistics=stats).result[0]
+        for steps in steps_list:
+            karras = comfy.samplers.calculate_sigmas(ms, "karras", steps).cpu()
+            out["preprint_dpm_solver_v3 (calibrated)"][steps] = (v3, karras, v3_s)
+            t0 = time.perf_counter()
+            ratios, sig = PreprintDCSolverSearch.execute(model, pos, neg, cfg, latent, steps, scheduler="karras",
+                                                         seed=0, recompute=True, **settings["dc"]).result
+            dc = PreprintDCSolver.execute(mode="searched", ratios=ratios).result[0]
+            out["dc_solver (searched)"][steps] = (dc, sig, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            sig, _ = PreprintOptimalStepsSearch.execute(model, pos, neg, latent, steps, cfg=cfg, seed=0,
+                                                        teacher_grid="simple", recompute=True,
+                                                        **settings["oss"]).result
+            out["euler + OSS schedule"][steps] = (comfy.samplers.sampler_object("euler"), sig,
+                                                  time.perf_counter() - t0)
+    return out
+
+
 def samplers() -> tuple[list[dict], torch.Tensor]:
     from preprint.proving.metrics import distribution_distance
     from preprint.proving.models import load_toy
 
     model, clip, vae = load_toy("sd15")
-    ts = texts()
+    ts = texts()[:2] if quick() else texts()
+    steps_list = (4, 8) if quick() else (4, 6, 8, 12)
     ref = gen(model, clip, vae, ts, steps=40, cfg=5.0, sampler="euler", scheduler="karras")
-    rows = [{"sampler": "euler (reference)", "steps": 40, **mean_adherence(ref, ts, len(SEEDS)), "distance": 0.0}]
+    rows = [{"sampler": "euler (reference)", "steps": 40, **mean_adherence(ref, ts, len(SEEDS)), "distance": 0.0,
+             "calibration_s": 0.0}]
     sheet = []
+
+    def add(name, steps, imgs, calibration_s=0.0):
+        d = distribution_distance(imgs, ref).overall
+        rows.append({"sampler": name, "steps": steps, **mean_adherence(imgs, ts, len(SEEDS)), "distance": round(d, 3),
+                     "calibration_s": round(calibration_s, 1)})
+        if steps == 6 or (quick() and steps == steps_list[0]):
+            sheet.append(imgs[:: len(SEEDS)][:8])
+        log.info("sampler %s %d: %s", name, steps, rows[-1])
+
     for name in ("euler", "dpmpp_2m", "uni_pc", "preprint_dpmpp_2m", "preprint_dpmpp_3m", "preprint_deis",
                  "preprint_evodiff"):
-        for steps in (4, 6, 8, 12):
-            imgs = gen(model, clip, vae, ts, steps=steps, cfg=5.0, sampler=name, scheduler="karras")
-            d = distribution_distance(imgs, ref).overall
-            rows.append({"sampler": name, "steps": steps, **mean_adherence(imgs, ts, len(SEEDS)),
-                         "distance": round(d, 3)})
-            if steps == 6:
-                sheet.append(imgs[:: len(SEEDS)][:8])
-            log.info("sampler %s %d: %s", name, steps, rows[-1])
+        for steps in steps_list:
+            add(name, steps, gen(model, clip, vae, ts, steps=steps, cfg=5.0, sampler=name, scheduler="karras"))
+    for name, per_steps in calibrated(model, clip, 5.0, steps_list).items():
+        for steps, (sampler, sigmas, seconds) in per_steps.items():
+            add(name, steps, gen_custom(model, clip, vae, ts, sampler, sigmas, 5.0), seconds)
     return rows, torch.cat([ref[:: len(SEEDS)][:8], *sheet])
 
 
