@@ -96,3 +96,11 @@ def test_guided_prediction_unit_and_negative_scales_apply(scale):
     p = torch.tensor([[0.0, 1.0]])
     out = guided_prediction(torch.zeros(1, 2), d, c, p, scale)
     assert torch.allclose(out, scale * torch.tensor([[1.0, 2.0]]))
+
+
+@pytest.mark.parametrize("timestep", [999.0, 500.0, 0.0])
+def test_constant_scale_keeps_a_negative_scale(timestep):
+    # a = 0: the scale as given at every step, also below 0 (guiding towards the perturbed prediction);
+    # only the adaptive decay is floored at 0
+    assert adaptive_pag_scale(-2.0, 0.0, timestep) == -2.0
+    assert GuidanceSchedule(scale=-1.5).scale_at(5.0, timestep) == -1.5
