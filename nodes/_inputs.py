@@ -92,6 +92,18 @@ def model_input(accepts: str) -> io.Model.Input:
     return io.Model.Input("model", tooltip=f"{accepts} It is cloned, never changed.")
 
 
+def calibration_inputs(purpose: str, latent: bool = True) -> list:
+    """The inputs every calibration node opens with: the model it calibrates, the conditioning of its samples and
+    (with ``latent``) a latent of the size the user will sample."""
+    inputs = [io.Model.Input("model", tooltip=f"The model to {purpose} (LoRAs and patches included). It is not "
+                                              "changed."),
+              io.Conditioning.Input("positive", tooltip="Positive conditioning of the search samples."),
+              io.Conditioning.Input("negative", tooltip="Negative conditioning of the search samples.")]
+    if latent:
+        inputs.append(io.Latent.Input("latent_image", tooltip="A latent of the size you will sample (its shape only)."))
+    return inputs
+
+
 def model_output(tooltip: str) -> io.Model.Output:
     return io.Model.Output(tooltip=tooltip)
 

@@ -36,7 +36,7 @@ from ._host import (
     parameterisation_of,
     with_guided_denoiser,
 )
-from ._inputs import PreprintNode, advanced
+from ._inputs import PreprintNode, advanced, calibration_inputs
 
 log = logging.getLogger("preprint")
 
@@ -292,10 +292,7 @@ class PreprintDCSolverSearch(PreprintNode):
                 "are saved in models/preprint_calibration and reused for the same model and settings."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to fit the ratios for (LoRAs and patches included). It "
-                                                "is not changed."),
-                io.Conditioning.Input("positive", tooltip="Positive conditioning of the search samples."),
-                io.Conditioning.Input("negative", tooltip="Negative conditioning of the search samples."),
+                *calibration_inputs("fit the ratios for", latent=False),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG scale of the search: use the scale you will sample with (ratios are "
                                        "saved per CFG)."),
@@ -411,11 +408,7 @@ class PreprintDCSolverCPRFit(PreprintNode):
                 "samples."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to fit for (LoRAs and patches included). It is not "
-                                                "changed."),
-                io.Conditioning.Input("positive", tooltip="Positive conditioning of the search samples."),
-                io.Conditioning.Input("negative", tooltip="Negative conditioning of the search samples."),
-                io.Latent.Input("latent_image", tooltip="A latent of the size you will sample (its shape only)."),
+                *calibration_inputs("fit for"),
                 io.Combo.Input("scheduler", options=scheduler_options(), default="karras",
                                tooltip="Scheduler of every search; the fit serves runs with this scheduler."),
                 io.String.Input("steps_list", default="5, 7, 10",

@@ -29,7 +29,7 @@ from comfy_api.latest import io
 from ..samplers import optimal_steps as oss
 from ..utils import calibration_store as store
 from ._host import calibration_folder, model_fingerprint, with_guided_denoiser
-from ._inputs import PreprintNode, advanced
+from ._inputs import PreprintNode, advanced, calibration_inputs
 from .schedules import register_scheduler_name
 
 log = logging.getLogger("preprint")
@@ -105,11 +105,7 @@ class PreprintOptimalStepsSearch(PreprintNode):
                 "saved schedule."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to search the schedule for (LoRAs and patches included). "
-                                                "It is not changed."),
-                io.Conditioning.Input("positive", tooltip="Positive conditioning of the search samples."),
-                io.Conditioning.Input("negative", tooltip="Negative conditioning of the search samples."),
-                io.Latent.Input("latent_image", tooltip="A latent of the size you will sample (its shape only)."),
+                *calibration_inputs("search the schedule for"),
                 io.Int.Input("steps", default=10, min=1, max=1000,
                              tooltip="Steps of the searched schedule (the paper recommends 10 for Flux, 20 for "
                                      "Wan)."),
