@@ -256,3 +256,17 @@ def with_guided_denoiser(model, positive, negative, cfg: float, noise, latent, s
     guider.set_cfg(cfg)
     guider.sample(noise, latent, comfy.samplers.KSAMPLER(calibrating_sampler), sigmas, seed=seed, disable_pbar=True)
     return found["result"]
+
+
+def run_cfg(model_k) -> float | None:
+    """The CFG scale of the run a sampler function was handed (ComfyUI's KSamplerX0Inpaint around the guider):
+    CFGGuider's scale (KSampler, CFGGuider), 1 for BasicGuider (one prompt, no guidance), None for any other guider.
+    Other guiders subclass CFGGuider and inherit its default ``cfg`` of 1 (DualCFGGuider keeps its two scales
+    elsewhere), so only these two exact classes are trusted."""
+    guider = getattr(model_k, "inner_model", None)
+    cfg = getattr(guider, "cfg", None)
+    if type(guider) is comfy.samplers.CFGGuider and isinstance(cfg, (int, float)):
+        return float(cfg)
+    if type(guider).__name__ == "Guider_Basic":  # core's BasicGuider node
+        return 1.0
+    return None

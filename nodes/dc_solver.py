@@ -34,6 +34,7 @@ from ._host import (
     model_fingerprint,
     model_sampling_of,
     parameterisation_of,
+    run_cfg,
     with_guided_denoiser,
 )
 from ._inputs import PreprintNode, advanced, calibration_inputs
@@ -99,20 +100,6 @@ def run_search(model, positive, negative, latent: torch.Tensor, cfg: float, sigm
                                     parameterisation=kind, model_gradient=False, progress_fn=progress)
 
     return with_guided_denoiser(model, positive, negative, cfg, noise, zeros, sigmas, seed, search)
-
-
-def run_cfg(model_k) -> float | None:
-    """The CFG scale of the run a sampler function was handed (ComfyUI's KSamplerX0Inpaint around the guider):
-    CFGGuider's scale (KSampler, CFGGuider), 1 for BasicGuider (one prompt, no guidance), None for any other guider.
-    Other guiders subclass CFGGuider and inherit its default ``cfg`` of 1 (DualCFGGuider keeps its two scales
-    elsewhere), so only these two exact classes are trusted."""
-    guider = getattr(model_k, "inner_model", None)
-    cfg = getattr(guider, "cfg", None)
-    if type(guider) is comfy.samplers.CFGGuider and isinstance(cfg, (int, float)):
-        return float(cfg)
-    if type(guider).__name__ == "Guider_Basic":  # core's BasicGuider node
-        return 1.0
-    return None
 
 
 def _schedule_matches(model_sampling, scheduler: str, sigmas: torch.Tensor) -> bool:

@@ -30,6 +30,7 @@ from ._host import (
     model_sampling_of,
     parameterisation_of,
     register_ksampler_name,
+    run_cfg,
     with_guided_denoiser,
     with_model_parameterisation,
 )
@@ -272,12 +273,8 @@ def sample_from_saved(model, x, sigmas, extra_args=None, callback=None, disable=
     patcher = getattr(guider, "model_patcher", None)
     if patcher is None:
         raise TypeError(f"{KSAMPLER_NAME}: run it through KSampler, SamplerCustom or SamplerCustomAdvanced.")
-    cfg = getattr(guider, "cfg", None)
-    if isinstance(guider, comfy.samplers.CFGGuider) and isinstance(cfg, (int, float)):
-        cfg = float(cfg)
-    elif type(guider).__name__ == "BasicGuider":
-        cfg = 1.0  # one prompt, no guidance: the statistics computed at CFG 1
-    else:
+    cfg = run_cfg(model)  # BasicGuider: one prompt, no guidance, the statistics computed at CFG 1
+    if cfg is None:
         raise ValueError(f"{SAMPLER_NAME} ({KSAMPLER_NAME}): statistics are keyed by one CFG scale, and this run's "
                          f"guider ({type(guider).__name__}) has none. Use it with KSampler / CFGGuider / BasicGuider, "
                          "or the DPM-Solver-v3 sampler node with its statistics linked.")

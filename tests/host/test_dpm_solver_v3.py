@@ -138,3 +138,24 @@ def test_bad_derivatives_value_is_rejected_by_validation():
 
     message = PreprintDPMSolverV3Statistics.validate_inputs(derivatives="backward")
     assert isinstance(message, str) and message.startswith("DPM-Solver-v3 Statistics")
+
+
+def test_ksampler_name_reads_the_cfg_of_the_guider_it_runs_under(models, folder):
+    """CFGGuider's scale, 1 for core's BasicGuider; DualCFGGuider subclasses CFGGuider and inherits its cfg of 1, so
+    its run is refused instead of being read at CFG 1."""
+    from comfy_extras.nodes_custom_sampler import Guider_Basic, Guider_DualCFG
+
+    model, family = models["sd15"], "sd15"
+    statistics(model, family, cfg=1.0)
+    name = comfy.samplers.sampler_object("preprint_dpm_solver_v3")
+    pos, neg = make_conds(family)
+    sig = sigmas_for(model)
+    basic = Guider_Basic(model)
+    basic.set_conds(pos)
+    dual = Guider_DualCFG(model)
+    dual.set_conds(pos, pos, neg)
+    dual.set_cfg(1.0, 1.0)
+    with torch.inference_mode():
+        assert torch.isfinite(run_custom_sampling(model, family, name, sig, guider=basic, height=8, width=12)).all()
+        with pytest.raises(ValueError, match=r"guider \(Guider_DualCFG\) has none"):
+            run_custom_sampling(model, family, name, sig, guider=dual, height=8, width=12)
