@@ -147,7 +147,8 @@ class FeatureRecorder:
         return h, hsp
 
     def features(self) -> list[torch.Tensor]:
-        """Mean input of each decoder block, in block order."""
+        """Mean input of each decoder block, in a fixed order (the blocks' keys sorted as text; each block's random
+        projection in :func:`fuse_features` follows this order)."""
         return [self.total[k] / self.count[k] for k in sorted(self.total, key=lambda k: tuple(map(str, k)))]
 
 
