@@ -19,7 +19,7 @@ RTX 4090 (ASSUMED_ROW_SECONDS, from commonly published it/s figures; an assumpti
 mode JVP factor for the v3 statistics; plus the memory the calibration itself keeps, computed from the latent shape
 and the settings (analytic; model weights and activations of one batch are not included).
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_cost.py [--defaults]
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_cost.py [--defaults] [--only CASE]
 (about 5 minutes on one CPU thread without --defaults; each subprocess boots ComfyUI, ~20 s)
 writes benchmarks/results/calibration_cost.{json,md}.
 """
@@ -241,7 +241,15 @@ def main():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREPRINT_CALIBRATION_DIR": tempfile.mkdtemp(prefix="calib-cost-")}
     measured = []
     run_defaults = "--defaults" in sys.argv
-    for case in NODES:
+    cases = NODES
+    if "--only" in sys.argv:  # measure one calibration again, keep the others' saved measurements
+        cases = [sys.argv[sys.argv.index("--only") + 1]]
+        if cases[0] not in NODES:
+            sys.exit(f"--only takes one of {list(NODES)}")
+        saved = json.loads((RESULTS / "calibration_cost.json").read_text())["measured"]
+        measured = [r for r in saved if "est." not in str(r["wall_s"]) and r["node"] != cases[0]
+                    and (run_defaults or r["setting"] == "fast")]
+    for case in cases:
         for setting in ("default", "fast") if run_defaults else ("fast",):
             for family in FAMILIES:
                 t0 = time.perf_counter()
@@ -253,6 +261,7 @@ def main():
                 measured.append(json.loads(lines[-1][7:]))
                 print(f"{case} {setting} {family}: {measured[-1]} ({time.perf_counter() - t0:.0f} s with boot)",
                       flush=True)
+    measured.sort(key=lambda r: list(NODES).index(r["node"]))  # stable: each case's rows stay in run order
     write(measured, run_defaults)
 
 

@@ -22,6 +22,7 @@ per-run keyframe clocks set up by an OUTER_SAMPLE wrapper. Hooks on the base or 
 from __future__ import annotations
 
 import comfy.hooks
+import comfy.ldm.chroma.model
 import comfy.ldm.flux.model
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
@@ -275,8 +276,14 @@ class PreprintRegionalPrompting(PreprintNode):
                 m.set_model_attn2_replace(UNetRegionalAttention(attention, attn2, shared, base_ratio, window, prev),
                                           *key)
             install_region_loras(m, dm, regions, shared, window, "unet")
-        elif type(dm) is comfy.ldm.flux.model.Flux:
-            _check_widths(regions, int(dm.txt_in.in_features), "Flux")
+        elif _flux_family(dm) is not None:
+            family = _flux_family(dm)
+            _check_widths(regions, int(dm.txt_in.in_features), family)
+            if hooked and family != "Flux":
+                raise RegionError(f"{NODE}: region {hooked[0]}'s prompt carries a LoRA hook; regional LoRA serves "
+                                  f"UNets and Flux, not {family} (its modulation comes from one shared network, "
+                                  "not per block). Give that area core's Cond Set Props (mask + hooks) combined "
+                                  "with the positive prompt (its own pass), or encode the region without hooks.")
             install_hooks(m, KEY, {WMP.DIFFUSION_MODEL: FluxRegional(cls.NAME, shared, base_ratio, window)})
             install_region_loras(m, dm, regions, shared, window, "flux", int(getattr(dm, "patch_size", 2)))
         elif type(dm) is mmdit.OpenAISignatureMMDITWrapper:
@@ -295,9 +302,19 @@ class PreprintRegionalPrompting(PreprintNode):
                                                                 int(dm.register_length))})
         else:
             raise RegionError(f"{NODE}: this model's diffusion network is a {type(dm).__name__}; regional prompting "
-                              "supports UNets (SD1.x, SD2.x, SDXL), Flux and SD3. For other DiTs it is not built "
+                              "supports UNets (SD1.x, SD2.x, SDXL), Flux, Chroma and SD3. For other DiTs it is not built "
                               "yet; use core's ConditioningSetMask there.")
         return io.NodeOutput(m)
+
+
+def _flux_family(dm) -> str | None:
+    """'Flux' or 'Chroma' (Chroma Radiance included) for the joint-attention DiTs whose forward takes the text as
+    ``context`` before the image tokens and an ``attention_mask`` keyword, else None."""
+    if isinstance(dm, comfy.ldm.flux.model.Flux):
+        return "Flux"
+    if isinstance(dm, comfy.ldm.chroma.model.Chroma):
+        return "Chroma"
+    return None
 
 
 NODES = [PreprintRegion, PreprintRegionalPrompting]

@@ -48,7 +48,7 @@ TOYS: dict[str, ToySpec] = {
 }
 ARCHITECTURES = tuple(TOYS)
 
-# The SD toy's noise schedule. The shipped weights were trained on SD1.5's own (sigma_max 14.6: empty settings).
+# The SD toy's noise schedule.
 # LOW_SIGMA_SAMPLING is SD1.5's scaled-linear betas ending at 0.0066 instead of 0.012 (sigma_max 5.06, sigma_min
 # 0.029 as SD1.5): a latent of 16x16 tokens decides its colours and layout at sigma ~1-5, and SD1.5's top levels
 # are so noisy for it that a small EPS network spends capacity there for nothing (a 300-step fine-tune on it raised
@@ -56,7 +56,7 @@ ARCHITECTURES = tuple(TOYS)
 # loader builds the model with that one (a file without the record was trained on SD1.5's own), as ComfyUI reads
 # a checkpoint's ``sampling_settings``: every sampler and scheduler sees the toy's real sigmas.
 LOW_SIGMA_SAMPLING = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.0066}
-SD15_SAMPLING: dict = {}  # what the training command uses
+SD15_SAMPLING: dict = LOW_SIGMA_SAMPLING  # what the training command uses
 SAMPLING_KEYS = frozenset({"beta_schedule", "linear_start", "linear_end", "timesteps", "zsnr"})
 
 

@@ -45,7 +45,7 @@ class Budget:
 
 
 # the 4-channel VAE keeps its colours only with the gentler recipe (at 1.5e-3 on 32-pixel crops it collapses to grey)
-BUDGETS = {"sd15": Budget(vae_steps=1200, vae_batch=16, vae_crop=48, vae_lr=1e-3),
+BUDGETS = {"sd15": Budget(vae_steps=1200, vae_batch=16, vae_crop=48, vae_lr=1e-3, model_steps=2400),
            "flux": Budget()}
 VAE_FIELDS = ("vae_steps", "vae_batch", "vae_crop", "vae_lr")
 

@@ -351,7 +351,9 @@ def _jvp(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor, tx: torch.Tenso
 
     ``forward``: forward-mode AD (``torch.func.jvp``; PyTorch's fused attention kernels have no forward derivative,
     so attention runs on the math kernel here, and group / layer norms run as Python decompositions: measured
-    ~3 s per call of a tiny SD1.5 UNet on this CPU, a fixed per-call overhead, so larger chunks amortise it).
+    ~3 s per call of a tiny SD1.5 UNet on this CPU, a fixed per-call overhead, so larger chunks amortise it). It runs
+    under ``no_grad``: forward-mode AD does not need grad mode, and with it on, those decompositions would save the
+    weights for a backward pass, which ComfyUI's weights, loaded in inference mode, refuse.
     ``finite_difference``: a central difference with step 0.02 along the tangent (two plain calls, batched as one),
     for hosts whose attention kernels (xformers, sage) forward AD cannot enter; callers scale tangents to the size
     the state varies on (sigma), where a 0.02 step is both inside the linear regime and above half-precision noise.
@@ -359,7 +361,7 @@ def _jvp(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor, tx: torch.Tenso
     if mode == "forward":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+        with torch.inference_mode(False), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
             prim, tan = torch.func.jvp(lambda a, b: denoise(a, b), (x.clone(), sigma.clone()),
                                        (tx.clone(), tsigma.clone()))
         return prim.detach(), tan.detach()

@@ -74,8 +74,11 @@ def test_chunking_does_not_change_the_statistics(models, folder):
 
 def test_forward_mode_jvp_through_comfyui_in_inference_mode(models, folder):
     """Forward-mode AD through the real guider and UNet, inside inference mode as ComfyUI's executor runs nodes
-    (the model's weights and conds are inference tensors there); it agrees with the finite differences."""
-    counter = counted(models["sd15"])
+    (the model's weights and conds are inference tensors there: the model is built inside it, as a checkpoint loader
+    node builds it); it agrees with the finite differences."""
+    with torch.inference_mode():
+        counter = counted(tiny_model("sd15"))
+        assert counter.model.model.diffusion_model.input_blocks[0][0].weight.is_inference()
     settings = {"grid_points": 2, "samples": 2, "chunk": 2, "recompute": True}
     with torch.inference_mode():
         fwd, _ = statistics(counter.model, "sd15", derivatives="forward", **settings)

@@ -252,3 +252,54 @@ def test_a_region_prompt_with_lora_hooks_keeps_them_for_the_regional_pass():
     group = comfy.hooks.create_hook_lora({}, strength_model=0.8, strength_clip=1.0)
     hooked = [[pos[0][0], {**pos[0][1], "hooks": group}]]
     assert region(hooked, torch.ones(1, 8, 8))[0].hooks is group
+
+
+def _chroma_sample(m, pos, neg):
+    import comfy.sample
+
+    latent = torch.zeros(1, 16, 8, 12)  # 4 x 6 tokens after the 2x2 patches
+    return comfy.sample.sample(m, comfy.sample.prepare_noise(latent, 0), 3, 3.0, "euler", "simple", pos, neg, latent,
+                               seed=0, disable_pbar=True)
+
+
+def test_chroma_is_served_like_flux():
+    """Chroma (its own class, not a Flux subclass) gets the region text and joint mask through the same wrapper: a
+    full-frame region of the base prompt is plain sampling up to rounding, a region prompt on a corner reaches
+    exactly that corner's image tokens, and a region carrying LoRA hooks is refused by name."""
+    import comfy.hooks
+
+    from .test_dit_families import conds, tiny
+
+    m = tiny("chroma")
+    pos, neg = conds("chroma")
+    other = [[neg[0][0] * -1.0, dict(neg[0][1])]]
+    plain = _chroma_sample(m, pos, neg)
+    full = _chroma_sample(regional(m, region(pos, torch.ones(1, 64, 96))), pos, neg)
+    moved = _chroma_sample(regional(m, region(other, torch.ones(1, 64, 96))), pos, neg)
+    gap = float((moved - plain).abs().max())
+    assert float((full - plain).abs().max()) < 1e-3 * gap, (float((full - plain).abs().max()), gap)
+
+    mask = torch.zeros(1, 64, 96)
+    mask[:, :16, 64:] = 1.0  # top row of tokens, last two columns
+    seen = []
+
+    def spy(executor, *args, **kw):
+        seen.append((args[2].shape, kw.get("attention_mask"), args[5].get("cond_or_uncond")))
+        return executor(*args, **kw)
+
+    patched = regional(m, region(other, mask))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "zz_spy", spy)
+    _chroma_sample(patched, pos, neg)
+    shape, att, cou = seen[0]
+    n0, n1 = pos[0][0].shape[1], other[0][0].shape[1]
+    assert shape[1] == n0 + n1 and att.shape[-1] == n0 + n1 + 24
+    row = list(cou).index(0) * (shape[0] // len(cou))
+    want = torch.zeros(4, 6, dtype=torch.bool)
+    want[0, 4:] = True
+    assert torch.equal(torch.isfinite(att[row, n0 + n1:, n0:n0 + n1]).all(dim=1).view(4, 6), want)
+
+    hooked = [[other[0][0], {**other[0][1], "hooks": comfy.hooks.create_hook_lora({}, strength_model=1.0,
+                                                                                      strength_clip=0.0)}]]
+    with pytest.raises(ValueError, match=r"^Regional Prompting \(Preprint\): region 1's prompt carries a LoRA hook; "
+                                         r"regional LoRA serves UNets and Flux, not Chroma"):
+        regional(m, region(hooked, mask))
