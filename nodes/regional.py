@@ -26,6 +26,7 @@ import comfy.ldm.chroma.model
 import comfy.ldm.flux.model
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+import comfy.ldm.qwen_image.model
 import comfy.lora
 import comfy.patcher_extension
 import comfy.utils
@@ -35,7 +36,7 @@ from comfy_api.latest import io
 
 from ..regional.attention import Region, RegionError, as_mask_batch
 from ..regional.lora import HookSchedule, Keyframe, LoraRegion, RegionalLoraApply, RegionalLoraRun, RegionLoraSpec
-from ..regional.runtime import FluxRegional, RegionSet, SD3Regional, UNetRegionalAttention
+from ..regional.runtime import FluxRegional, JointRegional, RegionSet, UNetRegionalAttention
 from ..utils.sigma_window import SigmaWindow
 from ._host import RunState, attention, install_hooks
 from ._inputs import PreprintNode, model_input, model_output, percent_window_inputs
@@ -279,11 +280,8 @@ class PreprintRegionalPrompting(PreprintNode):
         elif _flux_family(dm) is not None:
             family = _flux_family(dm)
             _check_widths(regions, int(dm.txt_in.in_features), family)
-            if hooked and family != "Flux":
-                raise RegionError(f"{NODE}: region {hooked[0]}'s prompt carries a LoRA hook; regional LoRA serves "
-                                  f"UNets and Flux, not {family} (its modulation comes from one shared network, "
-                                  "not per block). Give that area core's Cond Set Props (mask + hooks) combined "
-                                  "with the positive prompt (its own pass), or encode the region without hooks.")
+            if family != "Flux":
+                _refuse_region_loras(hooked, family, " (its modulation comes from one shared network, not per block)")
             install_hooks(m, KEY, {WMP.DIFFUSION_MODEL: FluxRegional(cls.NAME, shared, base_ratio, window)})
             install_region_loras(m, dm, regions, shared, window, "flux", int(getattr(dm, "patch_size", 2)))
         elif type(dm) is mmdit.OpenAISignatureMMDITWrapper:
@@ -292,19 +290,26 @@ class PreprintRegionalPrompting(PreprintNode):
                 raise RegionError(f"{NODE}: this MMDiT runs a context processor over the whole text before the "
                                   "joint blocks, which would mix the region prompts into the base prompt; regional "
                                   "prompting serves SD3 / SD3.5 without one. Use core's ConditioningSetMask here.")
-            if hooked:
-                raise RegionError(f"{NODE}: region {hooked[0]}'s prompt carries a LoRA hook; regional LoRA serves "
-                                  "UNets and Flux, not SD3 yet. Give that area core's Cond Set Props (mask + hooks) "
-                                  "combined with the positive prompt (its own pass), or encode the region without "
-                                  "hooks.")
-            patch = int(dm.patch_size)
-            install_hooks(m, KEY, {WMP.APPLY_MODEL: SD3Regional(shared, base_ratio, window, patch,
-                                                                int(dm.register_length))})
+            _refuse_region_loras(hooked, "SD3", " yet")
+            install_hooks(m, KEY, {WMP.APPLY_MODEL: JointRegional(cls.NAME, shared, base_ratio, window,
+                                                                  int(dm.patch_size), int(dm.register_length))})
+        elif isinstance(dm, comfy.ldm.qwen_image.model.QwenImageTransformer2DModel):
+            _check_widths(regions, int(dm.txt_in.in_features), "Qwen-Image")
+            _refuse_region_loras(hooked, "Qwen-Image", " yet")
+            install_hooks(m, KEY, {WMP.APPLY_MODEL: JointRegional(cls.NAME, shared, base_ratio, window,
+                                                                  int(dm.patch_size), 0, restart_text_positions=True)})
         else:
             raise RegionError(f"{NODE}: this model's diffusion network is a {type(dm).__name__}; regional prompting "
-                              "supports UNets (SD1.x, SD2.x, SDXL), Flux, Chroma and SD3. For other DiTs it is not built "
+                              "supports UNets (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3 and Qwen-Image. For other DiTs it is not built "
                               "yet; use core's ConditioningSetMask there.")
         return io.NodeOutput(m)
+
+
+def _refuse_region_loras(hooked: list[int], family: str, why: str) -> None:
+    if hooked:
+        raise RegionError(f"{NODE}: region {hooked[0]}'s prompt carries a LoRA hook; regional LoRA serves UNets and "
+                          f"Flux, not {family}{why}. Give that area core's Cond Set Props (mask + hooks) combined with "
+                          "the positive prompt (its own pass), or encode the region without hooks.")
 
 
 def _flux_family(dm) -> str | None:

@@ -6,9 +6,9 @@
 - Flux: a DIFFUSION_MODEL wrapper appends the region prompts to the positive rows' text and hands the forward a
   joint attention mask (``attention.joint_mask``), after Chen et al., "Training-free Regional Prompting for
   Diffusion Transformers", arXiv:2411.02395.
-- SD3 (MMDiT): the same text and mask (one builder, ``JointRegionText``: both sequences are ``[text; image]``),
-  the text appended to ``c_crossattn`` by an APPLY_MODEL wrapper and the mask handed to the joint attention calls
-  through ``optimized_attention_override``.
+- SD3 (MMDiT) and Qwen-Image: the same text and mask (one builder, ``JointRegionText``: every such sequence is
+  ``[text; image]``), the text appended to ``c_crossattn`` by an APPLY_MODEL wrapper and the mask handed to the
+  joint attention calls through ``optimized_attention_override``.
 
 All act only inside the run's window and leave the negative prompt's rows untouched.
 """
@@ -198,7 +198,7 @@ class FluxRegional:
         x, context, ref_latents = a["x"], a["context"], a.get("ref_latents")
         patch = int(getattr(executor.class_obj, "patch_size", 2))  # 2 on Flux.1; newer Flux.2 layouts use 1
         grid = (-(-x.shape[-2] // patch), -(-x.shape[-1] // patch))
-        n_ref = sum(-(-r.shape[-2] // patch) * -(-r.shape[-1] // patch) for r in (ref_latents or []))
+        n_ref = reference_tokens(ref_latents, patch)
         text, mask = self.joint.build(tuple(to.get("cond_or_uncond") or ()), x.shape[0], grid, n_ref,
                                       int(context.shape[1]), context, x.dtype, x.device)
         # Text positions: zeros on Flux.1 in every release; where a newer config names txt_ids_dims (Flux.2 layouts)
@@ -214,33 +214,74 @@ class FluxRegional:
 class JointMaskOverride:
     """``optimized_attention_override`` handing the joint attention mask to the attention calls over the whole
     ``[text; image]`` sequence (recognised by their length) and nothing else: SD3's image-only self-attention
-    (MMDiT-X blocks) runs as it was. Chains an earlier override; a call that already carries a mask keeps it."""
+    (MMDiT-X blocks) runs as it was. The mask may come as a keyword or as the fifth positional argument (Qwen-Image
+    passes its ``None`` mask positionally). Chains an earlier override; a call that already carries a mask keeps it.
+    ``calls`` / ``hits`` count the attention calls seen and those given the mask."""
 
     def __init__(self, mask: torch.Tensor, total: int, previous=None):
         self.mask, self.total, self.previous = mask, total, previous
+        self.calls = self.hits = 0
 
     def __call__(self, func, *args, **kwargs):
         q = args[0] if args else kwargs.get("q")
         token_dim = 2 if kwargs.get("skip_reshape", False) else 1
-        if q is not None and q.shape[token_dim] == self.total and len(args) < 5 and kwargs.get("mask") is None:
-            kwargs = {**kwargs, "mask": self.mask.to(dtype=q.dtype) if self.mask.dtype != q.dtype else self.mask}
+        self.calls += 1
+        own = args[4] if len(args) > 4 else kwargs.get("mask")
+        if q is not None and q.shape[token_dim] == self.total and own is None:
+            mask = self.mask.to(dtype=q.dtype) if self.mask.dtype != q.dtype else self.mask
+            if len(args) > 4:
+                args = (*args[:4], mask, *args[5:])
+            else:
+                kwargs = {**kwargs, "mask": mask}
+            self.hits += 1
         if self.previous is not None:
             return self.previous(func, *args, **kwargs)
         return func(*args, **kwargs)
 
 
-class SD3Regional:
-    """APPLY_MODEL wrapper for SD3 (MMDiT): region text appended to the positive rows' ``c_crossattn`` and the joint
-    attention mask handed to every joint block's attention through ``optimized_attention_override``.
+def reference_tokens(ref_latents, patch: int) -> int:
+    """Image tokens the reference latents (Kontext / Qwen-Image-Edit) add after the latent's own grid."""
+    return sum(-(-r.shape[-2] // patch) * -(-r.shape[-1] // patch) for r in (ref_latents or []))
 
-    ComfyUI 0.3.64's MMDiT runs no DIFFUSION_MODEL wrappers and takes no attention mask, but every joint block calls
+
+class JointRegional:
+    """APPLY_MODEL wrapper for joint-attention DiTs that take no attention mask of their own: SD3 (MMDiT) and
+    Qwen-Image. The region text is appended to the positive rows' ``c_crossattn`` and the joint attention mask
+    handed to every joint block's attention through ``optimized_attention_override``.
+
+    ComfyUI 0.3.64's MMDiT runs no DIFFUSION_MODEL wrappers and takes no attention mask, and Qwen-Image's blocks
+    never pass a mask to their attention (in 0.3.64 and the newest sources read), but every joint block calls
     ``optimized_attention`` with the call's ``transformer_options``, whose override sees the joint ``[context; x]``
-    query. The last block's text is ``context_pre_only``: its text queries are computed and dropped, the mask is the
-    same. ``patch`` (the patch size) and ``lead`` (register tokens in front of the text) come from the model."""
+    query. SD3's last block's text is ``context_pre_only``: its text queries are computed and dropped, the mask is
+    the same. ``patch`` (the patch size) and ``lead`` (register tokens in front of the text) come from the model;
+    reference latents count as image no region covers. A call whose attention ran but never met the joint
+    sequence's length (another patch changed the sequence) is an error, never a silent plain run.
 
-    def __init__(self, regions: RegionSet, base_ratio: float, window: SigmaWindow, patch: int, lead: int):
+    ``restart_text_positions`` (Qwen-Image): the model numbers its text tokens ``start + j`` on every rotary axis, so
+    appended region text would sit after the base prompt; for the duration of the call a pre-hook on the model's
+    ``pe_embedder`` numbers each region's text from ``start`` again, as that prompt alone would be."""
+
+    def __init__(self, node: str, regions: RegionSet, base_ratio: float, window: SigmaWindow, patch: int, lead: int,
+                 restart_text_positions: bool = False):
         self.joint = JointRegionText(regions, base_ratio)
-        self.window, self.patch, self.lead = window, patch, lead
+        self.node, self.window, self.patch, self.lead = node, window, patch, lead
+        self.restart = restart_text_positions
+
+    def _position_hook(self, model, base_len: int, total: int):
+        spans, at = [], base_len
+        for r in self.joint.regions.regions:
+            spans.append((at, at + int(r.context.shape[1])))
+            at += int(r.context.shape[1])
+
+        def hook(_module, args):
+            ids = args[0]
+            if ids.ndim != 3 or ids.shape[1] != total:
+                return None
+            ids = ids.clone()
+            for a, b in spans:
+                ids[:, a:b] = ids[:, :1] + torch.arange(b - a, device=ids.device, dtype=ids.dtype).view(1, -1, 1)
+            return (ids, *args[1:])
+        return model.diffusion_model.pe_embedder.register_forward_pre_hook(hook)
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
@@ -251,8 +292,20 @@ class SD3Regional:
         dtype = model.manual_cast_dtype if getattr(model, "manual_cast_dtype", None) is not None else model.get_dtype()
         grid = (-(-x.shape[-2] // self.patch), -(-x.shape[-1] // self.patch))
         base_len = self.lead + int(c_crossattn.shape[1])
-        text, mask = self.joint.build(tuple(to.get("cond_or_uncond") or ()), x.shape[0], grid, 0, base_len,
+        text, mask = self.joint.build(tuple(to.get("cond_or_uncond") or ()), x.shape[0], grid,
+                                      reference_tokens(kwargs.get("ref_latents"), self.patch), base_len,
                                       c_crossattn, dtype, x.device)
         override = JointMaskOverride(mask, mask.shape[-1], to.get("optimized_attention_override"))
         context = torch.cat([c_crossattn, text], dim=1)
-        return executor(x, t, c_concat, context, control, {**to, "optimized_attention_override": override}, **kwargs)
+        handle = self._position_hook(model, base_len, mask.shape[-1]) if self.restart else None
+        try:
+            out = executor(x, t, c_concat, context, control, {**to, "optimized_attention_override": override},
+                           **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if override.calls and not override.hits:
+            raise RegionError(f"{self.node}: no attention call of this model covered the {mask.shape[-1]}-token "
+                              "sequence of text, region text and image the regional mask was built for; another "
+                              "patch changed the sequence. Remove it, or place Regional Prompting after it.")
+        return out

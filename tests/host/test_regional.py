@@ -254,10 +254,10 @@ def test_a_region_prompt_with_lora_hooks_keeps_them_for_the_regional_pass():
     assert region(hooked, torch.ones(1, 8, 8))[0].hooks is group
 
 
-def _chroma_sample(m, pos, neg):
+def _dit_sample(m, pos, neg, shape=(16, 8, 12)):
     import comfy.sample
 
-    latent = torch.zeros(1, 16, 8, 12)  # 4 x 6 tokens after the 2x2 patches
+    latent = torch.zeros(1, *shape)  # 4 x 6 tokens after the 2x2 patches
     return comfy.sample.sample(m, comfy.sample.prepare_noise(latent, 0), 3, 3.0, "euler", "simple", pos, neg, latent,
                                seed=0, disable_pbar=True)
 
@@ -273,9 +273,9 @@ def test_chroma_is_served_like_flux():
     m = tiny("chroma")
     pos, neg = conds("chroma")
     other = [[neg[0][0] * -1.0, dict(neg[0][1])]]
-    plain = _chroma_sample(m, pos, neg)
-    full = _chroma_sample(regional(m, region(pos, torch.ones(1, 64, 96))), pos, neg)
-    moved = _chroma_sample(regional(m, region(other, torch.ones(1, 64, 96))), pos, neg)
+    plain = _dit_sample(m, pos, neg)
+    full = _dit_sample(regional(m, region(pos, torch.ones(1, 64, 96))), pos, neg)
+    moved = _dit_sample(regional(m, region(other, torch.ones(1, 64, 96))), pos, neg)
     gap = float((moved - plain).abs().max())
     assert float((full - plain).abs().max()) < 1e-3 * gap, (float((full - plain).abs().max()), gap)
 
@@ -289,7 +289,7 @@ def test_chroma_is_served_like_flux():
 
     patched = regional(m, region(other, mask))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "zz_spy", spy)
-    _chroma_sample(patched, pos, neg)
+    _dit_sample(patched, pos, neg)
     shape, att, cou = seen[0]
     n0, n1 = pos[0][0].shape[1], other[0][0].shape[1]
     assert shape[1] == n0 + n1 and att.shape[-1] == n0 + n1 + 24
@@ -302,4 +302,49 @@ def test_chroma_is_served_like_flux():
                                                                                       strength_clip=0.0)}]]
     with pytest.raises(ValueError, match=r"^Regional Prompting \(Preprint\): region 1's prompt carries a LoRA hook; "
                                          r"regional LoRA serves UNets and Flux, not Chroma"):
+        regional(m, region(hooked, mask))
+
+
+def test_qwen_image_gets_region_text_and_the_mask_on_every_joint_attention():
+    """Qwen-Image: region text appended to the positive rows, the joint mask handed to each block's attention (its
+    blocks pass their mask positionally, and None); a full-frame region of the base prompt is plain sampling up to
+    rounding; a region carrying LoRA hooks is refused by name."""
+    import comfy.hooks
+
+    from .test_dit_families import conds, tiny
+
+    m = tiny("qwen_image")
+    pos, neg = conds("qwen_image")
+    other = [[neg[0][0] * -1.0, dict(neg[0][1])]]
+    shape = (16, 1, 8, 12)
+    plain = _dit_sample(m, pos, neg, shape)
+    full = _dit_sample(regional(m, region(pos, torch.ones(1, 64, 96))), pos, neg, shape)
+    moved = _dit_sample(regional(m, region(other, torch.ones(1, 64, 96))), pos, neg, shape)
+    gap = float((moved - plain).abs().max())
+    assert gap > 0 and float((full - plain).abs().max()) < 1e-3 * gap, (float((full - plain).abs().max()), gap)
+
+    mask = torch.zeros(1, 64, 96)
+    mask[:, :16, 64:] = 1.0  # top row of tokens, last two columns
+    seen = []
+
+    def record(func, *args, **kwargs):
+        seen.append((args[0].shape, args[4] if len(args) > 4 else kwargs.get("mask"),
+                     list(kwargs["transformer_options"]["cond_or_uncond"])))
+        return func(*args, **kwargs)
+
+    patched = regional(m, region(other, mask))
+    patched.model_options["transformer_options"]["optimized_attention_override"] = record
+    _dit_sample(patched, pos, neg, shape)
+    n0, n1 = pos[0][0].shape[1], other[0][0].shape[1]
+    blocks = len(m.model.diffusion_model.transformer_blocks)
+    assert len(seen) == 3 * blocks and all(q[1] == n0 + n1 + 24 and att is not None for q, att, _ in seen)
+    _, att, cou = seen[0]
+    want = torch.zeros(4, 6, dtype=torch.bool)
+    want[0, 4:] = True
+    assert torch.equal(torch.isfinite(att[cou.index(0), n0 + n1:, n0:n0 + n1]).all(dim=1).view(4, 6), want)
+    assert not torch.isfinite(att[cou.index(1), n0 + n1:, n0:n0 + n1]).any()  # negative row: padding nobody sees
+
+    hooked = [[other[0][0], {**other[0][1], "hooks": comfy.hooks.create_hook_lora({}, strength_model=1.0,
+                                                                                      strength_clip=0.0)}]]
+    with pytest.raises(ValueError, match=r"regional LoRA serves UNets and Flux, not Qwen-Image yet"):
         regional(m, region(hooked, mask))

@@ -22,8 +22,8 @@ from preprint.regional.attention import (
 from preprint.regional.runtime import (
     FluxRegional,
     JointMaskOverride,
+    JointRegional,
     RegionSet,
-    SD3Regional,
     UNetRegionalAttention,
     active,
     positive_rows,
@@ -508,6 +508,10 @@ def test_joint_mask_override_masks_only_the_joint_calls_and_chains():
     assert override(func, q7, q7, q7, heads=2, mask=own) is own  # a call's own mask is kept
     assert override(func, q7.half(), q7.half(), q7.half(), heads=2).dtype == torch.float16
     assert seen[0] is mask and seen[1] is None
+    # Qwen-Image passes its (None) mask as the fifth positional argument: it is replaced there, an own one kept
+    assert override(func, q7, q7, q7, 2, None) is mask
+    assert override(func, q7, q7, q7, 2, own) is own
+    assert (override.calls, override.hits) == (6, 3)
 
 
 class _SD3Model:
@@ -527,7 +531,7 @@ class _SD3Model:
 def test_sd3_wrapper_appends_the_flux_paths_text_and_hands_its_mask_to_the_override():
     g = torch.Generator().manual_seed(5)
     regions = RegionSet((Region(torch.randn(1, 3, 8, generator=g), torch.ones(1, 6, 5)),))
-    wrapper = SD3Regional(regions, 0.5, SigmaWindow(), patch=2, lead=2)
+    wrapper = JointRegional("R", regions, 0.5, SigmaWindow(), patch=2, lead=2)
     model = _SD3Model()
     x, context = torch.zeros(2, 16, 5, 3), torch.randn(2, 4, 8, generator=g)
     to = {"cond_or_uncond": [0, 1], "sigmas": torch.tensor([3.0, 3.0])}
@@ -539,6 +543,32 @@ def test_sd3_wrapper_appends_the_flux_paths_text_and_hands_its_mask_to_the_overr
     want = joint_mask([6, 3], masks_on_grid([r.mask for r in regions.regions], 1, 3, 2), 0.5)
     assert override.total == 6 + 3 + 6 and torch.equal(override.mask[0], want[0])
     assert "optimized_attention_override" not in to  # the caller's options untouched
-    closed = SD3Regional(regions, 0.5, SigmaWindow(1.0, 0.5), patch=2, lead=0)
+    closed = JointRegional("R", regions, 0.5, SigmaWindow(1.0, 0.5), patch=2, lead=0)
     closed(_Executor(model, model._apply), x, torch.tensor([3.0, 3.0]), None, context, None, to)
     assert model.seen[1][0] is context and model.seen[1][1] is to
+
+
+def test_joint_wrapper_counts_reference_tokens_and_refuses_a_sequence_it_never_met():
+    g = torch.Generator().manual_seed(6)
+    regions = RegionSet((Region(torch.randn(1, 3, 8, generator=g), torch.ones(1, 6, 5)),))
+    wrapper = JointRegional("Regional Prompting (Preprint)", regions, 0.5, SigmaWindow(), patch=2, lead=0)
+    model = _SD3Model()
+    x, context = torch.zeros(2, 16, 1, 5, 3), torch.randn(2, 4, 8, generator=g)  # Qwen-Image latents carry a frame
+    to = {"cond_or_uncond": [0, 1], "sigmas": torch.tensor([3.0, 3.0])}
+    refs = [torch.zeros(1, 16, 1, 4, 6)]  # a reference latent: 2 x 3 more image tokens, no region covers them
+    wrapper(_Executor(model, model._apply), x, torch.tensor([3.0, 3.0]), None, context, None, to, ref_latents=refs)
+    override = model.seen[0][1]["optimized_attention_override"]
+    assert override.total == 4 + 3 + 6 + 6
+    want = joint_mask([4, 3], torch.cat([masks_on_grid([r.mask for r in regions.regions], 1, 3, 2),
+                                         torch.zeros(1, 1, 6)], dim=2), 0.5)
+    assert torch.equal(override.mask[0], want[0])
+
+    def attends_wrong_length(x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
+        q = torch.zeros(2, 5, 4)
+        transformer_options["optimized_attention_override"](lambda *a, **k: q, q, q, q, 1)
+        return x
+
+    with pytest.raises(RegionError, match=r"^Regional Prompting \(Preprint\): no attention call of this model "
+                                          r"covered the 19-token sequence"):
+        wrapper(_Executor(model, attends_wrong_length), x, torch.tensor([3.0, 3.0]), None, context, None, to,
+                ref_latents=refs)
