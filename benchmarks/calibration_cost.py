@@ -131,16 +131,12 @@ def counted_cost(case: str, s: dict, family: str) -> tuple[int, int]:
     guided = 1 if float(s.get("cfg", 0.0)) == 1.0 else 2  # ComfyUI skips the uncond pass at CFG 1
     if case == "v3_statistics":
         chunks = -(-s["samples"] // s["chunk"])
-        # two calls a finite-difference JVP: the +- pair batched, then the centre; "auto" falls back to finite
-        # differences after one failed forward-mode call when forward AD cannot run (derivatives_used)
-        used = s.get("derivatives_used", "forward" if s["derivatives"] == "auto" else s["derivatives"])
-        fd = used == "finite_difference"
+        # two calls a finite-difference JVP (what "auto" uses): the +- pair batched, then the centre
+        fd = s["derivatives"] != "forward"
         jvps = (s["grid_points"] + 1) * 2 * chunks
         rows_per = min(s["chunk"], s["samples"]) * guided
         calls, rows = jvps * (2 if fd else 1), jvps * rows_per * (3 if fd else 1)
         first = 1 if family == "flux" else 0  # the flow march first leaves sigma = 1: one plain call of all samples
-        if fd and s["derivatives"] == "auto":  # the failed forward attempt: its first call (and sigma-1 call)
-            calls, rows = calls + 1 + first, rows + rows_per + first * s["samples"] * guided
         calls, rows = calls + first, rows + first * s["samples"] * guided
         return calls, rows
     if case in ("dc_search", "dc_cpr_fit"):

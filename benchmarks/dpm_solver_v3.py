@@ -1,6 +1,6 @@
 """DPM-Solver-v3 with statistics computed on the model against DPM-Solver++ on the exact-score Gaussian mixture.
 
-Run:  .venv/bin/python benchmarks/dpm_solver_v3.py                (about 2 minutes on one CPU thread)
+Run:  .venv/bin/python benchmarks/dpm_solver_v3.py                (about 8 minutes on one CPU thread)
       .venv/bin/python benchmarks/dpm_solver_v3.py --samples 32 --grid 30     (a quick look)
 
 Problems: the conditional mixture of tests/unit/conftest.py in a latent-shaped space (4, 8, 8), batch 4; EPS/VE
@@ -8,7 +8,8 @@ Problems: the conditional mixture of tests/unit/conftest.py in a latent-shaped s
 statistics are computed by ``samplers.dpm_solver_v3.compute_statistics`` with forward-mode JVPs on trajectories of
 their own noise (held out from the evaluation batch). Error: RMS per element against the exact probability-flow
 solution over the same sigma span (2000 RK4 steps), as in tests/unit. Every solver makes one model call per step,
-so NFE = steps.
+so NFE = steps. A second table per problem compares statistics budgets (grid intervals x samples, --budgets,
+the node's default 120 x 64 first) for the node-default solver: how much calibration the sampler needs.
 
 Writes benchmarks/results/dpm_solver_v3.json and .md (and .png when matplotlib is installed).
 """
@@ -65,8 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--grid", type=int, default=60, help="grid intervals of the statistics")
     ap.add_argument("--samples", type=int, default=128, help="trajectories the statistics average over")
+    ap.add_argument("--budgets", default="120x64,60x32,40x32,20x16",
+                    help="statistics budgets (grid x samples) compared for the node-default solver; '' for none")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    budgets = [tuple(int(v) for v in b.split("x")) for b in args.budgets.split(",") if b]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     start = time.time()
@@ -81,6 +85,15 @@ def main(argv: list[str] | None = None) -> None:
         table = {name: {str(n): problem.error(run(problem, problem.sigmas(n)), problem.sigmas(n)) for n in NFES}
                  for name, run in solvers(stats).items()}
         results["configs"][key] = {"statistics_seconds": round(time.time() - t0, 1), "errors": table}
+        rows = {}
+        for grid, samples in budgets:  # how much the statistics' grid and sample count matter
+            b = v3.compute_statistics(lambda x, s, p=problem: p.model(x, s), tuple(problem.x_start.shape[1:]), kind,
+                                      *RANGES[kind], grid_points=grid, samples=samples, chunk=samples, seed=321,
+                                      dtype=torch.float64)
+            run = solvers(b)["v3 calibrated, order 2 + corrector (node default)"]
+            rows[f"{grid} x {samples}"] = {str(n): problem.error(run(problem, problem.sigmas(n)), problem.sigmas(n))
+                                           for n in NFES}
+        results["configs"][key]["budgets"] = rows
         log.info("%s done (%.0f s)", key, time.time() - t0)
     results["seconds"] = round(time.time() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +119,13 @@ def markdown(results: dict) -> str:
                      for n in results["nfe"]]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        if entry.get("budgets"):
+            lines += [f"Statistics budget (grid intervals x samples; other probe seed), v3 order 2 + corrector, {key}:",
+                      "", "| budget | " + " | ".join(f"NFE {n}" for n in results["nfe"]) + " |",
+                      "|---|" + "---|" * len(results["nfe"])]
+            lines += [f"| {b} | " + " | ".join(f"{row[str(n)]:.4f}" for n in results["nfe"]) + " |"
+                      for b, row in entry["budgets"].items()]
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -120,8 +120,9 @@ def _add_control(h: torch.Tensor, ctrl: torch.Tensor | None) -> torch.Tensor:
         fits = False
     if not fits:
         return h  # stock forward logs a warning and leaves h unchanged
-    # out of place: h may be a cached tensor (same values as the stock in-place add)
-    return h + ctrl
+    # out of place: h may be a cached tensor (same values as the stock in-place add, which keeps h's dtype: a
+    # T2I-Adapter's float32 residual must not turn a half-precision UNet's activations into float32)
+    return h + ctrl.to(h.dtype)
 
 
 def run_unet(unet: torch.nn.Module, plan: UNetPlan, timestep_embedding: Callable, x: torch.Tensor,

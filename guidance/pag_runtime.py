@@ -481,7 +481,9 @@ class DegradedPass(GuidedPass):
     def guide(self, pending, args):
         x = args["input"]
         size = pending.pred.shape[-2:]
-        mask = torch.stack([F.interpolate(m.float(), size=size, mode="nearest") for m in pending.masks]).amax(0)
+        # each mask on the prediction's device: with cond chunks on several GPUs they were recorded on others
+        mask = torch.stack([F.interpolate(m.to(pending.pred.device, torch.float32), size=size, mode="nearest")
+                            for m in pending.masks]).amax(0)
         degraded = sag_math.degrade(pending.pred, mask, self.blur_sigma)
         sigma = args["sigma"].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
         model = args["model"]

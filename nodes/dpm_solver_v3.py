@@ -45,6 +45,9 @@ KSAMPLER_NAME = "preprint_dpm_solver_v3"
 KIND = "dpm_solver_v3"  # calibration kind: files are dpm_solver_v3-<digest>.safetensors
 FLOW_SIGMA_MAX = 0.995  # flow grids start here: lambda is -inf at sigma = 1, whose step needs no statistics
 DERIVATIVES = ("auto", "forward", "finite_difference")
+# networks that detach their timestep (read in ComfyUI's sources: comfy/ldm/chroma/model.py, and its pixel-space
+# sibling), so forward-mode AD sees no derivative through it
+FORWARD_BLIND = ("Chroma", "ChromaRadiance")
 PAPER = "Zheng et al., 'DPM-Solver-v3: Improved Diffusion ODE Solver with Empirical Model Statistics', arXiv:2310.13268"
 
 Statistics = io.Custom("PREPRINT_DPM_V3_STATISTICS")
@@ -135,10 +138,11 @@ class PreprintDPMSolverV3Statistics(PreprintNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the trajectories' starting noise and of the probe vectors."),
                 advanced(io.Combo.Input("derivatives", options=list(DERIVATIVES), default="auto",
-                                        tooltip="forward: forward-mode JVPs (attention on PyTorch's math kernel). "
-                                                "finite_difference: central differences (2 plain calls per JVP), "
-                                                "for attention kernels forward AD cannot enter (xformers, sage). "
-                                                "auto: forward, else finite differences.")),
+                                        tooltip="auto / finite_difference: central differences (2 plain calls "
+                                                "per JVP; every attention kernel, every dtype, discrete "
+                                                "timesteps). forward: forward-mode JVPs (attention on PyTorch's "
+                                                "math kernel), only for continuous-time models (flow: Flux, SD3); "
+                                                "refused where the timestep is discrete or detached.")),
                 io.Boolean.Input("recompute", default=False,
                                  tooltip="Compute again even when statistics for these settings are saved."),
             ],
@@ -177,29 +181,41 @@ class PreprintDPMSolverV3Statistics(PreprintNode):
         return io.NodeOutput(stats, str(path))
 
     @classmethod
+    def check_forward_mode(cls, model) -> None:
+        """Refuse forward-mode derivatives where they would silently miss the derivative through the noise level."""
+        ms = model.get_model_object("model_sampling")
+        sigma = torch.tensor([float(ms.sigma_max) * 0.5, float(ms.sigma_min) * 2.0])
+        if not v3.timestep_is_differentiable(ms.timestep, sigma):
+            raise cls.error("forward derivatives: this model maps the noise level to discrete timesteps (SD1.x / "
+                            "SDXL: the nearest of its training timesteps), which forward-mode AD cannot "
+                            "differentiate; its statistics would be silently wrong. Set derivatives to auto (finite "
+                            "differences).")
+        dm = model.get_model_object("diffusion_model")
+        if type(dm).__name__ in FORWARD_BLIND:
+            raise cls.error(f"forward derivatives: this {type(dm).__name__} detaches its timestep inside the "
+                            "network, which forward-mode AD cannot follow; its statistics would be silently wrong. "
+                            "Set derivatives to auto (finite differences).")
+
+    @classmethod
     def compute(cls, model, positive, negative, cfg, latent, kind, lam, grid_points, samples, chunk, substeps,
                 seed, derivatives) -> tuple[v3.Statistics, str]:
         result: dict = {}
         bar = comfy.utils.ProgressBar(grid_points + 1)
 
+        mode = "forward" if derivatives == "forward" else "finite_difference"
+        if mode == "forward":
+            cls.check_forward_mode(model)
+
         def calibrate(denoise, x, sigmas):
-            modes = ["forward", "finite_difference"] if derivatives == "auto" else [derivatives]
-            for n, mode in enumerate(modes):
-                try:
-                    result["stats"] = v3.compute_statistics(
-                        denoise, tuple(x.shape[1:]), kind, *lam, grid_points=grid_points, samples=samples,
-                        chunk=chunk, substeps=substeps, seed=seed, jvp=mode, device=x.device, dtype=x.dtype,
-                        callback=lambda done, total: bar.update_absolute(done, total))
-                    result["mode"] = mode
-                    break
-                except (NotImplementedError, RuntimeError) as error:
-                    if n + 1 < len(modes):
-                        log.warning("%s: forward-mode JVP failed here (%s); using finite differences", cls.NAME,
-                                    str(error).splitlines()[0])
-                        continue
-                    hint = " Set derivatives to finite_difference." if mode == "forward" else ""
-                    raise cls.error(f"computing the statistics failed with {mode} derivatives: {error}.{hint}") \
-                        from error
+            try:
+                result["stats"] = v3.compute_statistics(
+                    denoise, tuple(x.shape[1:]), kind, *lam, grid_points=grid_points, samples=samples, chunk=chunk,
+                    substeps=substeps, seed=seed, jvp=mode, device=x.device, dtype=x.dtype,
+                    callback=lambda done, total: bar.update_absolute(done, total))
+            except (NotImplementedError, RuntimeError) as error:
+                hint = " Set derivatives to auto (finite differences)." if mode == "forward" else ""
+                raise cls.error(f"computing the statistics failed with {mode} derivatives: {error}.{hint}") from error
+            result["mode"] = mode
             return result
 
         zeros = torch.zeros((1, *latent.shape[1:]), dtype=latent.dtype)

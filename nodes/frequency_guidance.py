@@ -207,7 +207,8 @@ class _FamRun:
                 self.warned = True
             return x
         sigma = sigma.reshape(-1).float()
-        t_max = model_sampling.timestep(model_sampling.sigma_max.reshape(1).float()).float()
+        # a float: model_sampling's buffers stay on the CPU after a partial load while sigma is on the GPU
+        t_max = float(model_sampling.timestep(model_sampling.sigma_max.reshape(1).float()).reshape(-1)[0])
         rho = (model_sampling.timestep(sigma).float() / t_max).clamp(0.0, 1.0).cpu()
         tau_h, _ = fam_cutoffs(x.shape[-2], x.shape[-1], float(rho.min()), self.c)
         if tau_h <= 0.0:  # t = T: K passes everything, and skipping the transform keeps x bitwise

@@ -282,7 +282,7 @@ class PreprintRegionalPrompting(PreprintNode):
             _check_widths(regions, int(dm.txt_in.in_features), family)
             if family != "Flux":
                 _refuse_region_loras(hooked, family, " (its modulation comes from one shared network, not per block)")
-            install_hooks(m, KEY, {WMP.DIFFUSION_MODEL: FluxRegional(cls.NAME, shared, base_ratio, window)})
+            install_hooks(m, KEY, {WMP.DIFFUSION_MODEL: FluxRegional(cls.NAME, shared, base_ratio, window, family)})
             install_region_loras(m, dm, regions, shared, window, "flux", int(getattr(dm, "patch_size", 2)))
         elif type(dm) is mmdit.OpenAISignatureMMDITWrapper:
             _check_widths(regions, int(dm.context_embedder.in_features), "SD3")

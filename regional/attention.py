@@ -111,7 +111,7 @@ def joint_mask(text_lengths: list[int], masks: torch.Tensor, base_ratio: float, 
     n_txt = sum(text_lengths)
     total = n_txt + n_img
     neg = float("-inf")
-    allowed = torch.zeros(batch, total, total, dtype=torch.bool)
+    allowed = torch.zeros(batch, total, total, dtype=torch.bool, device=masks.device)
     spans, start = [], 0
     for n in text_lengths:
         spans.append((start, start + n))
@@ -127,7 +127,7 @@ def joint_mask(text_lengths: list[int], masks: torch.Tensor, base_ratio: float, 
         allowed[:, s0:s1, s0:s1] = True  # region text: itself ...
         allowed[:, s0:s1, img] |= inside[r].unsqueeze(1)  # ... and its own image tokens
         allowed[:, img, s0:s1] |= inside[r].unsqueeze(2)  # image tokens: the text of the regions covering them
-    bias = torch.zeros(batch, total, total, dtype=dtype).masked_fill(~allowed, neg)
+    bias = torch.zeros(batch, total, total, dtype=dtype, device=masks.device).masked_fill(~allowed, neg)
     if base_ratio < 1.0:
         covered = inside.any(dim=0)  # [B, L_img]
         shift = math.log(base_ratio) if base_ratio > 0 else neg

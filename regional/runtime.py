@@ -16,6 +16,7 @@ All act only inside the run's window and leave the negative prompt's rows untouc
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,7 @@ from ..guidance.pag_runtime import rows_of
 from ..utils.sigma_window import SigmaWindow
 from .attention import Region, RegionError, joint_mask, masks_on_grid, regional_attention
 
+log = logging.getLogger("preprint")
 NEGATIVE = 1  # ComfyUI's index of the negative prompt in cond_or_uncond
 
 
@@ -164,8 +166,9 @@ class FluxRegional:
 
     REQUIRED = ("x", "context", "transformer_options")
 
-    def __init__(self, node: str, regions: RegionSet, base_ratio: float, window: SigmaWindow):
+    def __init__(self, node: str, regions: RegionSet, base_ratio: float, window: SigmaWindow, family: str = "Flux"):
         self.node, self.regions, self.base_ratio, self.window = node, regions, base_ratio, window
+        self.family = family
         self.joint = JointRegionText(regions, base_ratio)
         self._signature: tuple[object, inspect.Signature, str | None] | None = None
 
@@ -178,7 +181,7 @@ class FluxRegional:
             if varkw is None and "attention_mask" not in sig.parameters:
                 missing.append("attention_mask")
             if missing:
-                raise RegionError(f"{self.node}: this ComfyUI's Flux forward takes {sig}, without "
+                raise RegionError(f"{self.node}: this ComfyUI's {self.family} forward takes {sig}, without "
                                   f"{', '.join(missing)}; regional prompting cannot place its text. Update the "
                                   "Preprint pack.")
             self._signature = (fn, sig, varkw)
@@ -189,11 +192,11 @@ class FluxRegional:
         bound, varkw = self._bind(executor, args, kwargs)
         a = bound.arguments
         to = a.get("transformer_options") or {}
-        if not active(to, self.window):
+        if not active(to, self.window) or not positive_rows(to, a["x"].shape[0]):  # a negative-only call: as it was
             return executor(*args, **kwargs)
         extra = dict(a.get(varkw) or {}) if varkw else {}
         if a.get("attention_mask", extra.get("attention_mask")) is not None:
-            raise RegionError(f"{self.node}: the conditioning already carries a Flux attention mask; regional "
+            raise RegionError(f"{self.node}: the conditioning already carries a {self.family} attention mask; regional "
                               "prompting builds its own. Remove the other mask (or this node).")
         x, context, ref_latents = a["x"], a["context"], a.get("ref_latents")
         patch = int(getattr(executor.class_obj, "patch_size", 2))  # 2 on Flux.1; newer Flux.2 layouts use 1
@@ -221,11 +224,14 @@ class JointMaskOverride:
     def __init__(self, mask: torch.Tensor, total: int, previous=None):
         self.mask, self.total, self.previous = mask, total, previous
         self.calls = self.hits = 0
+        self.lengths: set[int] = set()
 
     def __call__(self, func, *args, **kwargs):
         q = args[0] if args else kwargs.get("q")
         token_dim = 2 if kwargs.get("skip_reshape", False) else 1
         self.calls += 1
+        if q is not None:
+            self.lengths.add(int(q.shape[token_dim]))
         own = args[4] if len(args) > 4 else kwargs.get("mask")
         if q is not None and q.shape[token_dim] == self.total and own is None:
             mask = self.mask.to(dtype=q.dtype) if self.mask.dtype != q.dtype else self.mask
@@ -265,9 +271,9 @@ class JointRegional:
                  restart_text_positions: bool = False):
         self.joint = JointRegionText(regions, base_ratio)
         self.node, self.window, self.patch, self.lead = node, window, patch, lead
-        self.restart = restart_text_positions
+        self.restart, self.warned = restart_text_positions, False
 
-    def _position_hook(self, model, base_len: int, total: int):
+    def _position_hook(self, model, base_len: int, total: int, fired: list):
         spans, at = [], base_len
         for r in self.joint.regions.regions:
             spans.append((at, at + int(r.context.shape[1])))
@@ -277,6 +283,7 @@ class JointRegional:
             ids = args[0]
             if ids.ndim != 3 or ids.shape[1] != total:
                 return None
+            fired.append(True)
             ids = ids.clone()
             for a, b in spans:
                 ids[:, a:b] = ids[:, :1] + torch.arange(b - a, device=ids.device, dtype=ids.dtype).view(1, -1, 1)
@@ -286,7 +293,7 @@ class JointRegional:
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
         to = transformer_options or {}
-        if c_crossattn is None or not active(to, self.window):
+        if c_crossattn is None or not active(to, self.window) or not positive_rows(to, x.shape[0]):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         model = executor.class_obj
         dtype = model.manual_cast_dtype if getattr(model, "manual_cast_dtype", None) is not None else model.get_dtype()
@@ -297,15 +304,22 @@ class JointRegional:
                                       c_crossattn, dtype, x.device)
         override = JointMaskOverride(mask, mask.shape[-1], to.get("optimized_attention_override"))
         context = torch.cat([c_crossattn, text], dim=1)
-        handle = self._position_hook(model, base_len, mask.shape[-1]) if self.restart else None
+        fired: list = []
+        handle = self._position_hook(model, base_len, mask.shape[-1], fired) if self.restart else None
         try:
             out = executor(x, t, c_concat, context, control, {**to, "optimized_attention_override": override},
                            **kwargs)
         finally:
             if handle is not None:
                 handle.remove()
-        if override.calls and not override.hits:
-            raise RegionError(f"{self.node}: no attention call of this model covered the {mask.shape[-1]}-token "
-                              "sequence of text, region text and image the regional mask was built for; another "
-                              "patch changed the sequence. Remove it, or place Regional Prompting after it.")
+        if (override.calls or fired) and not override.hits:  # the model ran, and the region text went unmasked
+            seen = sorted(override.lengths) if override.lengths else "none through ComfyUI's attention override"
+            raise RegionError(f"{self.node}: the model's attention never took the regional mask: it was built for "
+                              f"a sequence of {mask.shape[-1]} tokens (text, region text, image), and the attention "
+                              f"calls saw {seen}. Another patch changes the sequence or replaces the attention "
+                              "function; remove it from this model, or use core's ConditioningSetMask.")
+        if self.restart and override.hits and not fired and not self.warned:
+            self.warned = True
+            log.warning("%s: the model's position embedder was not called through its module (a compiled model?); "
+                        "the region prompts keep the positions after the base prompt", self.node)
         return out

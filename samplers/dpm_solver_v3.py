@@ -345,6 +345,18 @@ JVP_MODES: tuple[str, ...] = ("forward", "finite_difference")
 S_LIMIT = 10.0  # bound on the fitted s (measured max |s| on the CFG 7.5 mixture: 11, on a few elements)
 
 
+def timestep_is_differentiable(timestep: Callable[[torch.Tensor], torch.Tensor], sigma: torch.Tensor) -> bool:
+    """Whether forward-mode AD sees a derivative of a model's sigma -> timestep map (ComfyUI's ``model_sampling
+    .timestep``). Discrete-time models (SD1.x, SDXL: the nearest of 1000 training timesteps, an argmin) give none:
+    forward-mode JVPs through them silently drop the derivative through the noise level."""
+    with torch.inference_mode(False), torch.no_grad():
+        try:
+            _, tangent = torch.func.jvp(timestep, (sigma.detach().clone(),), (torch.ones_like(sigma),))
+        except RuntimeError:
+            return False
+    return tangent.is_floating_point() and bool((tangent != 0).any())
+
+
 def _jvp(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor, tx: torch.Tensor, tsigma: torch.Tensor,
          mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D(x, sigma), d/de D(x + e tx, sigma + e tsigma) at e = 0)``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import comfy.patcher_extension
 import comfy.samplers
 import pytest
@@ -72,19 +73,42 @@ def test_chunking_does_not_change_the_statistics(models, folder):
         assert float((getattr(parts, name) - getattr(whole, name)).abs().median()) < 1e-3
 
 
-def test_forward_mode_jvp_through_comfyui_in_inference_mode(models, folder):
-    """Forward-mode AD through the real guider and UNet, inside inference mode as ComfyUI's executor runs nodes
+def test_forward_mode_jvp_through_comfyui_in_inference_mode(folder):
+    """Forward-mode AD through the real guider and Flux, inside inference mode as ComfyUI's executor runs nodes
     (the model's weights and conds are inference tensors there: the model is built inside it, as a checkpoint loader
     node builds it); it agrees with the finite differences."""
     with torch.inference_mode():
-        counter = counted(tiny_model("sd15"))
-        assert counter.model.model.diffusion_model.input_blocks[0][0].weight.is_inference()
-    settings = {"grid_points": 2, "samples": 2, "chunk": 2, "recompute": True}
+        counter = counted(tiny_model("flux"))
+        assert next(counter.model.model.diffusion_model.parameters()).is_inference()
+    settings = {"grid_points": 2, "samples": 2, "chunk": 2, "recompute": True, "cfg": 3.0}
     with torch.inference_mode():
-        fwd, _ = statistics(counter.model, "sd15", derivatives="forward", **settings)
-    assert counter.calls == 3 * 2  # one call per JVP
-    fd, _ = statistics(models["sd15"], "sd15", derivatives="finite_difference", **settings)
-    torch.testing.assert_close(fd.l, fwd.l, atol=1e-2, rtol=0)  # step-0.02 differences of a float32 UNet
+        fwd, _ = statistics(counter.model, "flux", derivatives="forward", **settings)
+    assert counter.calls == 3 * 2 + 1  # one call per JVP, one to leave sigma = 1
+    with torch.inference_mode():
+        fd, _ = statistics(counter.model, "flux", derivatives="finite_difference", **settings)
+    assert float((fd.l - 1).abs().max()) > 0.05  # statistics away from the trivial l = 1 ...
+    torch.testing.assert_close(fd.l, fwd.l, atol=1e-2, rtol=0)  # ... agree to step-0.02 differences of float32
+    for name in ("s", "b"):  # the derivative along the trajectory (tangent in sigma too): compared by the median
+        assert float((getattr(fd, name) - getattr(fwd, name)).abs().median()) < 0.1 * float(
+            getattr(fd, name).abs().median()), name
+
+
+def test_forward_mode_is_refused_where_the_timestep_is_discrete_and_auto_takes_differences(models, folder):
+    """SD1.5's model sampling maps sigma to the nearest of its 1000 training timesteps (an argmin): forward mode would
+    see no derivative through the noise level and give wrong statistics without any error, so it is refused; auto
+    computes with finite differences and records that in the file."""
+    from safetensors import safe_open
+
+    settings = {"grid_points": 2, "samples": 2, "chunk": 2, "recompute": True}
+    with pytest.raises(ValueError, match=r"forward derivatives: this model maps the noise level to discrete "
+                                         r"timesteps"):
+        statistics(models["sd15"], "sd15", derivatives="forward", **settings)
+    counter = counted(models["sd15"])
+    _, path = statistics(counter.model, "sd15", derivatives="auto", **settings)
+    assert counter.calls == 3 * 2 * 2  # two calls per finite-difference JVP
+    with safe_open(path, "pt") as f:
+        assert json.dumps(f.metadata()).count("finite_difference") >= 1
+        assert "forward" not in json.dumps(f.metadata()).replace("finite_difference", "")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -344,6 +344,16 @@ def test_qwen_image_gets_region_text_and_the_mask_on_every_joint_attention():
     assert torch.equal(torch.isfinite(att[cou.index(0), n0 + n1:, n0:n0 + n1]).all(dim=1).view(4, 6), want)
     assert not torch.isfinite(att[cou.index(1), n0 + n1:, n0:n0 + n1]).any()  # negative row: padding nobody sees
 
+    assert not m.model.diffusion_model.pe_embedder._forward_pre_hooks  # the renumbering hook lives for a call only
+    closed = regional(m, region(other, mask), start=1.0, end=1.0)
+    assert torch.equal(_dit_sample(closed, pos, neg, shape), plain)
+    # a negative prompt of another length runs in its own call, left as it was; the positive call still regional
+    short_neg = [[neg[0][0][:, :4], dict(neg[0][1])]]
+    seen.clear()
+    _dit_sample(patched, pos, short_neg, shape)
+    assert {att is None for _, att, cou in seen if cou == [1]} == {True}
+    assert {att is not None for _, att, cou in seen if cou == [0]} == {True}
+
     hooked = [[other[0][0], {**other[0][1], "hooks": comfy.hooks.create_hook_lora({}, strength_model=1.0,
                                                                                       strength_clip=0.0)}]]
     with pytest.raises(ValueError, match=r"regional LoRA serves UNets and Flux, not Qwen-Image yet"):

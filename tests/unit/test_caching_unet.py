@@ -280,3 +280,14 @@ def test_key_step_caches_keep_the_first_call_at_a_refresh_noise_level(unet, make
             assert not counts.not_run and torch.equal(out, reference(unet, x, t))
         assert torch.equal(call(unet, run.plan(x1, _to(5.0)), x1, t5), want), uuids
         assert run.reuse_calls == 1
+
+
+def test_control_residuals_keep_the_unets_dtype():
+    """ComfyUI adds control residuals in place (h keeps its dtype); a T2I-Adapter hands them in float32. The cached
+    forward adds out of place, so it casts: a half-precision UNet must not go on in float32."""
+    from preprint.caching.unet_runner import _add_control
+
+    h = torch.ones(1, 4, 2, 2, dtype=torch.float16)
+    out = _add_control(h, torch.full((1, 4, 2, 2), 0.5))
+    assert out.dtype == torch.float16 and torch.equal(out, torch.full_like(h, 1.5))
+    assert _add_control(h, torch.ones(1, 3, 2, 2)) is h  # a residual that does not fit is left out, as core does

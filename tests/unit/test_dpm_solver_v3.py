@@ -117,6 +117,18 @@ def test_finite_differences_agree_with_forward_mode():
     assert float((fd.s - fwd.s).abs().mean()) < 0.02 * float(fwd.s.abs().mean())
 
 
+def test_discrete_timesteps_are_not_differentiable_for_forward_mode():
+    log_sigmas = torch.linspace(-3.5, 2.7, 1000)
+
+    def discrete(sigma):  # SD1.5's model_sampling.timestep: the nearest training timestep
+        return (sigma.log() - log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape).to(sigma)
+
+    sigma = torch.tensor([0.5, 3.0])
+    assert not v3.timestep_is_differentiable(discrete, sigma)
+    assert not v3.timestep_is_differentiable(lambda s: s.detach() * 1000, sigma)
+    assert v3.timestep_is_differentiable(lambda s: s * 1000, sigma)  # flow models: t = sigma * multiplier
+
+
 @pytest.mark.parametrize("cfg", [1.0, 7.5])
 @pytest.mark.parametrize("steps", [5, 6, 8, 10])
 def test_calibrated_v3_beats_dpm_solver_pp_at_few_steps(cfg, steps):

@@ -23,6 +23,7 @@ from preprint.regional.runtime import (
     FluxRegional,
     JointMaskOverride,
     JointRegional,
+    JointRegionText,
     RegionSet,
     UNetRegionalAttention,
     active,
@@ -568,7 +569,34 @@ def test_joint_wrapper_counts_reference_tokens_and_refuses_a_sequence_it_never_m
         transformer_options["optimized_attention_override"](lambda *a, **k: q, q, q, q, 1)
         return x
 
-    with pytest.raises(RegionError, match=r"^Regional Prompting \(Preprint\): no attention call of this model "
-                                          r"covered the 19-token sequence"):
+    with pytest.raises(RegionError, match=r"^Regional Prompting \(Preprint\): the model's attention never took "
+                                          r"the regional mask: it was built for a sequence of 19 tokens .* the "
+                                          r"attention calls saw \[5\]"):
         wrapper(_Executor(model, attends_wrong_length), x, torch.tensor([3.0, 3.0]), None, context, None, to,
                 ref_latents=refs)
+
+
+def test_the_joint_mask_is_built_on_the_device_of_the_masks():
+    """Masks on the model's device (a GPU in use) give a mask there; PyTorch's meta device stands in for a GPU here
+    (mixing it with CPU tensors fails exactly as CUDA does)."""
+    masks = torch.zeros(1, 1, 6)
+    masks[0, 0, :3] = 1.0
+    want = joint_mask([2, 3], masks, 0.5)
+    got = joint_mask([2, 3], masks.to("meta"), 0.5)
+    assert got.device.type == "meta" and got.shape == want.shape
+    regions = RegionSet((Region(torch.randn(1, 3, 8), torch.ones(1, 4, 6)),))
+    text, mask = JointRegionText(regions, 0.5).build((0, 1), 2, (2, 3), 0, 4, torch.zeros(2, 4, 8, device="meta"),
+                                                     torch.float32, torch.device("meta"))
+    assert text.device.type == "meta" and mask.device.type == "meta" and mask.shape == (2, 13, 13)
+
+
+def test_negative_only_calls_run_as_they_were():
+    """Prompts of different lengths never share a batch in ComfyUI (their cross-attention inputs cannot be
+    concatenated), so the negative prompt often runs alone: that call is handed on untouched, no mask, no text."""
+    regions = RegionSet((Region(torch.randn(1, 3, 8), torch.ones(1, 6, 5)),))
+    wrapper = JointRegional("R", regions, 0.5, SigmaWindow(), patch=2, lead=0)
+    model = _SD3Model()
+    x, context = torch.zeros(1, 16, 5, 3), torch.randn(1, 4, 8)
+    to = {"cond_or_uncond": [1], "sigmas": torch.tensor([3.0])}
+    wrapper(_Executor(model, model._apply), x, torch.tensor([3.0]), None, context, None, to)
+    assert model.seen[0][0] is context and model.seen[0][1] is to
