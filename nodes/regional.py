@@ -300,8 +300,8 @@ class PreprintRegionalPrompting(PreprintNode):
                                                                   int(dm.patch_size), 0, restart_text_positions=True)})
         else:
             raise RegionError(f"{NODE}: this model's diffusion network is a {type(dm).__name__}; regional prompting "
-                              "supports UNets (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3 and Qwen-Image. For other DiTs it is not built "
-                              "yet; use core's ConditioningSetMask there.")
+                              "supports UNets (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3 and Qwen-Image. For other DiTs "
+                              "it is not built yet; use core's ConditioningSetMask there.")
         return io.NodeOutput(m)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import comfy.patcher_extension
 import comfy.samplers
 import pytest
