@@ -2,7 +2,7 @@
 
 Nodes: DPM-Solver-v3 Statistics, DC-Solver Ratio Search, DC-Solver CPR Fit and Optimal Steps Search, each at a
 fast setting (FAST below) and, with --defaults, at its node's defaults (about 1-2 hours on one shared CPU thread:
-the v3 defaults alone are 1,936 forward-mode JVP calls of 16 rows). Without --defaults the defaults' calls and rows
+the v3 defaults alone are 976 finite-difference calls of 8 samples). Without --defaults the defaults' calls and rows
 come from the cost formulas of the nodes' descriptions (``counted_cost``), which every measured run checks against
 its counted calls and rows (``formula_ok``). Runs go through the node class (``execute``, in inference mode as
 ComfyUI's executor runs nodes) on the tiny random-weight SD1.5 and Flux layouts (runner/tiny_models.py) at an 8x8
@@ -111,7 +111,7 @@ def child(case: str, setting: str, family: str) -> dict:
 
 def settings_for(case: str, setting: str, family: str) -> dict:
     """The node's widget values of a run, without booting ComfyUI (for the defaults' formula rows)."""
-    base = {"v3_statistics": {"cfg": 7.0, "grid_points": 120, "samples": 64, "chunk": 8, "trajectory_substeps": 1,
+    base = {"v3_statistics": {"cfg": 7.0, "grid_points": 60, "samples": 32, "chunk": 8, "trajectory_substeps": 1,
                               "derivatives": "auto"},
             "dc_search": {"cfg": 7.0, "steps": 6, "reference_steps": 200, "samples": 10},
             "dc_cpr_fit": {"cfg_list": "3, 6, 9", "steps_list": "5, 7, 10", "reference_steps": 200,

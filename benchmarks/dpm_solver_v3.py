@@ -1,6 +1,6 @@
 """DPM-Solver-v3 with statistics computed on the model against DPM-Solver++ on the exact-score Gaussian mixture.
 
-Run:  .venv/bin/python benchmarks/dpm_solver_v3.py                (about 8 minutes on one CPU thread)
+Run:  .venv/bin/python benchmarks/dpm_solver_v3.py                (about 2 minutes on one CPU thread)
       .venv/bin/python benchmarks/dpm_solver_v3.py --samples 32 --grid 30     (a quick look)
 
 Problems: the conditional mixture of tests/unit/conftest.py in a latent-shaped space (4, 8, 8), batch 4; EPS/VE

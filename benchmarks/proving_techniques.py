@@ -9,7 +9,7 @@ unless the table says otherwise. Prompts: the proving-ground benchmark's one- an
   steps, Preprint samplers against core Euler, DPM++ 2M and UniPC; and the calibrated solvers, each calibrated on
   the toy itself first (CFG 5, 128x128, one held-out two-object prompt, into a temporary calibration folder) with
   the calibration seconds in the table: DPM-Solver-v3 with statistics at grid_points 20, 8 samples (its node's
-  defaults, 120 x 64, are 46 times the calls; one file serves every step count), DC-Solver with ratios
+  defaults, 60 x 32, are 12 times the calls; one file serves every step count), DC-Solver with ratios
   searched at each step count and Euler on an Optimal Steps schedule searched at each step count (both at their
   nodes' defaults);
 * guidance (sd15 toy): adherence with PAG, SEG, SAG (Preprint) and core PAG, at CFG 1 (guidance alone)
@@ -64,7 +64,7 @@ def gen(model, clip, vae, prompts_, **kw) -> torch.Tensor:
 
 
 # the calibrated solvers' settings on the toy: DC-Solver and OSS at their nodes' defaults; the v3 statistics at a
-# reduced grid and sample count (its defaults are 1,936 finite-difference JVPs of 8 samples, 46 times this one);
+# reduced grid and sample count (its defaults, 60 x 32, are 12 times the calls of this one);
 # PREPRINT_BENCH_QUICK shrinks all three for a check of the wiring
 CALIBRATION = {"v3": {"grid_points": 20, "samples": 8, "chunk": 8},
                "dc": {"reference_steps": 200, "samples": 10}, "oss": {"teacher_steps": 100, "samples": 4}}

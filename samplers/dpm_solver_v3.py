@@ -428,7 +428,7 @@ class _Moments:
 
 
 def compute_statistics(denoise: Denoise, shape: tuple[int, ...], kind: Parameterisation, lam_min: float,
-                       lam_max: float, grid_points: int = 120, samples: int = 64, chunk: int = 8,
+                       lam_max: float, grid_points: int = 60, samples: int = 32, chunk: int = 8,
                        substeps: int = 1, seed: int = 0, jvp: str = "forward", device=None,
                        dtype: torch.dtype = torch.float32, callback: Callable[[int, int], None] | None = None
                        ) -> Statistics:
