@@ -145,3 +145,23 @@ def test_region_mask_is_blocks_of_pixels_and_blur_only_rounds_edges():
     assert soft[0, 12, 20] == 1 and soft[0, 2, 2] == 0  # inside stays, far outside stays out
     assert soft[0, 8, 16] == 0 and sharp[0, 8, 16] == 1  # the corner pixel is rounded off
     assert abs(float(soft.sum() - sharp.sum())) < 0.1 * float(sharp.sum())  # neither grown nor shrunk much
+
+
+def test_edges_of_the_inputs():
+    with pytest.raises(SegmentError, match="nothing to cluster"):
+        kmeans(torch.zeros(0, 3), 4, torch.Generator().manual_seed(0))
+    x, _ = blobs()
+    assert kmeans(x, 1, torch.Generator().manual_seed(0)).unique().tolist() == [0]  # one cluster asked, one given
+    assert kmeans(x, 0, torch.Generator().manual_seed(0)).unique().tolist() == [0]  # fewer than one: one
+    assert int(top_points(torch.arange(40.0).reshape(1, 5, 8), 0.0).sum()) == 1  # a zero fraction still picks one
+    one = fuse_features([torch.randn(2, 3, 4, 4)], 4, 4)  # a single recorded block
+    assert one.shape == (2, 3, 4, 4)
+
+
+def test_each_image_is_segmented_as_it_would_be_alone_with_its_own_seed():
+    """Image i of a batch is clustered with seed + i: the same labels as that image alone at seed + i."""
+    f = torch.randn(3, 6, 8, 8, generator=torch.Generator().manual_seed(4))
+    batch = segment(f, 5, seed=7)
+    for i in range(3):
+        assert torch.equal(batch[i], segment(f[i:i + 1], 5, seed=7 + i)[0])
+    assert not torch.equal(segment(f[1:2], 5, seed=7)[0], segment(f[1:2], 5, seed=9)[0])  # the seed matters here
