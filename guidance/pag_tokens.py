@@ -69,10 +69,6 @@ def _restore(t: torch.Tensor, pieces: list[tuple[int, int]], dim: int) -> torch.
     return torch.cat([parts[a] for a in sorted(parts)], dim=dim)
 
 
-def is_canonical(pieces: list[tuple[int, int]]) -> bool:
-    return all(pieces[i][1] == pieces[i + 1][0] for i in range(len(pieces) - 1))
-
-
 def blur_frames(q: torch.Tensor, grid: tuple[int, int], frames: int, sigma: float) -> torch.Tensor:
     """SEG's query blur on each frame of ``(B, H, frames*h*w, D)`` frame-major tokens separately."""
     b, nh, n, d = q.shape

@@ -122,3 +122,19 @@ def test_layout_outside_the_sequence_is_an_error():
     q, k, v = qkv(10)
     with pytest.raises(ValueError, match=r"image tokens \[4, 12\) do not lie in a sequence of 10 tokens"):
         perturb_layout(q, q, k, v, ROWS, Perturbation(), TokenLayout((4, 12)))
+
+
+def test_attention_masks_are_promoted_as_comfyuis_pytorch_attention_does():
+    """2-D ``(Lq, Lk)`` -> ``(1, 1, Lq, Lk)``, 3-D ``(B, Lq, Lk)`` -> ``(B, 1, Lq, Lk)``, 4-D kept; booleans (True =
+    attend) become 0 / -inf logits."""
+    from preprint.guidance.pag_tokens import additive_mask
+
+    two = torch.arange(6.0).reshape(2, 3)
+    assert additive_mask(two, torch.float32).shape == (1, 1, 2, 3)
+    assert torch.equal(additive_mask(two, torch.float32)[0, 0], two)
+    three = torch.arange(12.0).reshape(2, 2, 3)
+    assert additive_mask(three, torch.float32).shape == (2, 1, 2, 3)
+    assert torch.equal(additive_mask(three, torch.float32)[1, 0], three[1])
+    assert additive_mask(torch.zeros(2, 4, 2, 3), torch.float16).dtype == torch.float16
+    keep = torch.tensor([[True, False, True]])
+    assert additive_mask(keep, torch.float32)[0, 0, 0].tolist() == [0.0, float("-inf"), 0.0]
