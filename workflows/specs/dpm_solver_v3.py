@@ -30,7 +30,7 @@ NOTES: dict[str, str] = {
     TITLE: (
         "The statistics node computes DPM-Solver-v3's empirical model statistics on this checkpoint at CFG 7 and "
         "512x512, saves them in models/preprint_calibration and reuses them on later runs without model calls. "
-        "Use the node defaults (grid_points 60, samples 32) for final statistics instead of this "
+        "Try samples at 32 first (with grid_points 60, the node defaults) for final statistics instead of this "
         "quick setting, and keep the CFGGuider's cfg equal to the statistics' cfg. Paper: Zheng et al., "
         "DPM-Solver-v3: Improved Diffusion ODE Solver with Empirical Model Statistics, arXiv:2310.13268."),
 }
