@@ -162,13 +162,14 @@ class FluxRegional:
     ``Flux.forward`` hands its wrappers ``_forward``'s arguments positionally: ``(x, timestep, context, y, guidance,
     ref_latents, control, transformer_options, **kwargs)`` on 0.3.64 and on the newest sources read (0.33), with
     ``attention_mask`` in ``kwargs``. They are bound by name against the wrapped function's signature all the same,
-    so a reordered or extended signature still reaches the right tensors."""
+    so a reordered or extended signature still reaches the right tensors. On Flux.2 layouts (``txt_ids_dims`` in
+    the config) each region's text is numbered from 0 along those axes for the call, as on Qwen-Image."""
 
     REQUIRED = ("x", "context", "transformer_options")
 
     def __init__(self, node: str, regions: RegionSet, base_ratio: float, window: SigmaWindow, family: str = "Flux"):
         self.node, self.regions, self.base_ratio, self.window = node, regions, base_ratio, window
-        self.family = family
+        self.family, self.warned = family, False
         self.joint = JointRegionText(regions, base_ratio)
         self._signature: tuple[object, inspect.Signature, str | None] | None = None
 
@@ -204,14 +205,64 @@ class FluxRegional:
         n_ref = reference_tokens(ref_latents, patch)
         text, mask = self.joint.build(tuple(to.get("cond_or_uncond") or ()), x.shape[0], grid, n_ref,
                                       int(context.shape[1]), context, x.dtype, x.device)
-        # Text positions: zeros on Flux.1 in every release; where a newer config names txt_ids_dims (Flux.2 layouts)
-        # _forward numbers the text 0..L-1 along those axes, so the region tokens simply continue the base prompt.
         a["context"] = torch.cat([context, text], dim=1)
         if "attention_mask" in bound.signature.parameters:
             a["attention_mask"] = mask
         else:
             a[varkw] = {**extra, "attention_mask": mask}
-        return executor(*bound.args, **bound.kwargs)
+        # Text positions: zeros on Flux.1 in every release. Where the config names txt_ids_dims (Flux.2 layouts),
+        # _forward numbers the text 0..L-1 along those axes, which would put each region's prompt after the base
+        # prompt's; for the call, a pre-hook on the position embedder numbers each region's text from 0 again.
+        axes = list(getattr(getattr(executor.class_obj, "params", None), "txt_ids_dims", None) or [])
+        if not axes:
+            return executor(*bound.args, **bound.kwargs)
+        fired: list = []
+        spans = region_spans(self.regions, int(context.shape[1]))
+        handle = restart_region_positions(executor.class_obj.pe_embedder, spans, mask.shape[-1], axes, fired)
+        try:
+            out = executor(*bound.args, **bound.kwargs)
+        finally:
+            handle.remove()
+        if not fired and not self.warned:
+            self.warned = True
+            warn_positions_kept(self.node)
+        return out
+
+
+def region_spans(regions: RegionSet, base_len: int) -> list[tuple[int, int]]:
+    """Token spans ``[start, end)`` of each region's text appended after ``base_len`` text tokens."""
+    spans, at = [], base_len
+    for r in regions.regions:
+        spans.append((at, at + int(r.context.shape[1])))
+        at += int(r.context.shape[1])
+    return spans
+
+
+def restart_region_positions(embedder: torch.nn.Module, spans: list[tuple[int, int]], total: int,
+                             axes: list[int] | None, fired: list):
+    """Forward pre-hook on a DiT's position embedder (input: ids ``[B, L, axes]`` over the joint sequence) that numbers
+    each region's text span from the first text token's position again, as that prompt alone would be numbered:
+    on every axis (``axes`` None: Qwen-Image counts text on all of them) or only on the listed ones (Flux.2's
+    ``txt_ids_dims``). Ids of another length (a call this region set was not built for) pass unchanged. Appends to
+    ``fired`` when it renumbers; returns the hook handle (remove it after the call)."""
+    cols = slice(None) if axes is None else list(axes)
+
+    def hook(_module, args):
+        ids = args[0]
+        if ids.ndim != 3 or ids.shape[1] != total:
+            return None
+        fired.append(True)
+        ids = ids.clone()
+        for a, b in spans:
+            step = torch.arange(b - a, device=ids.device, dtype=ids.dtype).view(1, -1, 1)
+            ids[:, a:b, cols] = ids[:, :1, cols] + step
+        return (ids, *args[1:])
+    return embedder.register_forward_pre_hook(hook)
+
+
+def warn_positions_kept(node: str) -> None:
+    log.warning("%s: the model's position embedder was not called through its module (a compiled model?); the "
+                "region prompts keep the positions after the base prompt", node)
 
 
 class JointMaskOverride:
@@ -273,23 +324,6 @@ class JointRegional:
         self.node, self.window, self.patch, self.lead = node, window, patch, lead
         self.restart, self.warned = restart_text_positions, False
 
-    def _position_hook(self, model, base_len: int, total: int, fired: list):
-        spans, at = [], base_len
-        for r in self.joint.regions.regions:
-            spans.append((at, at + int(r.context.shape[1])))
-            at += int(r.context.shape[1])
-
-        def hook(_module, args):
-            ids = args[0]
-            if ids.ndim != 3 or ids.shape[1] != total:
-                return None
-            fired.append(True)
-            ids = ids.clone()
-            for a, b in spans:
-                ids[:, a:b] = ids[:, :1] + torch.arange(b - a, device=ids.device, dtype=ids.dtype).view(1, -1, 1)
-            return (ids, *args[1:])
-        return model.diffusion_model.pe_embedder.register_forward_pre_hook(hook)
-
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
         to = transformer_options or {}
@@ -305,7 +339,10 @@ class JointRegional:
         override = JointMaskOverride(mask, mask.shape[-1], to.get("optimized_attention_override"))
         context = torch.cat([c_crossattn, text], dim=1)
         fired: list = []
-        handle = self._position_hook(model, base_len, mask.shape[-1], fired) if self.restart else None
+        handle = None
+        if self.restart:
+            handle = restart_region_positions(model.diffusion_model.pe_embedder,
+                                              region_spans(self.joint.regions, base_len), mask.shape[-1], None, fired)
         try:
             out = executor(x, t, c_concat, context, control, {**to, "optimized_attention_override": override},
                            **kwargs)
@@ -320,6 +357,5 @@ class JointRegional:
                               "function; remove it from this model, or use core's ConditioningSetMask.")
         if self.restart and override.hits and not fired and not self.warned:
             self.warned = True
-            log.warning("%s: the model's position embedder was not called through its module (a compiled model?); "
-                        "the region prompts keep the positions after the base prompt", self.node)
+            warn_positions_kept(self.node)
         return out

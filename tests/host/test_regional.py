@@ -254,6 +254,52 @@ def test_a_region_prompt_with_lora_hooks_keeps_them_for_the_regional_pass():
     assert region(hooked, torch.ones(1, 8, 8))[0].hooks is group
 
 
+def test_flux2_region_text_is_numbered_from_the_prompt_start(models):
+    """Flux.2 layouts number text along ``txt_ids_dims`` (0..L-1); each region's prompt must be numbered from 0, as
+    that prompt alone would be. ComfyUI 0.3.64's Flux has no ``txt_ids_dims``, so the newer numbering is emulated on
+    the tiny Flux: the config names axis 0 and a pre-hook on the position embedder numbers all text 0..L-1 there, as
+    the newer ``_forward`` does. Then a full-frame region of the base prompt matches plain sampling, the region's
+    ids restart at 0 (image ids and the base prompt's untouched), and the hook is gone after the call."""
+    import types
+
+    m, (h, w) = models["flux"], (13, 10)
+    dm = m.model.diffusion_model
+    pos, neg = make_conds("flux")
+    other, _ = make_conds("flux", seed=7)
+    seen = []
+
+    def number_text(_module, args):  # what the newer _forward writes into txt_ids, before the embedder sees them
+        ids = args[0].clone()
+        text = ids.shape[1] - (-(-h // 2)) * (-(-w // 2))
+        ids[:, :text, 0] = torch.arange(text, dtype=ids.dtype)
+        return (ids, *args[1:])
+
+    params = dm.params
+    emulate = dm.pe_embedder.register_forward_pre_hook(number_text)
+    record = dm.pe_embedder.register_forward_hook(lambda _m, args, _out: seen.append(args[0].clone()))
+    try:
+        dm.params = types.SimpleNamespace(**vars(params), txt_ids_dims=[0])
+        plain = sample(m, "flux", pos, neg, h, w)
+        full = sample(regional(m, region(pos, torch.ones(1, 64, 64))), "flux", pos, neg, h, w)
+        moved = sample(regional(m, region(other, torch.ones(1, 64, 64))), "flux", pos, neg, h, w)
+        gap = float((moved - plain).abs().max())
+        assert gap > 0 and float((full - plain).abs().max()) < 1e-3 * gap, (float((full - plain).abs().max()), gap)
+        seen.clear()
+        sample(regional(m, region(other, half(h, w))), "flux", pos, neg, h, w)
+        assert list(dm.pe_embedder._forward_pre_hooks) == [emulate.id]  # the renumbering lived for its call only
+    finally:
+        dm.params = params
+        emulate.remove()
+        record.remove()
+    n0, n1 = pos[0][0].shape[1], other[0][0].shape[1]
+    ids = seen[0]
+    assert ids.shape[1] == n0 + n1 + 35  # base text, region text, 7 x 5 image tokens
+    assert torch.equal(ids[0, :n0, 0], torch.arange(n0, dtype=ids.dtype))  # base prompt as the model numbered it
+    assert torch.equal(ids[0, n0:n0 + n1, 0], torch.arange(n1, dtype=ids.dtype))  # the region's restarts at 0
+    assert not ids[0, n0:n0 + n1, 1:].any()  # other axes untouched
+    assert not ids[0, n0 + n1:, 0].any()  # image tokens untouched
+
+
 def _dit_sample(m, pos, neg, shape=(16, 8, 12)):
     import comfy.sample
 

@@ -28,6 +28,8 @@ from preprint.regional.runtime import (
     UNetRegionalAttention,
     active,
     positive_rows,
+    region_spans,
+    restart_region_positions,
 )
 from preprint.utils.sigma_window import SigmaWindow
 
@@ -600,3 +602,30 @@ def test_negative_only_calls_run_as_they_were():
     to = {"cond_or_uncond": [1], "sigmas": torch.tensor([3.0])}
     wrapper(_Executor(model, model._apply), x, torch.tensor([3.0]), None, context, None, to)
     assert model.seen[0][0] is context and model.seen[0][1] is to
+
+
+@pytest.mark.parametrize("axes", [None, [3], [1, 3]])
+def test_region_text_positions_restart_from_the_first_text_token(axes):
+    """The position pre-hook numbers each region's text span from the first text token's ids again, on every axis
+    or only on the named ones; the base prompt, the image ids and ids of another length pass unchanged."""
+    regions = RegionSet((Region(torch.ones(1, 2, 8), torch.ones(1, 4, 4)), Region(torch.ones(1, 2, 8) * 2,
+                                                                                   torch.ones(1, 4, 4))))
+    spans = region_spans(regions, 5)
+    assert spans == [(5, 7), (7, 9)]
+    embedder, fired = torch.nn.Identity(), []
+    ids = torch.zeros(2, 9 + 6, 4)
+    ids[:, :9, :] = 10.0 + torch.arange(9.0).view(1, -1, 1)  # text numbered 10.. on every axis
+    ids[:, 9:, 1] = torch.arange(6.0)  # image rows
+    handle = restart_region_positions(embedder, spans, 15, axes, fired)
+    out = embedder(ids)
+    cols = list(range(4)) if axes is None else axes
+    for a, b in spans:
+        want = ids[:, a:b].clone()
+        want[:, :, cols] = 10.0 + torch.arange(float(b - a)).view(1, -1, 1)
+        assert torch.equal(out[:, a:b], want)
+    assert torch.equal(out[:, :5], ids[:, :5]) and torch.equal(out[:, 9:], ids[:, 9:])
+    assert fired == [True]
+    other = torch.zeros(2, 14, 4)
+    assert embedder(other) is other and fired == [True]  # another sequence: untouched
+    handle.remove()
+    assert torch.equal(embedder(ids), ids)
