@@ -44,12 +44,13 @@ LATENT_KEY = "preprint_entropy_latent"
 
 
 class RecordLatentSize:
-    """APPLY_MODEL wrapper: the latent's height and width, for the attention override to count image tokens (a
-    video latent's frames are not recorded: the override reads them off the token count)."""
+    """APPLY_MODEL wrapper: the latent's height and width (frames, height and width for a video latent), for the
+    attention override to count image tokens."""
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
-        to = {**(transformer_options or {}), LATENT_KEY: tuple(int(n) for n in x.shape[-2:])}
+        sides = x.shape[-3:] if x.ndim == 5 else x.shape[-2:]
+        to = {**(transformer_options or {}), LATENT_KEY: tuple(int(n) for n in sides)}
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
 
@@ -69,9 +70,11 @@ class EntropyOverride:
     override.
 
     ``dit``: the model's image self-attention runs over the whole token sequence (image, or text + image), so a
-    shorter one (Lumina2's text refiner) is not an image attention and keeps its scale; a UNet's down-sampled levels
-    are shorter and are scaled. On a video DiT the frames are whole multiples of a frame's tokens in the layer's
-    keys (the text, if joint, being shorter than one frame), and only the frame's area is compared with training."""
+    shorter one (Lumina2's and HunyuanVideo's text refiners) is not an image attention and keeps its scale; a UNet's
+    down-sampled levels are shorter and are scaled. On a video DiT the latent's frames (recorded with its size, over
+    the temporal patch) give the image tokens, so joint text of any length (HunyuanVideo 1.5 adds glyph and vision
+    tokens) counts as text; only the frame's area is compared with training. Without recorded frames the frames
+    are whole multiples of a frame's tokens in the layer's keys."""
 
     def __init__(self, train_latent: tuple[int, int], patch, previous=None, dit: bool = False):
         self.patch, self.previous, self.dit = patch_extent(patch), previous, dit
@@ -89,9 +92,14 @@ class EntropyOverride:
             q, k = args[0], args[1]
             token_dim = 2 if kwargs.get("skip_reshape", False) else 1
             n_q, n_k = q.shape[token_dim], k.shape[token_dim]
-            now = self._image_tokens(*latent)
-            if n_q == n_k and not (self.dit and n_k < now):  # self-attention (cross-attention keys are the text's)
-                frames = n_k // now if self.video else 1
+            now = self._image_tokens(*latent[-2:])
+            if not self.video:
+                frames = 1
+            elif len(latent) == 3:
+                frames = -(-latent[0] // self.patch[0])
+            else:
+                frames = max(1, n_k // now)
+            if n_q == n_k and not (self.dit and n_k < frames * now):  # self-attention (cross-attention: the text's)
                 factor = entropy_factor(n_k, keys_at_training_size(n_k, frames * now, frames * self.train_tokens))
                 if factor != 1.0:
                     args = (q * factor, *args[1:])

@@ -277,8 +277,7 @@ class PreprintRegionalPrompting(PreprintNode):
                 m.set_model_attn2_replace(UNetRegionalAttention(attention, attn2, shared, base_ratio, window, prev),
                                           *key)
             install_region_loras(m, dm, regions, shared, window, "unet")
-        elif _flux_family(dm) is not None:
-            family = _flux_family(dm)
+        elif (family := _flux_family(dm)) is not None:
             _check_widths(regions, int(dm.txt_in.in_features), family)
             if family != "Flux":
                 _refuse_region_loras(hooked, family, " (its modulation comes from one shared network, not per block)")

@@ -95,8 +95,29 @@ def test_record_latent_size_hands_the_latent_height_and_width_to_the_model():
     assert got[5] == {"sigmas": t, "other": 1, LATENT_KEY: (13, 7)}
     assert LATENT_KEY not in options  # the caller's options are left as they were
     assert type(got[5][LATENT_KEY][0]) is int
-    RecordLatentSize()(executor, torch.zeros(1, 16, 5, 9, 11), t)  # a video latent: the last two sides
-    assert seen[1][5] == {LATENT_KEY: (9, 11)}
+    RecordLatentSize()(executor, torch.zeros(1, 16, 5, 9, 11), t)  # a video latent: frames, height and width
+    assert seen[1][5] == {LATENT_KEY: (5, 9, 11)}
+
+
+def test_video_frames_come_from_the_latent_so_long_joint_text_counts_as_text():
+    """HunyuanVideo 1.5 joins glyph and vision tokens to its text, which can outnumber one frame's tokens: with the
+    latent's frames recorded (5 frames, temporal patch 1, 4 x 6 tokens a frame) the 150 text tokens stay text and
+    the 120 image tokens scale with the area; a text-only refiner (100 keys, fewer than the video's 120 image
+    tokens) keeps its scale. Without recorded frames, 150 + 120 keys read as 11 frames (the older count)."""
+    attention, calls = _record()
+    override = EntropyOverride((4, 6), (1, 2, 2), dit=True)  # trained at 2 x 3 tokens a frame
+    q = torch.randn(1, 2, 150 + 120, 8)
+    to = {LATENT_KEY: (5, 8, 12)}
+    override(attention, q, q.clone(), q.clone(), 2, skip_reshape=True, transformer_options=to)
+    want = math.sqrt(math.log(270) / math.log(150 + 5 * 6))
+    assert torch.allclose(calls[0][0][0], q * want, rtol=1e-6, atol=0)
+    text = torch.randn(1, 2, 100, 8)
+    override(attention, text, text.clone(), text.clone(), 2, skip_reshape=True, transformer_options=to)
+    assert calls[1][0][0] is text  # fewer keys than the video's image tokens: the text refiner, unscaled
+    override(attention, q, q.clone(), q.clone(), 2, skip_reshape=True, transformer_options={LATENT_KEY: (8, 12)})
+    frames = 270 // 24
+    legacy = math.sqrt(math.log(270) / math.log(270 - frames * 24 + frames * 6))
+    assert torch.allclose(calls[2][0][0], q * legacy, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("patch,latent,train,image_now,image_train", [
