@@ -154,6 +154,8 @@ def shifted_sigma(x: torch.Tensor, sigma: torch.Tensor, axis: TimeAxis, kind: Pa
     cand_s = axis.sigma_of_t(cand_t).to(torch.float64)
     var_vp = x.double().flatten(1).var(dim=1) / vp_norm(sigma, kind) ** 2  # [B]
     expected = (alpha(cand_s, kind) ** 2 * config.data_variance + cand_s**2) / vp_norm(cand_s, kind) ** 2
+    # never sigma 0 (a flow axis maps t = 0 there): the network's noise estimate would divide by it
+    expected = torch.where(cand_s > 0, expected, torch.full_like(expected, math.inf))
     best = _closest_best(var_vp, expected, offsets)
     chosen = cand_s.gather(1, best[:, None]).squeeze(1)
     # the centre candidate is the solver's own sigma (exactly, not through a t -> sigma round trip)

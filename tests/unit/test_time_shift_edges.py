@@ -15,6 +15,7 @@ from preprint.samplers.time_shift import (
     flow_axis,
     shifted_sigma,
     tabulated_inverse,
+    time_shift_denoise,
     vp_discrete_axis,
     vp_norm,
 )
@@ -137,3 +138,19 @@ def test_tabulated_inverse_is_clamped_to_its_ends_and_finite_on_plateaus():
     flat = tabulated_inverse(lambda s: (s - 0.1).clamp(min=0.0), 0.01, 1.0, points=65)
     low = flat(torch.tensor([0.0], dtype=torch.float64))
     assert torch.isfinite(low).all() and float(low) == pytest.approx(0.01, rel=1e-12)
+
+
+def test_a_window_reaching_t_zero_on_a_flow_axis_never_picks_sigma_zero():
+    """A window wider than twice the cutoff reaches t = 0, which a flow axis maps to sigma 0; a latent of almost no
+    variance matches that candidate best, but the network cannot be asked there (its noise estimate divides by
+    sigma): the nearest candidate above 0 is chosen and the denoised result stays finite."""
+    config = TimeShiftConfig(window=1.0, cutoff=0.3)
+    x = torch.full((2, 4, 8, 8), 0.25, dtype=torch.float64) + 1e-6 * torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    sigma = torch.tensor([0.35, 0.35], dtype=torch.float64)
+    chosen = shifted_sigma(x, sigma, flow_axis(), "flow", config)
+    m = round(config.window * config.resolution / 2)
+    candidates = (0.35 + torch.arange(-m, m + 1, dtype=torch.float64) * (0.5 / m)).clamp(0.0, 1.0)
+    lowest = candidates[candidates > 0].min()  # the best match above 0: the variance grows with sigma
+    assert float(lowest) < 0.002 and torch.equal(chosen, lowest.expand_as(chosen))
+    out = time_shift_denoise(lambda xx, s: xx * 0.5, x, sigma, flow_axis(), "flow", config)
+    assert bool(torch.isfinite(out).all())
