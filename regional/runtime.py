@@ -56,9 +56,11 @@ class RegionSet:
         return self._grids[key]
 
     def contexts(self, device, dtype) -> list[torch.Tensor]:
+        """Each region's prompt on ``device`` in ``dtype``, each in its own memory even where two regions were given
+        one tensor (regional LoRA tells a region's prompt by its storage)."""
         key = (device, dtype)
         if key not in self._contexts:
-            self._contexts[key] = [r.context.to(device=device, dtype=dtype) for r in self.regions]
+            self._contexts[key] = [r.context.to(device=device, dtype=dtype, copy=True) for r in self.regions]
         return self._contexts[key]
 
 

@@ -438,3 +438,21 @@ def test_lora_region_carries_its_hooks_as_a_region():
     assert torch.equal(RegionSet((r,)).masks(1, 2, 2, torch.device("cpu")), torch.ones(1, 1, 4))
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.hooks = None
+
+
+def test_two_regions_given_one_prompt_tensor_keep_their_own_loras():
+    """One encoded prompt feeding two regions (one with a LoRA on the key projection, one without) is one tensor
+    in both: each region's prompt still gets only its own LoRA (on the CPU no device copy separates them)."""
+    u = _UNet()
+    u.contexts = [u.contexts[0], u.contexts[0]]
+    u.regions = RegionSet(tuple(LoraRegion(c, r.mask, hooks=object()) for c, r in zip(u.contexts, u.regions.regions,
+                                                                                        strict=True)))
+    g = torch.Generator().manual_seed(3)
+    delta = _randn(g, 5, 8)
+    specs = (_spec(0, 1.0, {KEY: delta}), _spec(1, 1.0, {}))
+    apply = RegionalLoraApply("unet", RUN, specs, u.modules, u.regions, SigmaWindow())
+    with torch.no_grad():
+        plain = u.plain()
+        got = u.call(apply, _options(5.0, u.cou, RegionalLoraRun(specs)))
+    assert torch.equal(got["k1"], plain["k1"])  # the region without a LoRA
+    assert torch.allclose(got["k0"], plain["k0"] + F.linear(u.contexts[0].expand(4, -1, -1), delta), atol=ATOL)
