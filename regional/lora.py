@@ -191,7 +191,7 @@ class CallLayout:
 
     def weights(self, region: int, stream: str, out: torch.Tensor) -> torch.Tensor:
         """Region ``region``'s weight on each row and token of a layer output ``out``, shaped to broadcast."""
-        key = (region, stream, tuple(out.shape), out.device)
+        key = (region, stream, tuple(out.shape), out.device, out.dtype)
         if key in self.cache:
             return self.cache[key]
         if stream == VECTOR:

@@ -456,3 +456,15 @@ def test_two_regions_given_one_prompt_tensor_keep_their_own_loras():
         got = u.call(apply, _options(5.0, u.cou, RegionalLoraRun(specs)))
     assert torch.equal(got["k1"], plain["k1"])  # the region without a LoRA
     assert torch.allclose(got["k0"], plain["k0"] + F.linear(u.contexts[0].expand(4, -1, -1), delta), atol=ATOL)
+
+
+def test_a_layer_weight_comes_in_each_outputs_own_dtype():
+    """Two layers of one call with outputs of one shape and different dtypes each get the region's weight in their
+    own dtype (a float32 weight would promote a half-precision layer's output)."""
+    left = torch.zeros(1, 8, 8)
+    left[..., :4] = 1.0
+    lay = CallLayout("unet", lambda per, h, w, dev: masks_on_grid([left], per, h, w), 2, 1, torch.tensor([1.0, 0.0]),
+                     (8, 8), None, {}, 0, None)
+    first = lay.weights(0, IMAGE, torch.zeros(2, 64, 3))
+    half = lay.weights(0, IMAGE, torch.zeros(2, 64, 3, dtype=torch.bfloat16))
+    assert first.dtype == torch.float32 and half.dtype == torch.bfloat16 and torch.equal(half.float(), first)
