@@ -30,10 +30,11 @@ from .common import Evaluation, History, bind_model, check_sigmas, run_steps
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample, per-channel inner product, shaped to broadcast over ``a`` ([B, C, 1, ...])."""
+    """Per-sample, per-channel inner product, shaped to broadcast over ``a`` ([B, C, 1, ...]; a [B, D] batch is one
+    channel per sample: [B, 1])."""
     if a.ndim < 3:
-        a, b = a.reshape(a.shape[0], 1, -1), b.reshape(b.shape[0], 1, -1)
-        return (a * b).sum(-1)[:, :, None]
+        prod = (a.reshape(a.shape[0], -1) * b.reshape(b.shape[0], -1)).sum(-1)
+        return prod.reshape(a.shape[0], *([1] * (a.ndim - 1)))
     prod = (a.flatten(2) * b.flatten(2)).sum(-1)
     return prod.reshape(*prod.shape, *([1] * (a.ndim - 2)))
 
