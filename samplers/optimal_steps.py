@@ -93,7 +93,8 @@ class OSSResult:
     sigmas: torch.Tensor  # [K + 1] the searched schedule (grid sigmas at ``indices``)
     indices: torch.Tensor  # [K + 1] grid indices, 0 (the grid's first sigma) ... N (its last)
     sample_indices: torch.Tensor  # [B, K + 1] every sample's own optimal path (all equal for ``mean``)
-    sample_costs: torch.Tensor  # [B] each sample's DP cost at the end: mean squared distance to the teacher
+    sample_costs: torch.Tensor  # [B] the DP cost at the end (mean squared distance to the teacher): each sample's own
+    # with aggregate "median", the batch mean repeated for every sample with "mean"
     evaluations: int  # denoiser evaluations of the sample batch
 
 
@@ -160,6 +161,10 @@ def search(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, steps: int
                 parent[js] = torch.where(better, i, parent[js])
                 keep = better.reshape(*better.shape, *([1] * (jumps.ndim - 2)))
                 nxt[js] = torch.where(keep, jumps, nxt[js])
+        if not bool(torch.isfinite(new_cost[hi]).all()):  # every path to the end is NaN / inf: nothing to pick
+            raise RuntimeError(f"Optimal steps search: no finite cost for a {k}-step path to the end of the grid; "
+                               "the model returned NaN or inf during the search. Check the model (and its dtype: "
+                               "try float32) before searching again.")
         parents.append(parent)
         current, cost = nxt, new_cost
     paths = torch.empty((batch, steps + 1), dtype=torch.long)
