@@ -2,7 +2,8 @@
 
 Paper: Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
 arXiv:2211.01095. The update rules are Algorithm 2 (2M), the third-order multistep rule of the official
-implementation, Algorithm 1 (2S, r1 = 1/2) and the third-order singlestep rule (3S, r1 = 1/3, r2 = 2/3),
+implementation (also k-diffusion's and diffusers'), Algorithm 1 (2S, r1 = 1/2) and the third-order singlestep rule
+(3S, r1 = 1/3, r2 = 2/3),
 written for ``x = alpha(sigma) x0 + sigma eps`` so that flow (CONST) models, where ``alpha = 1 - sigma``,
 can be integrated in their true half log-SNR ``lambda = log(alpha / sigma)``.
 For EPS models (``alpha = 1``) the 2M update is the same arithmetic as ComfyUI's ``dpmpp_2m``.
@@ -18,6 +19,11 @@ benchmarks/samplers_accuracy.py against the exact sigma-0 solution: on the shift
 run the choice changes the error by at most a few percent (the final jump from the last non-zero sigma
 dominates); on log-SNR-uniform steps log_snr is several times more accurate for 2M / 3M, and sigma more accurate
 for 3S in most cells.
+
+The official 3M rule weights its second divided difference ``D2`` (about ``h^2 x0'' / 2``) by ``-phi_3``, where the
+exact integral of the quadratic through the last three predictions needs ``-2 phi_3``: one step's local error is
+O(h^3), so 3M is second order overall despite its name (measured on a Gaussian from an exact history:
+tests/unit/test_dpm_solver_pp_reference.py). It is kept as it is so that results match the other implementations.
 """
 
 from __future__ import annotations
