@@ -51,15 +51,20 @@ def ntk_theta(theta: float, scale: float, dim: int) -> float:
 
 
 def scaled_rope(ids: torch.Tensor, axes_dim: list[int], theta: float, train_extent: list[float | None],
-                mode: str) -> torch.Tensor:
+                mode: str, measure: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE for ids ``[B, N, axes]`` with each axis scaled to its training extent (None: leave the axis);
-    returns ``[B, 1, sum(axes_dim) / 2, 2, 2]`` like Flux's ``EmbedND``."""
+    returns ``[B, 1, sum(axes_dim) / 2, 2, 2]`` like Flux's ``EmbedND``. ``measure`` ([B, N] bool): the tokens
+    whose positions give an axis's extent now (the generated image's; default every token); every token's
+    embedding is scaled alike."""
     if mode not in MODES:
         raise ValueError(f"unknown RoPE scaling mode {mode!r}; expected one of {MODES}")
+    if measure is not None and not bool(measure.any()):
+        measure = None
     parts = []
     for i, dim in enumerate(axes_dim):
         pos = ids[..., i]
-        s = 1.0 if train_extent[i] is None else axis_scale(axis_extent(pos), train_extent[i])
+        now = axis_extent(pos if measure is None else pos[measure])
+        s = 1.0 if train_extent[i] is None else axis_scale(now, train_extent[i])
         if s > 1.0 and mode == "position interpolation":
             parts.append(rope_rotations(pos / s, dim, theta))
         else:
@@ -67,14 +72,22 @@ def scaled_rope(ids: torch.Tensor, axes_dim: list[int], theta: float, train_exte
     return torch.cat(parts, dim=-3).unsqueeze(1)
 
 
+def generated_tokens(ids: torch.Tensor, video: bool) -> torch.Tensor:
+    """The tokens of the image being generated (and the text, at position 0), by the first id axis: index 0 on an
+    image model (Flux Kontext's reference images sit at index 1, 2, ... beside or after it), frames 0, 1, ... on a
+    video model (HunyuanVideo's reference latent sits at -1, shifted a whole width along the columns)."""
+    return ids[..., 0] >= 0 if video else ids[..., 0] == 0
+
+
 class ScaledRoPE(torch.nn.Module):
     """Stands in for a Flux-layout model's ``pe_embedder`` (an object patch): each image axis scaled to its
-    training extent."""
+    training extent, the extent now measured on the generated image's tokens (reference images would widen it)."""
 
-    def __init__(self, original, train_extent: list[float | None], mode: str):
+    def __init__(self, original, train_extent: list[float | None], mode: str, video: bool = False):
         super().__init__()
         self.axes_dim, self.theta = list(original.axes_dim), float(original.theta)
-        self.train_extent, self.mode = train_extent, mode
+        self.train_extent, self.mode, self.video = train_extent, mode, video
 
     def forward(self, ids):
-        return scaled_rope(ids, self.axes_dim, self.theta, self.train_extent, self.mode)
+        return scaled_rope(ids, self.axes_dim, self.theta, self.train_extent, self.mode,
+                           generated_tokens(ids, self.video))

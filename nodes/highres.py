@@ -287,11 +287,12 @@ class PreprintRoPEScaling(PreprintNode):
         pe = _rope_embedder(model)  # the model's own embedder: a second node's object patch replaces ours
         factor = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
         patch = getattr(model.model.diffusion_model, "patch_size", 2) or 2
-        patch = int(patch[-1]) if isinstance(patch, (tuple, list)) else int(patch)  # HunyuanVideo: (t, h, w)
+        video = isinstance(patch, (tuple, list))  # HunyuanVideo: (t, h, w), frames on the first id axis
+        patch = int(patch[-1]) if video else int(patch)
         rows = (training_height or 1024) / factor / patch
         cols = (training_width or 1024) / factor / patch
         m = model.clone()
-        m.add_object_patch("diffusion_model.pe_embedder", ScaledRoPE(pe, [None, rows, cols], mode))
+        m.add_object_patch("diffusion_model.pe_embedder", ScaledRoPE(pe, [None, rows, cols], mode, video))
         return io.NodeOutput(m)
 
 

@@ -200,3 +200,22 @@ def test_scaled_rope_module_is_scaled_rope_with_the_embedders_axes_and_theta(mod
 
 def test_modes_are_the_two_documented():
     assert MODES == ("NTK-aware", "position interpolation")
+
+
+def test_a_reference_image_beside_the_image_does_not_widen_its_extent():
+    """Flux Kontext's second reference image sits at index 2 beside the first (columns offset by its width), and
+    HunyuanVideo's reference latent at frame -1 a whole width to the right: the column scale is the generated
+    image's own (6 columns over 3 trained: 2x), not the 12 or 18 columns the references reach."""
+    original = SimpleNamespace(axes_dim=(4, 6, 8), theta=10000)
+    second = make_ids(4, 6, text=0, index=2.0)
+    second[..., 2] += 6.0
+    image = torch.cat([kontext_ids(4, 6), second], dim=1)
+    want = reference(image, [THETA, THETA, THETA * 2.0 ** (8 / 6)], [1.0] * 3)
+    assert torch.allclose(ScaledRoPE(original, [None, 4, 3], "NTK-aware")(image).double(), want, atol=TOL, rtol=0)
+    frames = torch.cat([make_ids(4, 6, text=0, index=0.0), make_ids(4, 6, text=0, index=1.0)], dim=1)
+    ref = make_ids(4, 6, text=0, index=-1.0)
+    ref[..., 2] += 6.0
+    video = torch.cat([torch.zeros(1, 3, 3), ref, frames], dim=1)
+    want = reference(video, [THETA] * 3, [1.0, 1.0, 2.0])
+    out = ScaledRoPE(original, [None, 4, 3], "position interpolation", video=True)(video)
+    assert torch.allclose(out.double(), want, atol=TOL, rtol=0)
