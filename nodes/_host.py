@@ -48,6 +48,20 @@ def install_hooks(model, key: str, wrappers: dict, pre_cfg: Callable | None = No
             model.model_options[slot] = [*kept, fn]
 
 
+# transformer_options entry listing the nodes on a model whose masks cover the whole frame (regional prompting, LIME,
+# Directed Diffusion): Tiled Diffusion refuses to split such a model's calls into tiles (the masks would be squeezed
+# onto each tile)
+FRAME_MASKS = "preprint_frame_masks"
+
+
+def mark_frame_masks(model, name: str) -> None:
+    """Record on a cloned patcher that node ``name`` places masks on the whole frame (see ``FRAME_MASKS``)."""
+    to = model.model_options.setdefault("transformer_options", {})
+    names = list(to.get(FRAME_MASKS, ()))
+    if name not in names:
+        to[FRAME_MASKS] = [*names, name]
+
+
 class RunState:
     """OUTER_SAMPLE wrapper giving every sampling call a fresh state object, put into that call's cloned
     ``transformer_options`` under ``key`` (so patches find it there) and dropped when the call returns.

@@ -38,7 +38,7 @@ from ..regional.attention import Region, RegionError, as_mask_batch
 from ..regional.lora import HookSchedule, Keyframe, LoraRegion, RegionalLoraApply, RegionalLoraRun, RegionLoraSpec
 from ..regional.runtime import FluxRegional, JointRegional, RegionSet, UNetRegionalAttention
 from ..utils.sigma_window import SigmaWindow
-from ._host import RunState, attention, install_hooks
+from ._host import RunState, attention, install_hooks, mark_frame_masks
 from ._inputs import PreprintNode, model_input, model_output, percent_window_inputs
 
 CATEGORY = "Preprint/regional"
@@ -301,6 +301,7 @@ class PreprintRegionalPrompting(PreprintNode):
             raise RegionError(f"{NODE}: this model's diffusion network is a {type(dm).__name__}; regional prompting "
                               "supports UNets (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3 and Qwen-Image. For other DiTs "
                               "it is not built yet; use core's ConditioningSetMask there.")
+        mark_frame_masks(m, cls.NAME)
         return io.NodeOutput(m)
 
 

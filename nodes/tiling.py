@@ -29,7 +29,7 @@ from comfy_api.latest import io
 from ..caching.store import TILES
 from ..highres import tiling as tl
 from ..utils.sigma_window import SigmaWindow
-from ._host import RunState, install_hooks
+from ._host import FRAME_MASKS, RunState, install_hooks
 from ._inputs import PreprintNode, advanced, sigma_window_inputs
 
 log = logging.getLogger("preprint.tiling")
@@ -123,6 +123,11 @@ class TiledApply:
         tiles = self.plan(transformer_options.get(KEY), sigma, height, width)
         if len(tiles) == 1:  # the tile is the whole input: the plain model, bit for bit
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if transformer_options.get(FRAME_MASKS):
+            raise ValueError(f"{NODE}: {', '.join(transformer_options[FRAME_MASKS])} places its masks on the whole "
+                             "frame and does not follow tiles, so each tile would get the whole frame's masks "
+                             "squeezed onto it. Tile without it (or sample its regions at a size that needs one "
+                             "tile), or give the areas core's Conditioning (Set Mask), which ComfyUI crops per tile.")
         rows = x.shape[0]
         batchable = _batchable(rows, c_concat, c_crossattn, control, kwargs)
         if not batchable and self.batch_size > 1:

@@ -286,3 +286,27 @@ def test_a_model_whose_latent_is_not_an_image_gets_a_clear_error():
     m.model.latent_format = comfy.latent_formats.Wan21()  # a video latent (3 spatial dimensions)
     with pytest.raises(ValueError, match=r"Tiled Diffusion \(Preprint\): .*3 spatial dimension"):
         tiled(m)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_nodes_with_whole_frame_masks_are_refused_when_tiles_split_the_frame(family, request):
+    """Regional Prompting (and LIME / Directed Diffusion, marked the same way) place masks on the whole frame; tiles
+    would get them squeezed, so a split frame is an error naming the node, whichever node is applied first, and a
+    tile covering the whole image still runs."""
+    base = request.getfixturevalue(family)
+    pos, neg = make_conds(family)
+    other, _ = make_conds(family, seed=7)
+    mask = torch.zeros(1, H * 8, W * 8)
+    mask[:, :, : W * 4] = 1.0
+    regions = run_node("PreprintRegion", conditioning=other, mask=mask, strength=1.0, regions=None)[0]
+
+    def regional(m):
+        return run_node("PreprintRegionalPrompting", model=m, regions=regions, base_ratio=0.0, start_percent=0.0,
+                        end_percent=1.0)[0]
+
+    for m in (tiled(regional(base)), regional(tiled(base))):
+        with pytest.raises(ValueError, match=r"^Tiled Diffusion \(Preprint\): Regional Prompting \(Preprint\) places "
+                                             r"its masks on the whole frame"):
+            run_sampling(m, family, steps=2, height=H, width=W, positive=pos, negative=neg)
+    whole = regional(tiled(base, tile=W * 8, tile_height=H * 8))
+    assert torch.isfinite(run_sampling(whole, family, steps=2, height=H, width=W, positive=pos, negative=neg)).all()
