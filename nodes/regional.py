@@ -301,7 +301,8 @@ class PreprintRegionalPrompting(PreprintNode):
             raise RegionError(f"{NODE}: this model's diffusion network is a {type(dm).__name__}; regional prompting "
                               "supports UNets (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3 and Qwen-Image. For other DiTs "
                               "it is not built yet; use core's ConditioningSetMask there.")
-        mark_frame_masks(m, cls.NAME)
+        if hooked or not isinstance(dm, UNetModel):  # UNet regional attention follows Tiled Diffusion's tiles
+            mark_frame_masks(m, cls.NAME + (" with regional LoRA" if hooked else ""))
         return io.NodeOutput(m)
 
 

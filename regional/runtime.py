@@ -20,7 +20,9 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
+from ..caching.store import TILES
 from ..guidance.pag_runtime import rows_of
 from ..utils.sigma_window import SigmaWindow
 from .attention import Region, RegionError, joint_mask, masks_on_grid, regional_attention
@@ -55,6 +57,17 @@ class RegionSet:
             self._grids[key] = masks_on_grid([r.mask.to(device) for r in self.regions], batch, height, width)
         return self._grids[key]
 
+    def tile_masks(self, per: int, height: int, width: int, device, tiles: tuple) -> torch.Tensor:
+        """``[N, n * per, height * width]`` for Tiled Diffusion's call of ``n`` tiles (``tiles``: the tiles, the whole
+        latent's height and width): each tile's part of the whole frame's masks (resampled to the latent, cropped to
+        the tile) on the tile's ``height x width`` grid, tile by tile as the call stacks them."""
+        group, lat_h, lat_w = tiles
+        full = self.masks(per, int(lat_h), int(lat_w), device)
+        full = full.view(full.shape[0], per, int(lat_h), int(lat_w))
+        parts = [F.adaptive_avg_pool2d(full[..., t.y:t.y + t.h, t.x:t.x + t.w], (height, width)).flatten(2)
+                 for t in group]
+        return torch.cat(parts, dim=1)
+
     def contexts(self, device, dtype) -> list[torch.Tensor]:
         """Each region's prompt on ``device`` in ``dtype``, each in its own memory even where two regions were given
         one tensor (regional LoRA tells a region's prompt by its storage)."""
@@ -66,7 +79,7 @@ class RegionSet:
 
 class UNetRegionalAttention:
     """``attn2`` replacement for one cross-attention layer: per-prompt attention on the positive rows,
-    blended by the masks on this layer's grid."""
+    blended by the masks on this layer's grid (under Tiled Diffusion, each tile's part of them)."""
 
     def __init__(self, attention: Callable, attn2, regions: RegionSet, base_ratio: float, window: SigmaWindow,
                  previous=None):
@@ -106,7 +119,13 @@ class UNetRegionalAttention:
                                transformer_options=extra_options)
             outs.append(a[idx] if qr is q else a)
         per = q.shape[0] // len(extra_options["cond_or_uncond"])
-        masks = self.regions.masks(per, h, w, q.device)[:, [r % per for r in rows]]
+        tiles = extra_options.get(TILES)
+        if tiles is None:
+            masks = self.regions.masks(per, h, w, q.device)[:, [r % per for r in rows]]
+        else:  # Tiled Diffusion: each tile's rows get the tile's part of the frame's masks
+            in_tile = batch // len(tiles[0])
+            masks = self.regions.tile_masks(per, h, w, q.device, tiles)[
+                :, [(r // in_tile) * per + r % per for r in rows]]
         out = base.clone()
         out[idx] = regional_attention(base[idx], outs, masks, self.base_ratio)
         return out

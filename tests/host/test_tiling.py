@@ -288,14 +288,43 @@ def test_a_model_whose_latent_is_not_an_image_gets_a_clear_error():
         tiled(m)
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux"])
-def test_nodes_with_whole_frame_masks_are_refused_when_tiles_split_the_frame(family, request):
-    """Regional Prompting (and LIME / Directed Diffusion, marked the same way) place masks on the whole frame; tiles
-    would get them squeezed, so a split frame is an error naming the node, whichever node is applied first, and a
-    tile covering the whole image still runs."""
-    base = request.getfixturevalue(family)
-    pos, neg = make_conds(family)
-    other, _ = make_conds(family, seed=7)
+def test_regional_prompting_on_a_unet_follows_the_tiles(sd15):
+    """UNet regional attention gives each tile its part of the frame's masks: a region covering the whole frame with
+    the base prompt is tiled plain sampling bit for bit, a real region prompt changes the tiled result, and a region
+    over one of two side-by-side tiles changes that tile only."""
+    pos, neg = make_conds("sd15")
+    other, _ = make_conds("sd15", seed=7)
+
+    def regional(m, cond, mask):
+        regions = run_node("PreprintRegion", conditioning=cond, mask=mask, strength=1.0, regions=None)[0]
+        return run_node("PreprintRegionalPrompting", model=m, regions=regions, base_ratio=0.0, start_percent=0.0,
+                        end_percent=1.0)[0]
+
+    plain = run_sampling(tiled(sd15), "sd15", steps=2, height=H, width=W, positive=pos, negative=neg)
+    full = regional(tiled(sd15), pos, torch.ones(1, H * 8, W * 8))
+    assert torch.equal(run_sampling(full, "sd15", steps=2, height=H, width=W, positive=pos, negative=neg), plain)
+    mask = torch.zeros(1, H * 8, W * 8)
+    mask[:, :, : W * 4] = 1.0
+    left = run_sampling(regional(tiled(sd15), other, mask), "sd15", steps=2, height=H, width=W, positive=pos,
+                        negative=neg)
+    assert not torch.equal(left, plain)
+    # two side-by-side tiles without overlap, the region over the left one: the right tile never sees the region
+    # (its half is tiled plain sampling bit for bit), the left one is all region (squeezing the frame's mask onto
+    # each tile would give the right tile the mask's left half)
+    halves = tiled(sd15, tile=W * 4, tile_height=H * 8, mode=OVERLAPPING, overlap=0)
+    plain = run_sampling(halves, "sd15", steps=2, height=H, width=W, positive=pos, negative=neg)
+    split = run_sampling(regional(halves, other, mask), "sd15", steps=2, height=H, width=W, positive=pos,
+                         negative=neg)
+    assert torch.equal(split[..., W // 2:], plain[..., W // 2:])
+    assert not torch.equal(split[..., : W // 2], plain[..., : W // 2])
+
+
+def test_nodes_with_whole_frame_masks_are_refused_when_tiles_split_the_frame(flux):
+    """Regional Prompting on a DiT (and LIME / Directed Diffusion, marked the same way) places masks on the whole
+    frame's tokens; tiles would get them squeezed, so a split frame is an error naming the node, whichever node is
+    applied first, and a tile covering the whole image still runs."""
+    pos, neg = make_conds("flux")
+    other, _ = make_conds("flux", seed=7)
     mask = torch.zeros(1, H * 8, W * 8)
     mask[:, :, : W * 4] = 1.0
     regions = run_node("PreprintRegion", conditioning=other, mask=mask, strength=1.0, regions=None)[0]
@@ -304,9 +333,9 @@ def test_nodes_with_whole_frame_masks_are_refused_when_tiles_split_the_frame(fam
         return run_node("PreprintRegionalPrompting", model=m, regions=regions, base_ratio=0.0, start_percent=0.0,
                         end_percent=1.0)[0]
 
-    for m in (tiled(regional(base)), regional(tiled(base))):
+    for m in (tiled(regional(flux)), regional(tiled(flux))):
         with pytest.raises(ValueError, match=r"^Tiled Diffusion \(Preprint\): Regional Prompting \(Preprint\) places "
                                              r"its masks on the whole frame"):
-            run_sampling(m, family, steps=2, height=H, width=W, positive=pos, negative=neg)
-    whole = regional(tiled(base, tile=W * 8, tile_height=H * 8))
-    assert torch.isfinite(run_sampling(whole, family, steps=2, height=H, width=W, positive=pos, negative=neg)).all()
+            run_sampling(m, "flux", steps=2, height=H, width=W, positive=pos, negative=neg)
+    whole = regional(tiled(flux, tile=W * 8, tile_height=H * 8))
+    assert torch.isfinite(run_sampling(whole, "flux", steps=2, height=H, width=W, positive=pos, negative=neg)).all()

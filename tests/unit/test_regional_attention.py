@@ -629,3 +629,44 @@ def test_region_text_positions_restart_from_the_first_text_token(axes):
     assert embedder(other) is other and fired == [True]  # another sequence: untouched
     handle.remove()
     assert torch.equal(embedder(ids), ids)
+
+
+def test_tile_masks_are_each_tiles_part_of_the_frame():
+    """Under Tiled Diffusion a tile's rows get the frame's masks cropped to the tile: a left-half mask is 1 on a tile
+    in the left half, 0 on one in the right half, and splits a tile across the middle."""
+    from preprint.highres.tiling import Tile
+
+    left = torch.zeros(1, 16, 24)
+    left[..., :12] = 1.0  # drawn at twice the latent's 8 x 12
+    regions = RegionSet((Region(torch.zeros(1, 2, 4), left),))
+    tiles = ([Tile(0, 0, 8, 6), Tile(0, 6, 8, 6), Tile(0, 3, 8, 6)], 8, 12)
+    got = regions.tile_masks(2, 4, 3, torch.device("cpu"), tiles)  # two images per chunk, a 4 x 3 layer grid
+    assert got.shape == (1, 6, 12)
+    assert torch.equal(got[0, :2], torch.ones(2, 12)) and torch.equal(got[0, 2:4], torch.zeros(2, 12))
+    assert torch.equal(got[0, 4:].view(2, 4, 3)[0], torch.tensor([[1.0, 0.5, 0.0]] * 4))
+
+
+def test_unet_regional_attention_under_tiles_gives_each_tile_its_part_of_the_masks():
+    """A region covering the left half: in a call of two tiles (left, right; one image, prompt and negative each),
+    the left tile's positive row is the region prompt's attention, the right tile's the base prompt's."""
+    from preprint.highres.tiling import Tile
+
+    g = torch.Generator().manual_seed(2)
+    attn2 = _Attn2(6, 8)
+    q = torch.randn(4, 6, 8, generator=g, dtype=torch.float64)  # 2 tiles x (prompt, negative), a 2 x 3 grid
+    prompts = torch.randn(4, 5, 6, generator=g, dtype=torch.float64)
+    k, v = attn2.to_k(prompts).detach(), attn2.to_v(prompts).detach()
+    ctx = torch.randn(1, 5, 6, generator=g, dtype=torch.float64)
+    left = torch.zeros(1, 4, 12)
+    left[..., :6] = 1.0
+    attention = _Attention()
+    patch = UNetRegionalAttention(attention, attn2, RegionSet((Region(ctx, left),)), 0.0, SigmaWindow())
+    opts = {"n_heads": 2, "cond_or_uncond": [0, 1, 0, 1], "sigmas": torch.tensor([3.0]),
+            "activations_shape": (4, 8, 2, 3), "preprint_tiles": ([Tile(0, 0, 4, 6), Tile(0, 6, 4, 6)], 4, 12)}
+    with torch.no_grad():
+        out = patch(q, k, v, opts)
+        base = attention(q, k, v, 2)
+        region = attention(q, attn2.to_k(ctx.expand(4, -1, -1)), attn2.to_v(ctx.expand(4, -1, -1)), 2)
+    assert torch.allclose(out[0], region[0], atol=1e-12, rtol=0)  # left tile, prompt row: all region
+    assert torch.equal(out[2], base[2])  # right tile, prompt row: nothing of the region
+    assert torch.equal(out[1], base[1]) and torch.equal(out[3], base[3])  # negative rows
