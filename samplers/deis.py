@@ -37,7 +37,7 @@ POLY_SPACES: tuple[str, ...] = ("t", "lambda", "rho")
 TimeFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Gauss-Legendre nodes per step: on a smooth time map the integrand is smooth in log g and 24 nodes reach ~1e-12;
-# SD's discrete time is piecewise linear in log sigma (a kink per training step), where "t" weights reach ~1e-6
+# SD's discrete time is piecewise linear in log sigma (a kink per training step), where "t" weights reach ~2e-5
 _GL_NODES = 24
 
 

@@ -53,5 +53,5 @@ def test_options_after_sigma_are_keyword_only():
     """``guidance_lambda`` and ``timestep`` are both plain floats: a positional call that could swap them is refused."""
     x, p = _prediction(2.0)
     sigma = torch.tensor(1.0, dtype=torch.float64)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"takes 3 positional arguments"):
         learned_guidance(p, x, sigma, _norm_scheduler(1.0), 0.4, 500.0, "eps")  # type: ignore[misc]

@@ -164,10 +164,12 @@ def ref_singlestep(model, x, sigmas, order, kind, transform=None):
     return x
 
 
-def _threshold(x0: torch.Tensor, p: float, floor: float = 1.0) -> torch.Tensor:
-    """Imagen / official DPM-Solver++ thresholding: s = max(p-quantile of |x0| per sample, floor); clip, divide."""
+def _threshold(x0: torch.Tensor, p: float, floor: float = 1.0, ceiling: float = math.inf) -> torch.Tensor:
+    """Imagen / official DPM-Solver++ thresholding: s = max(p-quantile of |x0| per sample, floor), at most the
+    ceiling (diffusers' sample_max_value); clip, divide."""
     q = torch.quantile(x0.abs().flatten(1).float(), p, dim=1).to(x0.dtype)  # taken in float32, as the module does
-    s = torch.where(q > floor, q, torch.full_like(q, floor)).reshape(-1, *([1] * (x0.ndim - 1)))
+    s = torch.where(q > floor, q, torch.full_like(q, floor))
+    s = torch.where(s < ceiling, s, torch.full_like(s, ceiling)).reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
@@ -307,6 +309,13 @@ def test_thresholded_multistep_and_singlestep_use_the_default_floor_one():
                                    threshold_floor=1.5)
     want_f, _ = ref_multistep(model, x.clone(), sig, 2, "eps", True, transform=lambda m: _threshold(m, p, 1.5))
     torch.testing.assert_close(got_f, want_f, **TOL)
+    got_c = sample_dpmpp_multistep(model, x.clone(), _t(sig), disable=True, order=2, threshold_percentile=p,
+                                   threshold_max=1.2)
+    want_c, _ = ref_multistep(model, x.clone(), sig, 2, "eps", True,
+                              transform=lambda m: _threshold(m, p, 1.0, 1.2))
+    torch.testing.assert_close(got_c, want_c, **TOL)
+    assert float((want_c - ref_multistep(model, x.clone(), sig, 2, "eps", True,
+                                         transform=lambda m: _threshold(m, p))[0]).abs().max()) > 1e-3
 
 
 def test_data_model_thresholds_with_floor_one_by_default():
@@ -387,3 +396,27 @@ def test_3m_step_is_the_official_rule_with_third_order_local_error_only_for_the_
     assert min(interp_orders) > 3.8, interp_orders  # the measurement itself resolves fourth-order local error
     orders = [math.log2(a / b) for a, b in zip(module_errors[:-1], module_errors[1:], strict=True)]
     assert 2.0 < min(orders) and max(orders) < 3.2, (orders, module_errors)
+
+
+@pytest.mark.parametrize("order,want", [(1, 2.0), (2, 3.0), (3, 4.0)])
+def test_singlestep_local_error_has_the_order_of_its_name(order, want):
+    """Independent of any reference arithmetic: one singlestep step from the exact state of the Gaussian-data ODE
+    (see ``_gaussian_local_errors``) has local error O(h^(order + 1)): DDIM ~4x, 2S ~8x, 3S ~16x smaller per halving
+    of the step in log-SNR."""
+    mu, s2 = torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64), 0.25
+    x_t, sigma_t = torch.tensor([2.0, 1.5, -3.0], dtype=torch.float64), 3.0
+
+    def state(sig: float) -> torch.Tensor:
+        return mu + (x_t - mu) * math.sqrt(s2 + sig * sig) / math.sqrt(s2 + sigma_t * sigma_t)
+
+    def model(x, sigma, **_):
+        s = sigma.reshape(-1, 1)
+        return mu + s2 * (x - mu) / (s2 + s * s)
+
+    errors = []
+    for h in (0.1, 0.05, 0.025, 0.0125):
+        sig = torch.tensor([1.0, math.exp(-h)], dtype=torch.float64)
+        out = pp.sample_dpmpp_singlestep(model, state(1.0)[None].clone(), sig, disable=True, order=order)
+        errors.append(float((out[0] - state(float(sig[1]))).abs().max()))
+    orders = [math.log2(a / b) for a, b in zip(errors[:-1], errors[1:], strict=True)]
+    assert all(want - 0.3 < o < want + 0.3 for o in orders[1:]), (orders, errors)  # the asymptotic ratios

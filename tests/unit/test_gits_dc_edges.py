@@ -49,7 +49,16 @@ def _four_point_cost() -> torch.Tensor:
     return _t([[inf, 1.0, 1.5, 9.0], [inf, inf, 5.0, 1.0], [inf, inf, inf, 0.5], [inf, inf, inf, inf]])
 
 
+def _flip_at(t: float) -> torch.Tensor:
+    """Paths 0 -> 1 -> 3 (1 + coeff) and 0 -> 2 -> 3 (1 + t / 2 + coeff / 2): equal at coeff = t."""
+    inf = math.inf
+    return _t([[inf, 1.0, 1.0 + 0.5 * t, 9.0], [inf, inf, 5.0, 1.0], [inf, inf, inf, 0.5], [inf, inf, inf, inf]])
+
+
 def test_dp_search_default_coeff_is_the_official_1_15():
+    """The default coefficient lies between 1.145 and 1.155: above the first crossing, below the second."""
+    assert dp_search(_flip_at(1.145), 2) == [0, 2, 3] and dp_search(_flip_at(1.145), 2, 1.14) == [0, 1, 3]
+    assert dp_search(_flip_at(1.155), 2) == [0, 1, 3] and dp_search(_flip_at(1.155), 2, 1.16) == [0, 2, 3]
     cost = _four_point_cost()
     assert dp_search(cost, 2, 1.15) == [0, 2, 3]
     assert dp_search(cost, 2) == [0, 2, 3]
