@@ -12,6 +12,7 @@ from preprint.samplers import optimal_steps as oss
 from preprint.utils.gaussian_mixture import reference_solution
 
 from .conftest import flow_sigmas, get_problem, karras_sigmas
+from .test_optimal_steps_reference import naive_dp  # the paper's recurrence in plain loops
 
 _REF: dict[tuple, torch.Tensor] = {}
 
@@ -121,28 +122,6 @@ def test_longer_searches_come_close_to_the_brute_force_optimum(kind, cfg):
     assert found >= 3
 
 
-def naive_recurrence(model, x, grid, steps):
-    """The paper's recurrence read literally, one sample, plain loops: every (k, j), every earlier i."""
-    n = len(grid) - 1
-    teacher, _ = oss.teacher_trajectory(model, x, grid)
-    best = {(0, 0): (0.0, x, None)}
-    for k in range(1, steps + 1):
-        for j in range(1, n + 1):
-            for i in range(j):
-                if (k - 1, i) not in best:
-                    continue
-                state = best[k - 1, i][1]
-                d = model(state, grid[i].expand(1))
-                z = d + grid[j] / grid[i] * (state - d)
-                c = float(((z - teacher[j]) ** 2).mean())
-                if (k, j) not in best or c < best[k, j][0]:
-                    best[k, j] = (c, z, i)
-    path = [n]
-    for k in range(steps, 0, -1):
-        path.append(best[k, path[-1]][2])
-    return path[::-1], best[steps, n][0]
-
-
 @pytest.mark.parametrize("kind", ["eps", "flow"])
 def test_the_batched_search_is_the_recurrence_and_keeps_the_students_own_state(kind):
     """The vectorised DP (ranges of reachable points, chunks of jumps, a batch of samples) gives each sample the
@@ -154,7 +133,7 @@ def test_the_batched_search_is_the_recurrence_and_keeps_the_students_own_state(k
     result = oss.search(p.model, x, grid, 4)
     teacher, _ = oss.teacher_trajectory(p.model, x, grid)
     for b in range(3):
-        path, cost = naive_recurrence(p.model, x[b : b + 1], grid, 4)
+        path, cost = naive_dp(p.model, x[b : b + 1], grid, 4)
         assert result.sample_indices[b].tolist() == path
         assert float(result.sample_costs[b]) == pytest.approx(cost, rel=1e-9)
         replay = oss.student_solution(p.model, x[b : b + 1], grid[path])

@@ -29,9 +29,10 @@ def explicit_identity(q, k, v, image, mask=None):
     """An image query sees all non-image keys and its own key (plus ``mask``); other queries see everything."""
     length = q.shape[-2]
     block = torch.zeros(length, length)
-    idx = torch.tensor(image)
-    block[idx[:, None], idx[None, :]] = float("-inf")
-    block[idx, idx] = 0.0
+    idx = torch.tensor(list(image))
+    if len(idx):
+        block[idx[:, None], idx[None, :]] = float("-inf")
+        block[idx, idx] = 0.0
     return plain(q, k, v, block if mask is None else block + mask)
 
 

@@ -9,43 +9,16 @@ import dataclasses
 import pytest
 import torch
 
-from preprint.guidance.attention_perturbation import Perturbation, blur_tokens
+from preprint.guidance.attention_perturbation import Perturbation
 from preprint.guidance.pag_tokens import TokenLayout, _reorder, _restore, perturb_layout
+
+from .test_pag_tokens import explicit_identity, plain, rand, seg_q
 
 H, D = 2, 8
 
 
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 def qkv(length, batch=3, seed=0):
     return tuple(rand(batch, H, length, D, seed=seed + i) for i in range(3))
-
-
-def plain(q, k, v, mask=None):
-    logits = q @ k.transpose(-1, -2) * D ** -0.5
-    return torch.softmax(logits if mask is None else logits + mask, -1) @ v
-
-
-def explicit_identity(q, k, v, image, mask=None):
-    """An image query sees all non-image keys and its own key (plus ``mask``); other queries see everything."""
-    length = q.shape[-2]
-    block = torch.zeros(length, length)
-    idx = torch.tensor(list(image))
-    if len(idx):
-        block[idx[:, None], idx[None, :]] = float("-inf")
-        block[idx, idx] = 0.0
-    return plain(q, k, v, block if mask is None else block + mask)
-
-
-def seg_q(q, start, grid, frames, sigma):
-    q = q.clone()
-    n = grid[0] * grid[1]
-    for f in range(frames):
-        s = start + f * n
-        q[:, :, s:s + n] = blur_tokens(q[:, :, s:s + n], grid, sigma)
-    return q
 
 
 def key_mask(batch, length, padded, seed=0):
