@@ -301,7 +301,9 @@ class PreprintRegionalPrompting(PreprintNode):
             raise RegionError(f"{NODE}: this model's diffusion network is a {type(dm).__name__}; regional prompting "
                               "supports UNets (SD1.x, SD2.x, SDXL), Flux, Chroma, SD3 and Qwen-Image. For other DiTs "
                               "it is not built yet; use core's ConditioningSetMask there.")
-        if hooked or not isinstance(dm, UNetModel):  # UNet regional attention follows Tiled Diffusion's tiles
+        # UNet and Flux / Chroma regional masks follow Tiled Diffusion's tiles; SD3 / Qwen-Image's APPLY_MODEL
+        # wrapper may run outside the tiling and regional LoRA places its weights on the whole call's latent
+        if hooked or not (isinstance(dm, UNetModel) or _flux_family(dm) is not None):
             mark_frame_masks(m, cls.NAME + (" with regional LoRA" if hooked else ""))
         return io.NodeOutput(m)
 

@@ -142,12 +142,14 @@ class JointRegionText:
         self._built: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # last batch layout's text, mask
 
     def build(self, cou: tuple, batch: int, grid: tuple[int, int], n_ref: int, base_len: int, context: torch.Tensor,
-              dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+              dtype, device, tiles: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens appended to each row's text ``[batch, extra, D]`` (in ``context``'s dtype) and the joint
         attention mask ``[batch, L, L]`` for ``base_len`` text tokens before them (the base prompt, with any
         register tokens the model puts in front of it), the region text, the ``grid`` of image tokens and
-        ``n_ref`` reference image tokens no region covers."""
-        key = (cou, batch, grid, n_ref, base_len, context.dtype, dtype, device)
+        ``n_ref`` reference image tokens no region covers. ``tiles``: Tiled Diffusion's tiles of this call (see
+        ``RegionSet.tile_masks``); each tile's rows get the tile's part of the masks."""
+        tile_key = None if tiles is None else (tuple(tiles[0]), tiles[1], tiles[2])
+        key = (cou, batch, grid, n_ref, base_len, context.dtype, dtype, device, tile_key)
         if self._built is not None and self._built[0] == key:
             return self._built[1]
         contexts = self.regions.contexts(context.device, context.dtype)
@@ -155,7 +157,13 @@ class JointRegionText:
         extra_len = sum(lengths[1:])
         rows = set(positive_rows({"cond_or_uncond": list(cou)}, batch))
         chunk = batch // len(cou or [1])
-        per_image = self.regions.masks(chunk, *grid, device)
+        if tiles is None:
+            per_image = self.regions.masks(chunk, *grid, device)
+            images = [b % chunk for b in range(batch)]
+        else:  # the call stacks its tiles along the batch, each tile's rows together
+            per_image = self.regions.tile_masks(chunk, *grid, device, tiles)
+            in_tile = batch // len(tiles[0])
+            images = [(b // in_tile) * chunk + b % chunk for b in range(batch)]
         if n_ref:  # Kontext reference tokens: image no region covers
             per_image = torch.cat([per_image, per_image.new_zeros(*per_image.shape[:2], n_ref)], dim=2)
         regional = joint_mask(lengths, per_image, self.base_ratio, dtype=dtype).to(device)
@@ -168,7 +176,7 @@ class JointRegionText:
         for b in range(batch):
             if b in rows:
                 pieces.append(region_text)
-                mask[b] = regional[b % chunk]
+                mask[b] = regional[images[b]]
             else:  # other rows: the appended tokens are padding nobody sees
                 pieces.append(torch.zeros_like(region_text))
                 mask[b, :, pad] = float("-inf")
@@ -225,7 +233,7 @@ class FluxRegional:
         grid = (-(-x.shape[-2] // patch), -(-x.shape[-1] // patch))
         n_ref = reference_tokens(ref_latents, patch)
         text, mask = self.joint.build(tuple(to.get("cond_or_uncond") or ()), x.shape[0], grid, n_ref,
-                                      int(context.shape[1]), context, x.dtype, x.device)
+                                      int(context.shape[1]), context, x.dtype, x.device, to.get(TILES))
         a["context"] = torch.cat([context, text], dim=1)
         if "attention_mask" in bound.signature.parameters:
             a["attention_mask"] = mask

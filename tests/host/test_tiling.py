@@ -319,12 +319,32 @@ def test_regional_prompting_on_a_unet_follows_the_tiles(sd15):
     assert not torch.equal(split[..., : W // 2], plain[..., : W // 2])
 
 
-def test_nodes_with_whole_frame_masks_are_refused_when_tiles_split_the_frame(flux):
-    """Regional Prompting on a DiT (and LIME / Directed Diffusion, marked the same way) places masks on the whole
-    frame's tokens; tiles would get them squeezed, so a split frame is an error naming the node, whichever node is
-    applied first, and a tile covering the whole image still runs."""
+def test_regional_prompting_on_flux_follows_the_tiles(flux):
+    """Flux regional masks are each tile's part of the frame's: with two side-by-side tiles and a region over the
+    left one, the right tile is tiled plain sampling up to rounding (its image tokens never see the region text; the
+    masked attention runs another kernel path) and the left one changes by far more."""
     pos, neg = make_conds("flux")
     other, _ = make_conds("flux", seed=7)
+    mask = torch.zeros(1, H * 8, W * 8)
+    mask[:, :, : W * 4] = 1.0
+    regions = run_node("PreprintRegion", conditioning=other, mask=mask, strength=1.0, regions=None)[0]
+    halves = tiled(flux, tile=W * 4, tile_height=H * 8, mode=OVERLAPPING, overlap=0)
+    plain = run_sampling(halves, "flux", steps=2, height=H, width=W, positive=pos, negative=neg)
+    m = run_node("PreprintRegionalPrompting", model=halves, regions=regions, base_ratio=0.0, start_percent=0.0,
+                 end_percent=1.0)[0]
+    split = run_sampling(m, "flux", steps=2, height=H, width=W, positive=pos, negative=neg)
+    left = float((split[..., : W // 2] - plain[..., : W // 2]).abs().max())
+    right = float((split[..., W // 2:] - plain[..., W // 2:]).abs().max())
+    assert left > 0.01 * float(plain.abs().max()) and right < 1e-4 * left, (left, right)
+
+
+def test_nodes_with_whole_frame_masks_are_refused_when_tiles_split_the_frame():
+    """Regional Prompting on SD3 (its wrapper may run outside the tiling), with regional LoRA, and LIME / Directed
+    Diffusion place masks on the whole frame; tiles would get them squeezed, so a split frame is an error naming the
+    node, whichever node is applied first, and a tile covering the whole image still runs."""
+    base = tiny_model("sd3")
+    pos, neg = make_conds("sd3")
+    other, _ = make_conds("sd3", seed=7)
     mask = torch.zeros(1, H * 8, W * 8)
     mask[:, :, : W * 4] = 1.0
     regions = run_node("PreprintRegion", conditioning=other, mask=mask, strength=1.0, regions=None)[0]
@@ -333,9 +353,9 @@ def test_nodes_with_whole_frame_masks_are_refused_when_tiles_split_the_frame(flu
         return run_node("PreprintRegionalPrompting", model=m, regions=regions, base_ratio=0.0, start_percent=0.0,
                         end_percent=1.0)[0]
 
-    for m in (tiled(regional(flux)), regional(tiled(flux))):
+    for m in (tiled(regional(base)), regional(tiled(base))):
         with pytest.raises(ValueError, match=r"^Tiled Diffusion \(Preprint\): Regional Prompting \(Preprint\) places "
                                              r"its masks on the whole frame"):
-            run_sampling(m, "flux", steps=2, height=H, width=W, positive=pos, negative=neg)
-    whole = regional(tiled(flux, tile=W * 8, tile_height=H * 8))
-    assert torch.isfinite(run_sampling(whole, "flux", steps=2, height=H, width=W, positive=pos, negative=neg)).all()
+            run_sampling(m, "sd3", steps=2, height=H, width=W, positive=pos, negative=neg)
+    whole = regional(tiled(base, tile=W * 8, tile_height=H * 8))
+    assert torch.isfinite(run_sampling(whole, "sd3", steps=2, height=H, width=W, positive=pos, negative=neg)).all()

@@ -670,3 +670,21 @@ def test_unet_regional_attention_under_tiles_gives_each_tile_its_part_of_the_mas
     assert torch.allclose(out[0], region[0], atol=1e-12, rtol=0)  # left tile, prompt row: all region
     assert torch.equal(out[2], base[2])  # right tile, prompt row: nothing of the region
     assert torch.equal(out[1], base[1]) and torch.equal(out[3], base[3])  # negative rows
+
+
+def test_joint_region_text_under_tiles_gives_each_tile_its_part_of_the_masks():
+    """Flux under Tiled Diffusion: a call of two side-by-side tiles (one positive row each) and a region over the
+    left half: the left tile's image tokens attend the region's text, the right tile's do not."""
+    from preprint.highres.tiling import Tile
+
+    left = torch.zeros(1, 8, 12)
+    left[..., :6] = 1.0
+    joint = JointRegionText(RegionSet((Region(torch.ones(1, 3, 4), left),)), 0.0)
+    context = torch.zeros(2, 2, 4)
+    tiles = ([Tile(0, 0, 8, 6), Tile(0, 6, 8, 6)], 8, 12)
+    _, mask = joint.build((0, 0), 2, (4, 3), 0, 2, context, torch.float32, torch.device("cpu"), tiles)
+    region_text, image = slice(2, 5), slice(5, 17)
+    assert torch.isfinite(mask[0, image, region_text]).all()
+    assert not torch.isfinite(mask[1, image, region_text]).any()
+    _, whole = joint.build((0, 0), 2, (4, 3), 0, 2, context, torch.float32, torch.device("cpu"))
+    assert torch.isfinite(whole[1, image, region_text]).any()  # without tiles: the frame's mask squeezed on both
