@@ -105,7 +105,7 @@ class PreprintLIME(PreprintNode):
         ms = model.get_model_object("model_sampling")
         window = SigmaWindow.from_percents(ms.percent_to_sigma, 0.0, end_percent)
         return io.NodeOutput(_chain(model, layers, lambda key, attn2, prev: LimeAttention(
-            attention, keep, region, strength, window, prev, node=cls.NAME), frame_masks=cls.NAME))
+            attention, keep, region, strength, window, prev, node=cls.NAME)))
 
 
 NODES = [PreprintLIME]

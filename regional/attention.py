@@ -69,6 +69,22 @@ def masks_on_grid(masks: list[torch.Tensor], batch: int, height: int, width: int
     return torch.stack(out)
 
 
+def tile_grids(full: torch.Tensor, height: int, width: int, tiles: list, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Masks on a whole latent's ``height x width`` grid (``[..., P, height * width]``) cropped to each of Tiled
+    Diffusion's ``tiles`` (``y, x, h, w`` in latent elements) and resampled by area to the tile's layer grid:
+    ``[..., len(tiles) * P, grid_h * grid_w]``, tile by tile (as a tiled call stacks its rows)."""
+    frame = full.reshape(*full.shape[:-1], height, width)
+    parts = [F.adaptive_avg_pool2d(frame[..., t.y:t.y + t.h, t.x:t.x + t.w], (grid_h, grid_w)).flatten(-2)
+             for t in tiles]
+    return torch.cat(parts, dim=-2)
+
+
+def tile_rows(rows: list[int], batch: int, tiles: list, per: int) -> list[int]:
+    """For each batch row of a tiled call, its row in ``tile_grids``' output (``per`` images per prompt chunk)."""
+    in_tile = batch // len(tiles)
+    return [(r // in_tile) * per + r % per for r in rows]
+
+
 def blend_weights(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position weights of each region's attention output and of the base prompt's.
 

@@ -20,12 +20,19 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..caching.store import TILES
 from ..guidance.pag_runtime import rows_of
 from ..utils.sigma_window import SigmaWindow
-from .attention import Region, RegionError, joint_mask, masks_on_grid, regional_attention
+from .attention import (
+    Region,
+    RegionError,
+    joint_mask,
+    masks_on_grid,
+    regional_attention,
+    tile_grids,
+    tile_rows,
+)
 
 log = logging.getLogger("preprint")
 NEGATIVE = 1  # ComfyUI's index of the negative prompt in cond_or_uncond
@@ -62,11 +69,8 @@ class RegionSet:
         latent's height and width): each tile's part of the whole frame's masks (resampled to the latent, cropped to
         the tile) on the tile's ``height x width`` grid, tile by tile as the call stacks them."""
         group, lat_h, lat_w = tiles
-        full = self.masks(per, int(lat_h), int(lat_w), device)
-        full = full.view(full.shape[0], per, int(lat_h), int(lat_w))
-        parts = [F.adaptive_avg_pool2d(full[..., t.y:t.y + t.h, t.x:t.x + t.w], (height, width)).flatten(2)
-                 for t in group]
-        return torch.cat(parts, dim=1)
+        return tile_grids(self.masks(per, int(lat_h), int(lat_w), device), int(lat_h), int(lat_w), group, height,
+                          width)
 
     def contexts(self, device, dtype) -> list[torch.Tensor]:
         """Each region's prompt on ``device`` in ``dtype``, each in its own memory even where two regions were given
@@ -123,9 +127,7 @@ class UNetRegionalAttention:
         if tiles is None:
             masks = self.regions.masks(per, h, w, q.device)[:, [r % per for r in rows]]
         else:  # Tiled Diffusion: each tile's rows get the tile's part of the frame's masks
-            in_tile = batch // len(tiles[0])
-            masks = self.regions.tile_masks(per, h, w, q.device, tiles)[
-                :, [(r // in_tile) * per + r % per for r in rows]]
+            masks = self.regions.tile_masks(per, h, w, q.device, tiles)[:, tile_rows(rows, batch, tiles[0], per)]
         out = base.clone()
         out[idx] = regional_attention(base[idx], outs, masks, self.base_ratio)
         return out
@@ -162,8 +164,7 @@ class JointRegionText:
             images = [b % chunk for b in range(batch)]
         else:  # the call stacks its tiles along the batch, each tile's rows together
             per_image = self.regions.tile_masks(chunk, *grid, device, tiles)
-            in_tile = batch // len(tiles[0])
-            images = [(b // in_tile) * chunk + b % chunk for b in range(batch)]
+            images = tile_rows(list(range(batch)), batch, tiles[0], chunk)
         if n_ref:  # Kontext reference tokens: image no region covers
             per_image = torch.cat([per_image, per_image.new_zeros(*per_image.shape[:2], n_ref)], dim=2)
         regional = joint_mask(lengths, per_image, self.base_ratio, dtype=dtype).to(device)

@@ -151,3 +151,15 @@ def test_stacks_with_regional_prompting(kit):
     both = sample(lime(regional(m), clip), "sd15", pos, neg)
     assert not torch.equal(both, only_regional) and not torch.equal(both, sample(lime(m, clip), "sd15", pos, neg))
     assert torch.equal(sample(lime(regional(m), clip, end=0.0), "sd15", pos, neg), only_regional)
+
+
+def test_lime_follows_tiled_diffusions_tiles(kit):
+    """Under Tiled Diffusion each tile's rows get the tile's part of the region: with two side-by-side tiles and
+    the region over the left one, the right half is tiled plain sampling bit for bit and the left half is edited."""
+    m, clip, pos, neg = kit["sd15"]
+    halves = run_node("PreprintTiledDiffusion", model=m, tile_width=48, tile_height=96,
+                      mode="overlapping (MultiDiffusion)", overlap=0, weighting="uniform", tile_batch_size=1)[0]
+    plain = sample(halves, "sd15", pos, neg)
+    edited = sample(lime(halves, clip, mask=box_mask(), end=1.0), "sd15", pos, neg)
+    assert torch.equal(edited[..., 6:], plain[..., 6:])
+    assert not torch.equal(edited[..., :6], plain[..., :6])
