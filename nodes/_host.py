@@ -49,8 +49,8 @@ def install_hooks(model, key: str, wrappers: dict, pre_cfg: Callable | None = No
 
 
 # transformer_options entry listing the nodes on a model whose masks cover the whole frame and do not follow tiles
-# (Regional Prompting on SD3 or with regional LoRA, Directed Diffusion): Tiled Diffusion refuses to split such a
-# model's calls into tiles (the masks would be squeezed onto each tile)
+# (Regional Prompting on SD3 or with regional LoRA): Tiled Diffusion refuses to split such a model's calls into tiles
+# (the masks would be squeezed onto each tile)
 FRAME_MASKS = "preprint_frame_masks"
 
 

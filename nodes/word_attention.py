@@ -43,7 +43,7 @@ from ..regional.word_attention import (
     word_map,
 )
 from ..utils.sigma_window import SigmaWindow
-from ._host import attention, mark_frame_masks
+from ._host import attention
 from ._inputs import PreprintNode, advanced, model_input, model_output
 from .regional import _unet_cross_attention_layers
 
@@ -108,13 +108,10 @@ def word_positions(node: str, clip, prompt: str, words: list[str]) -> tuple[list
     return found[first], prompt_ids[first]
 
 
-def _chain(model, layers: dict, make, frame_masks: str | None = None) -> object:
+def _chain(model, layers: dict, make) -> object:
     """A clone of ``model`` with ``make(key, attn2, previous)`` as the ``attn2`` replacement of every layer, each
-    chaining the replacement an earlier node put there; ``frame_masks``: the node's name when its replacements place
-    masks on the whole frame (see ``mark_frame_masks``)."""
+    chaining the replacement an earlier node put there."""
     m = model.clone()
-    if frame_masks is not None:
-        mark_frame_masks(m, frame_masks)
     replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for key, attn2 in layers.items():
         m.set_model_attn2_replace(make(key, attn2, replaces.get(key, replaces.get(key[:2]))), *key)
@@ -343,7 +340,7 @@ class PreprintDirectedDiffusion(PreprintNode):
         ms = model.get_model_object("model_sampling")
         window = SigmaWindow.from_percents(ms.percent_to_sigma, 0.0, end_percent)
         return io.NodeOutput(_chain(model, layers, lambda key, attn2, prev: DirectedAttention(
-            attention, columns, placement, strength, window, prev, node=cls.NAME), frame_masks=cls.NAME))
+            attention, columns, placement, strength, window, prev, node=cls.NAME)))
 
 
 NODES = [PreprintMaskFromWords, PreprintDirectedDiffusion]

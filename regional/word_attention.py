@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..caching.store import TILES
 from ..utils.sigma_window import SigmaWindow
-from .attention import masks_on_grid
+from .attention import masks_on_grid, tile_grids, tile_rows
 from .runtime import active, positive_rows
 
 
@@ -311,7 +312,15 @@ class DirectedAttention:
         h, w = (int(n) for n in extra_options["activations_shape"][-2:])
         idx = torch.tensor(rows, device=q.device)
         probs = attention_probs(q[idx], k[idx], heads)  # [R, H, L, T]
-        inside, bump = self.place(h, w, q.device)
+        tiles = extra_options.get(TILES)
+        if tiles is None:
+            inside, bump = self.place(h, w, q.device)
+        else:  # Tiled Diffusion: each tile's rows get the tile's part of the placement, [R, 1, L]
+            group, lat_h, lat_w = tiles
+            full = torch.stack(self.place(int(lat_h), int(lat_w), q.device)).unsqueeze(1)  # [2, 1, H * W]
+            per_tile = tile_grids(full, int(lat_h), int(lat_w), group, h, w)  # [2, tiles, h * w]
+            which = tile_rows(rows, q.shape[0], group, 1)
+            inside, bump = (part[which].unsqueeze(1) for part in per_tile)
         edited = directed_probs(probs, self.columns, inside, bump, self.strength)
         cols = torch.tensor(self.columns, device=q.device)
         delta_p = (edited[..., cols] - probs[..., cols])  # [R, H, L, J]

@@ -339,9 +339,9 @@ def test_regional_prompting_on_flux_follows_the_tiles(flux):
 
 
 def test_nodes_with_whole_frame_masks_are_refused_when_tiles_split_the_frame():
-    """Regional Prompting on SD3 (its wrapper may run outside the tiling), with regional LoRA, and Directed
-    Diffusion place masks on the whole frame; tiles would get them squeezed, so a split frame is an error naming the
-    node, whichever node is applied first, and a tile covering the whole image still runs."""
+    """Regional Prompting on SD3 (its wrapper may run outside the tiling) or with regional LoRA places masks on the
+    whole frame; tiles would get them squeezed, so a split frame is an error naming the node, whichever node is
+    applied first, and a tile covering the whole image still runs."""
     base = tiny_model("sd3")
     pos, neg = make_conds("sd3")
     other, _ = make_conds("sd3", seed=7)

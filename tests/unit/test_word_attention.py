@@ -316,3 +316,28 @@ def test_a_mask_placement_uses_its_coverage_and_a_bump_over_its_bounding_box():
     assert torch.equal(inside, box_inside) and torch.allclose(bump, box_bump)
     with pytest.raises(WordError, match="either a box or a mask"):
         Placement()
+
+
+def test_directed_attention_under_tiles_gives_each_tile_its_part_of_the_placement():
+    """In a call of two side-by-side tiles (one positive and one negative row each), each tile's positive row is
+    the edit with the placement on the whole 4 x 8 latent cropped to that tile and resampled to its 4 x 4 grid."""
+    import torch.nn.functional as F
+
+    from preprint.highres.tiling import Tile
+
+    q, k, v = _layer_inputs(batch=4)
+    place = Placement(Box(0.25, 0.0, 0.5, 1.0))  # straddles the two tiles
+    layer = DirectedAttention(plain_attention, [1, 3], place, 0.7, SigmaWindow())
+    tiles = [Tile(0, 0, 4, 4), Tile(0, 4, 4, 4)]
+    opts = {**_opts(7.0, cou=(0, 1, 0, 1)), "activations_shape": [4, 8, 4, 4], "preprint_tiles": (tiles, 4, 8)}
+    out = layer(q, k, v, opts)
+    inside, bump = place(4, 8, q.device)
+    for row, t in ((0, tiles[0]), (2, tiles[1])):
+        crops = [F.adaptive_avg_pool2d(m.view(1, 4, 8)[..., t.y:t.y + t.h, t.x:t.x + t.w], (4, 4)).reshape(-1)
+                 for m in (inside, bump)]
+        alone = DirectedAttention(plain_attention, [1, 3], lambda h, w, d, c=crops: tuple(c), 0.7, SigmaWindow())
+        want = alone(q[row:row + 2], k[row:row + 2], v[row:row + 2], _opts(7.0))
+        assert torch.allclose(out[row], want[0], atol=1e-6, rtol=0)
+    squeezed = layer(q, k, v, {k_: v_ for k_, v_ in opts.items() if k_ != "preprint_tiles"})
+    assert not torch.allclose(squeezed[2], out[2], atol=1e-3)  # the whole frame's placement squeezed is another edit
+    assert torch.equal(out[1], plain_attention(q, k, v, 2)[1])  # negative rows untouched
