@@ -97,6 +97,8 @@ class EntropyOverride:
                 frames = 1
             elif len(latent) == 3:
                 frames = -(-latent[0] // self.patch[0])
+                if now <= n_k < frames * now and n_k % now == 0:  # attention within fewer frames (per frame)
+                    frames = n_k // now
             else:
                 frames = max(1, n_k // now)
             if n_q == n_k and not (self.dit and n_k < frames * now):  # self-attention (cross-attention: the text's)

@@ -161,19 +161,23 @@ def search(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, steps: int
                 parent[js] = torch.where(better, i, parent[js])
                 keep = better.reshape(*better.shape, *([1] * (jumps.ndim - 2)))
                 nxt[js] = torch.where(keep, jumps, nxt[js])
-        if not bool(torch.isfinite(new_cost[hi]).all()):  # every path to the end is NaN / inf: nothing to pick
-            raise RuntimeError(f"Optimal steps search: no finite cost for a {k}-step path to the end of the grid; "
-                               "the model returned NaN or inf during the search. Check the model (and its dtype: "
-                               "try float32) before searching again.")
+        if not bool(torch.isfinite(new_cost[hi]).all()):  # no finite path reaches this step's last point
+            raise RuntimeError(_NON_FINITE.format(k=k))
         parents.append(parent)
         current, cost = nxt, new_cost
     paths = torch.empty((batch, steps + 1), dtype=torch.long)
     paths[:, steps] = n
     for k in range(steps, 0, -1):  # trace back from the last grid point
+        if bool((paths[:, k] < 0).any()):  # a point reached only through non-finite costs has no parent
+            raise RuntimeError(_NON_FINITE.format(k=k))
         paths[:, k - 1] = parents[k - 1].cpu().gather(0, paths[:, k].unsqueeze(0)).squeeze(0)
     indices = median_path(paths)
     return OSSResult(sigmas=sigmas[indices.to(sigmas.device)], indices=indices, sample_indices=paths,
                      sample_costs=cost[n].cpu(), evaluations=done)
+
+
+_NON_FINITE = ("Optimal steps search: no path of {k} step(s) has a finite cost; the model returned NaN or inf during "
+               "the search. Check the model (and its dtype: try float32) before searching again.")
 
 
 @torch.no_grad()

@@ -114,10 +114,13 @@ def test_video_frames_come_from_the_latent_so_long_joint_text_counts_as_text():
     text = torch.randn(1, 2, 100, 8)
     override(attention, text, text.clone(), text.clone(), 2, skip_reshape=True, transformer_options=to)
     assert calls[1][0][0] is text  # fewer keys than the video's image tokens: the text refiner, unscaled
+    frame = torch.randn(1, 2, 24, 8)  # attention within one frame (a per-frame spatial layer): one frame's area
+    override(attention, frame, frame.clone(), frame.clone(), 2, skip_reshape=True, transformer_options=to)
+    assert torch.allclose(calls[2][0][0], frame * math.sqrt(math.log(24) / math.log(6)), rtol=1e-6, atol=0)
     override(attention, q, q.clone(), q.clone(), 2, skip_reshape=True, transformer_options={LATENT_KEY: (8, 12)})
     frames = 270 // 24
     legacy = math.sqrt(math.log(270) / math.log(270 - frames * 24 + frames * 6))
-    assert torch.allclose(calls[2][0][0], q * legacy, rtol=1e-6, atol=0)
+    assert torch.allclose(calls[3][0][0], q * legacy, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("patch,latent,train,image_now,image_train", [
