@@ -9,8 +9,9 @@ Two parts:
   baseline)`` seconds, and one that runs past it counts as detected (timeout). By default each mutant's tests
   run in a process forked from this one after torch and pytest are imported, and only the tests that can see
   the mutant: a coverage run of the unmutated module records which test bodies run each statement; a mutant
-  runs those tests, fastest first (every test when its statement runs at import, in a fixture or in a cached
-  function, or when a conftest imports the module; none when no test reaches it: a survivor without a run).
+  runs those tests (every test when its statement runs at import, in a fixture or in a cached function, or
+  when a conftest imports the module; none when no test reaches it: a survivor without a run), the ones that
+  failed first on more of the module's earlier mutants ahead, then fastest first.
   Tests left out can only be ones that never run the mutated code, or that reuse something another test
   computed, so the selection may miss a kill but never invents one. ``--runner subprocess --all-tests``
   runs each mutant as Cosmic Ray itself does.
@@ -490,6 +491,27 @@ def select_tests(coverage_map: dict, spans, cached: set[int], line: int) -> list
 
 
 NOT_REACHED = "no test reaches this line"
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+?)(?: - |$)", re.M)
+
+
+def killers(db) -> dict[str, int]:
+    """How many of a module's mutants each test (node id) was the first to fail on, from the stored results."""
+    counts: dict[str, int] = {}
+    for _item, result in db.completed_work_items:
+        for nodeid in _FAILED.findall(result.output or "")[:1]:
+            counts[nodeid] = counts.get(nodeid, 0) + 1
+    return counts
+
+
+def killers_first(tests: list[str], counts: dict[str, int]) -> list[str]:
+    """``tests`` (node ids or files) with those that failed first on more of the module's earlier mutants ahead;
+    ties keep their order (fastest first). With ``-x`` only the time to the first failure changes, not the outcome."""
+    def score(test: str) -> int:
+        if "::" in test:
+            return counts.get(test, 0)
+        return sum(n for nodeid, n in counts.items() if nodeid.split("::")[0] == test)
+
+    return sorted(tests, key=lambda t: -score(t))
 
 
 def fork_mutate_and_test(mutations, tree: Path, tests: list[str], timeout: float):
@@ -665,6 +687,7 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                 step = len(todo) / args.max_mutants
                 todo = [todo[int(i * step)] for i in range(args.max_mutants)]
             statements: dict[str, tuple] = {}
+            kills = {plan.path: killers(db) for plan, db, _meta, _path in opened}
             for n, (plan, db, meta, meta_path, item) in enumerate(todo, 1):
                 t0 = time.perf_counter()
                 if args.runner == "fork":
@@ -673,7 +696,10 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                         if plan.path not in statements:
                             statements[plan.path] = statement_lines((tree / plan.path).read_text(encoding="utf-8"))
                         tests = select_tests(meta["coverage"], *statements[plan.path], item.mutations[0].start_pos[0])
-                    result = fork_mutate_and_test(item.mutations, tree, tests, plan.timeout_s)
+                    result = fork_mutate_and_test(item.mutations, tree, killers_first(tests, kills[plan.path]),
+                                                  plan.timeout_s)
+                    for nodeid in _FAILED.findall(result.output or "")[:1]:
+                        kills[plan.path][nodeid] = kills[plan.path].get(nodeid, 0) + 1
                 else:
                     result = mutate_and_test(item.mutations, shlex.join(pytest_command(plan.tests)), plan.timeout_s)
                 seconds = time.perf_counter() - t0
@@ -935,8 +961,9 @@ def render(data: dict, reasons: list[dict]) -> str:
         "test files that import the module (directly or through other modules), stopping at the first failure. "
         "Fork runner (the column 'run on' says which): each mutant's tests run in a process forked after torch and "
         "pytest are imported, and only the tests whose bodies reach the mutated statement in a coverage run of the "
-        "unmutated module, fastest first (every test for statements run at import, in fixtures, in cached "
-        "functions, or in modules a conftest imports); a survivor no test reaches is marked so and not run. "
+        "unmutated module (every test for statements run at import, in fixtures, in cached functions, or in "
+        "modules a conftest imports), those that failed first on more of the module's earlier mutants ahead, then "
+        "fastest first; a survivor no test reaches is marked so and not run. "
         "The selection can miss a kill (a test reusing what another computed), never invent one. "
         "Glue (nodes/): named behavioural defects against the host test tier. "
         "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py` (see its docstring).",
