@@ -26,6 +26,7 @@ it; the base ratio becomes a logit bias ``ln(b)`` on the base text for covered i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,20 @@ def tile_rows(rows: list[int], batch: int, tiles: list, per: int) -> list[int]:
     """For each batch row of a tiled call, its row in ``tile_grids``' output (``per`` images per prompt chunk)."""
     in_tile = batch // len(tiles)
     return [(r // in_tile) * per + r % per for r in rows]
+
+
+def frame_masks(on_grid: Callable, per: int, height: int, width: int, device, rows: list[int], batch: int,
+                tiles: tuple | None) -> tuple[torch.Tensor, list[int]]:
+    """Masks for the ``rows`` of one attention call on its ``height x width`` layer grid, from ``on_grid(per,
+    grid_h, grid_w, device)`` (``[..., per, grid_h * grid_w]``: one row per image of a prompt chunk): the masks and,
+    for each row, its row in them. Plain calls get the whole frame's masks; Tiled Diffusion's calls (``tiles``: the
+    call's tiles, the whole latent's height and width) get each tile's part of the frame's masks, computed on the
+    latent's grid, cropped to the tile and resampled to the tile's layer grid."""
+    if tiles is None:
+        return on_grid(per, height, width, device), [r % per for r in rows]
+    group, lat_h, lat_w = tiles
+    full = on_grid(per, int(lat_h), int(lat_w), device)
+    return tile_grids(full, int(lat_h), int(lat_w), group, height, width), tile_rows(rows, batch, group, per)
 
 
 def blend_weights(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ import torch
 
 from ..caching.store import TILES
 from ..utils.sigma_window import SigmaWindow
-from .attention import masks_on_grid, tile_grids, tile_rows
+from .attention import frame_masks, masks_on_grid
 from .runtime import active, positive_rows
 
 CHUNK = 77  # CLIP's context: a long prompt is encoded chunk after chunk, each opening with its own start token
@@ -145,14 +145,9 @@ class LimeAttention:
                             "CLIPTextEncode.")
         h, w = (int(n) for n in extra_options["activations_shape"][-2:])
         per = q.shape[0] // max(1, len(extra_options.get("cond_or_uncond") or [1]))
-        tiles = extra_options.get(TILES)
-        if tiles is None:
-            weight = self.region.on_grid(per, h, w, q.device)[[r % per for r in rows]] * self.strength  # [R, L]
-        else:  # Tiled Diffusion: each tile's rows get the tile's part of the region
-            group, lat_h, lat_w = tiles
-            full = self.region.on_grid(per, int(lat_h), int(lat_w), q.device)
-            weight = tile_grids(full, int(lat_h), int(lat_w), group, h, w)[tile_rows(rows, q.shape[0], group, per)]
-            weight = weight * self.strength
+        # under Tiled Diffusion each tile's rows get the tile's part of the region
+        grid, which = frame_masks(self.region.on_grid, per, h, w, q.device, rows, q.shape[0], extra_options.get(TILES))
+        weight = grid[which] * self.strength  # [R, L]
         if not bool((weight > 0).any()):
             return base
         idx = torch.tensor(rows, device=q.device)

@@ -27,11 +27,10 @@ from ..utils.sigma_window import SigmaWindow
 from .attention import (
     Region,
     RegionError,
+    frame_masks,
     joint_mask,
     masks_on_grid,
     regional_attention,
-    tile_grids,
-    tile_rows,
 )
 
 log = logging.getLogger("preprint")
@@ -63,14 +62,6 @@ class RegionSet:
         if key not in self._grids:
             self._grids[key] = masks_on_grid([r.mask.to(device) for r in self.regions], batch, height, width)
         return self._grids[key]
-
-    def tile_masks(self, per: int, height: int, width: int, device, tiles: tuple) -> torch.Tensor:
-        """``[N, n * per, height * width]`` for Tiled Diffusion's call of ``n`` tiles (``tiles``: the tiles, the whole
-        latent's height and width): each tile's part of the whole frame's masks (resampled to the latent, cropped to
-        the tile) on the tile's ``height x width`` grid, tile by tile as the call stacks them."""
-        group, lat_h, lat_w = tiles
-        return tile_grids(self.masks(per, int(lat_h), int(lat_w), device), int(lat_h), int(lat_w), group, height,
-                          width)
 
     def contexts(self, device, dtype) -> list[torch.Tensor]:
         """Each region's prompt on ``device`` in ``dtype``, each in its own memory even where two regions were given
@@ -123,11 +114,8 @@ class UNetRegionalAttention:
                                transformer_options=extra_options)
             outs.append(a[idx] if qr is q else a)
         per = q.shape[0] // len(extra_options["cond_or_uncond"])
-        tiles = extra_options.get(TILES)
-        if tiles is None:
-            masks = self.regions.masks(per, h, w, q.device)[:, [r % per for r in rows]]
-        else:  # Tiled Diffusion: each tile's rows get the tile's part of the frame's masks
-            masks = self.regions.tile_masks(per, h, w, q.device, tiles)[:, tile_rows(rows, batch, tiles[0], per)]
+        masks, which = frame_masks(self.regions.masks, per, h, w, q.device, rows, batch, extra_options.get(TILES))
+        masks = masks[:, which]
         out = base.clone()
         out[idx] = regional_attention(base[idx], outs, masks, self.base_ratio)
         return out
@@ -149,7 +137,7 @@ class JointRegionText:
         attention mask ``[batch, L, L]`` for ``base_len`` text tokens before them (the base prompt, with any
         register tokens the model puts in front of it), the region text, the ``grid`` of image tokens and
         ``n_ref`` reference image tokens no region covers. ``tiles``: Tiled Diffusion's tiles of this call (see
-        ``RegionSet.tile_masks``); each tile's rows get the tile's part of the masks."""
+        ``attention.frame_masks``); each tile's rows get the tile's part of the masks."""
         tile_key = None if tiles is None else (tuple(tiles[0]), tiles[1], tiles[2])
         key = (cou, batch, grid, n_ref, base_len, context.dtype, dtype, device, tile_key)
         if self._built is not None and self._built[0] == key:
@@ -159,12 +147,7 @@ class JointRegionText:
         extra_len = sum(lengths[1:])
         rows = set(positive_rows({"cond_or_uncond": list(cou)}, batch))
         chunk = batch // len(cou or [1])
-        if tiles is None:
-            per_image = self.regions.masks(chunk, *grid, device)
-            images = [b % chunk for b in range(batch)]
-        else:  # the call stacks its tiles along the batch, each tile's rows together
-            per_image = self.regions.tile_masks(chunk, *grid, device, tiles)
-            images = tile_rows(list(range(batch)), batch, tiles[0], chunk)
+        per_image, images = frame_masks(self.regions.masks, chunk, *grid, device, list(range(batch)), batch, tiles)
         if n_ref:  # Kontext reference tokens: image no region covers
             per_image = torch.cat([per_image, per_image.new_zeros(*per_image.shape[:2], n_ref)], dim=2)
         regional = joint_mask(lengths, per_image, self.base_ratio, dtype=dtype).to(device)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..caching.store import TILES
 from ..utils.sigma_window import SigmaWindow
-from .attention import masks_on_grid, tile_grids, tile_rows
+from .attention import frame_masks, masks_on_grid
 from .runtime import active, positive_rows
 
 
@@ -312,15 +312,11 @@ class DirectedAttention:
         h, w = (int(n) for n in extra_options["activations_shape"][-2:])
         idx = torch.tensor(rows, device=q.device)
         probs = attention_probs(q[idx], k[idx], heads)  # [R, H, L, T]
-        tiles = extra_options.get(TILES)
-        if tiles is None:
-            inside, bump = self.place(h, w, q.device)
-        else:  # Tiled Diffusion: each tile's rows get the tile's part of the placement, [R, 1, L]
-            group, lat_h, lat_w = tiles
-            full = torch.stack(self.place(int(lat_h), int(lat_w), q.device)).unsqueeze(1)  # [2, 1, H * W]
-            per_tile = tile_grids(full, int(lat_h), int(lat_w), group, h, w)  # [2, tiles, h * w]
-            which = tile_rows(rows, q.shape[0], group, 1)
-            inside, bump = (part[which].unsqueeze(1) for part in per_tile)
+        # one placement for every image ([2, 1, L]: coverage, bump); under Tiled Diffusion each tile's rows get
+        # the tile's part of it
+        grids, which = frame_masks(lambda _per, gh, gw, device: torch.stack(self.place(gh, gw, device)).unsqueeze(1),
+                                   1, h, w, q.device, rows, q.shape[0], extra_options.get(TILES))
+        inside, bump = (part[which].unsqueeze(1) for part in grids)  # [R, 1, L] each
         edited = directed_probs(probs, self.columns, inside, bump, self.strength)
         cols = torch.tensor(self.columns, device=q.device)
         delta_p = (edited[..., cols] - probs[..., cols])  # [R, H, L, J]

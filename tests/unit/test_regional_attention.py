@@ -631,16 +631,25 @@ def test_region_text_positions_restart_from_the_first_text_token(axes):
     assert torch.equal(embedder(ids), ids)
 
 
-def test_tile_masks_are_each_tiles_part_of_the_frame():
+def test_frame_masks_give_each_tile_its_part_of_the_frame():
     """Under Tiled Diffusion a tile's rows get the frame's masks cropped to the tile: a left-half mask is 1 on a tile
-    in the left half, 0 on one in the right half, and splits a tile across the middle."""
+    in the left half, 0 on one in the right half, and splits a tile across the middle. Without tiles, each row gets
+    its image's whole-frame mask."""
     from preprint.highres.tiling import Tile
+    from preprint.regional.attention import frame_masks
 
     left = torch.zeros(1, 16, 24)
     left[..., :12] = 1.0  # drawn at twice the latent's 8 x 12
     regions = RegionSet((Region(torch.zeros(1, 2, 4), left),))
+    cpu = torch.device("cpu")
+    whole, which = frame_masks(regions.masks, 2, 4, 6, cpu, [0, 1, 2, 3], 4, None)  # prompt and negative chunks
+    assert torch.equal(whole, regions.masks(2, 4, 6, cpu)) and which == [0, 1, 0, 1]
     tiles = ([Tile(0, 0, 8, 6), Tile(0, 6, 8, 6), Tile(0, 3, 8, 6)], 8, 12)
-    got = regions.tile_masks(2, 4, 3, torch.device("cpu"), tiles)  # two images per chunk, a 4 x 3 layer grid
+    # two images per chunk, one chunk, three tiles: 6 rows on a 4 x 3 layer grid
+    got, which = frame_masks(regions.masks, 2, 4, 3, cpu, [5, 0, 3], 6, tiles)
+    assert which == [5, 0, 3]
+    got2, which2 = frame_masks(regions.masks, 2, 4, 3, cpu, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 12, tiles)
+    assert torch.equal(got2, got) and which2 == [0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5]  # two chunks per tile
     assert got.shape == (1, 6, 12)
     assert torch.equal(got[0, :2], torch.ones(2, 12)) and torch.equal(got[0, 2:4], torch.zeros(2, 12))
     assert torch.equal(got[0, 4:].view(2, 4, 3)[0], torch.tensor([[1.0, 0.5, 0.0]] * 4))
