@@ -684,8 +684,8 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                 todo.extend((plan, db, meta, meta_path, item) for item in pending)
         if not estimate_only:
             if args.max_mutants is not None and len(todo) > args.max_mutants:
-                step = len(todo) / args.max_mutants
-                todo = [todo[int(i * step)] for i in range(args.max_mutants)]
+                step = len(todo) / max(1, args.max_mutants)
+                todo = [todo[int(i * step)] for i in range(args.max_mutants)]  # 0: only collect what was run
             statements: dict[str, tuple] = {}
             kills = {plan.path: killers(db) for plan, db, _meta, _path in opened}
             for n, (plan, db, meta, meta_path, item) in enumerate(todo, 1):
@@ -1112,7 +1112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--glue", action="store_true", help="run the named glue defects (default when no --folder)")
     ap.add_argument("--defect", action="append", help="only this glue defect (repeatable; implies --glue)")
     ap.add_argument("--max-mutants", type=int, help="run at most N pending mutants per folder, spread evenly "
-                                                    "(the rest stay pending for the next run)")
+                                                    "(the rest stay pending for the next run); 0 runs none and only "
+                                                    "reports what the stored sessions hold")
     ap.add_argument("--timeout-factor", type=float, default=3.0, help="per-mutant timeout = factor x baseline")
     ap.add_argument("--min-timeout", type=float, default=30.0, help="lower bound of the per-mutant timeout (s)")
     ap.add_argument("--baseline-timeout", type=float, default=900.0, help="limit for a baseline test run (s)")
