@@ -10,8 +10,9 @@ Two parts:
   run in a process forked from this one after torch and pytest are imported, and only the tests that can see
   the mutant: a coverage run of the unmutated module records which test bodies run each statement; a mutant
   runs those tests (every test when its statement runs at import, in a fixture or in a cached function, or
-  when a conftest imports the module; none when no test reaches it: a survivor without a run), the ones that
-  failed first on more of the module's earlier mutants ahead, then fastest first.
+  when a conftest imports the module; none when no test reaches it: a survivor without a run), ordered by each
+  test's time over one plus the number of the module's earlier mutants it failed first on (quick tests that
+  kill often first).
   Tests left out can only be ones that never run the mutated code, or that reuse something another test
   computed, so the selection may miss a kill but never invents one. ``--runner subprocess --all-tests``
   runs each mutant as Cosmic Ray itself does.
@@ -368,7 +369,7 @@ class _ContextSwitch:
 
 
 SHARED = "shared"
-COVERAGE_MAP_VERSION = 2  # bump when the map's content changes: stored maps are then rebuilt
+COVERAGE_MAP_VERSION = 3  # bump when the map's content changes: stored maps are then rebuilt
 
 
 def _coverage_child(target: Path, args: list[str], map_file: Path) -> int:
@@ -390,7 +391,8 @@ def _coverage_child(target: Path, args: list[str], map_file: Path) -> int:
                 lines[line] = sorted({c or SHARED for c in contexts})
     # fastest first: a mutant that some test kills is usually caught by a quick one
     order = sorted(switch.nodeids, key=lambda n: switch.seconds.get(n, 0.0))
-    map_file.write_text(json.dumps({"version": COVERAGE_MAP_VERSION, "nodeids": order, "lines": lines}))
+    map_file.write_text(json.dumps({"version": COVERAGE_MAP_VERSION, "nodeids": order, "lines": lines,
+                                    "seconds": {n: switch.seconds.get(n, 0.0) for n in order}}))
     return code
 
 
@@ -503,15 +505,19 @@ def killers(db) -> dict[str, int]:
     return counts
 
 
-def killers_first(tests: list[str], counts: dict[str, int]) -> list[str]:
-    """``tests`` (node ids or files) with those that failed first on more of the module's earlier mutants ahead;
-    ties keep their order (fastest first). With ``-x`` only the time to the first failure changes, not the outcome."""
-    def score(test: str) -> int:
+def killers_first(tests: list[str], counts: dict[str, int], seconds: dict[str, float] | None = None) -> list[str]:
+    """``tests`` (node ids or files) in the order that should reach a failure soonest: by a test's time over one
+    plus the number of the module's earlier mutants it failed first on (node ids with their measured ``seconds``),
+    else by that number alone; ties keep their order (fastest first). With ``-x`` only the time to the first
+    failure changes, not the outcome."""
+    def kills(test: str) -> int:
         if "::" in test:
             return counts.get(test, 0)
         return sum(n for nodeid, n in counts.items() if nodeid.split("::")[0] == test)
 
-    return sorted(tests, key=lambda t: -score(t))
+    if seconds:
+        return sorted(tests, key=lambda t: seconds.get(t, 0.0) / (1 + kills(t)))
+    return sorted(tests, key=lambda t: -kills(t))
 
 
 def fork_mutate_and_test(mutations, tree: Path, tests: list[str], timeout: float):
@@ -666,7 +672,6 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                     meta["baseline_s"], meta["tests"], meta["runner"] = seconds, plan.tests, args.runner
                     meta_path.write_text(json.dumps(meta))
             if (pending and not plan.error and not estimate_only and args.runner == "fork" and args.select
-                    and not plan.shared
                     and meta.get("coverage", {}).get("version") != COVERAGE_MAP_VERSION):
                 map_file = meta_path.with_suffix(".coverage.json")
                 code, output = fork_pytest(tree, plan.tests, args.baseline_timeout, coverage_of=tree / plan.path,
@@ -692,12 +697,14 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                 t0 = time.perf_counter()
                 if args.runner == "fork":
                     tests = plan.tests
-                    if args.select and not plan.shared:  # a conftest's shared objects: every test
+                    if args.select and plan.shared:  # a conftest's shared objects: every test, fastest first
+                        tests = list(meta["coverage"]["nodeids"])
+                    elif args.select:
                         if plan.path not in statements:
                             statements[plan.path] = statement_lines((tree / plan.path).read_text(encoding="utf-8"))
                         tests = select_tests(meta["coverage"], *statements[plan.path], item.mutations[0].start_pos[0])
-                    result = fork_mutate_and_test(item.mutations, tree, killers_first(tests, kills[plan.path]),
-                                                  plan.timeout_s)
+                    order = killers_first(tests, kills[plan.path], meta.get("coverage", {}).get("seconds"))
+                    result = fork_mutate_and_test(item.mutations, tree, order, plan.timeout_s)
                     for nodeid in _FAILED.findall(result.output or "")[:1]:
                         kills[plan.path][nodeid] = kills[plan.path].get(nodeid, 0) + 1
                 else:
@@ -962,8 +969,8 @@ def render(data: dict, reasons: list[dict]) -> str:
         "Fork runner (the column 'run on' says which): each mutant's tests run in a process forked after torch and "
         "pytest are imported, and only the tests whose bodies reach the mutated statement in a coverage run of the "
         "unmutated module (every test for statements run at import, in fixtures, in cached functions, or in "
-        "modules a conftest imports), those that failed first on more of the module's earlier mutants ahead, then "
-        "fastest first; a survivor no test reaches is marked so and not run. "
+        "modules a conftest imports), ordered by each test's time over one plus the number of the module's earlier "
+        "mutants it failed first on; a survivor no test reaches is marked so and not run. "
         "The selection can miss a kill (a test reusing what another computed), never invent one. "
         "Glue (nodes/): named behavioural defects against the host test tier. "
         "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py` (see its docstring).",
