@@ -36,6 +36,8 @@ Run (slow, not part of the test command; one worker, one thread):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py --glue
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py --estimate   # mutant counts + time estimate
     .venv/bin/python benchmarks/mutation.py --report                       # re-render after editing reasons
+    # after adding tests for a module's survivors: run only those survivors again (killed ones stay killed)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py --module samplers/dc_solver.py --retest-survivors
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py              # everything (hours)
 
 writes benchmarks/results/mutation.{json,md}; folders not run this time keep their earlier results, and so do the
@@ -280,6 +282,7 @@ class ModuleRun:
     pending: int = 0
     error: str | None = None
     shared: bool = False  # imported by a conftest: its objects are built once and shared by the tests
+    retested: bool = False  # this run re-tested only the stored survivors (--retest-survivors)
 
 
 def digest(paths: list[Path], extra: str) -> str:
@@ -296,8 +299,9 @@ def cosmic_ray_version() -> str:
     return version("cosmic-ray")
 
 
-def open_session(tree: Path, work_dir: Path, rel: str, key: str):
-    """The module's work database (reused when ``key`` matches), its metadata and whether it is new."""
+def open_session(tree: Path, work_dir: Path, rel: str, key: str, keep: bool = False):
+    """The module's work database (reused when ``key`` matches, or with ``keep`` whatever the key, for a re-test of
+    its survivors) and its metadata."""
     from cosmic_ray.commands import init
     from cosmic_ray.work_db import WorkDB
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
@@ -307,6 +311,8 @@ def open_session(tree: Path, work_dir: Path, rel: str, key: str):
     stem = rel.replace("/", "__").removesuffix(".py")
     db_path, meta_path = sessions / f"{stem}.sqlite", sessions / f"{stem}.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if keep and db_path.exists() and meta:
+        return WorkDB(str(db_path), WorkDB.Mode.open), meta, meta_path
     if meta.get("key") != key or not db_path.exists():
         db_path.unlink(missing_ok=True)
         meta = {"key": key, "durations": {}}
@@ -620,7 +626,15 @@ def only_modules(plans: list[ModuleRun], modules: list[str]) -> list[ModuleRun]:
 def merge_module_records(old: dict | None, new: dict) -> dict:
     """The folder record ``old`` with the modules of ``new`` (a ``--module`` run) put in place of the same modules;
     each module run this time carries the date and commit of its run."""
-    stamped = [{**m, "date": new["date"], "commit": new["commit"]} for m in new["modules"]]
+    before = {m["module"]: {"date": old.get("date"), "commit": old.get("commit"), **m} for m in (old or {}).get(
+        "modules", [])}
+    stamped = []
+    for m in new["modules"]:
+        if m.get("retested") and m["module"] in before:  # its mutants were run then, its survivors again now
+            was = before[m["module"]]
+            stamped.append({**m, "date": was["date"], "commit": was["commit"], "retested": new["commit"]})
+        else:
+            stamped.append({**m, "date": new["date"], "commit": new["commit"]})
     if not old:
         return {**new, "modules": stamped}
     fresh = {m["module"]: m for m in stamped}
@@ -651,11 +665,19 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
         todo = []  # (plan, db, meta, meta_path, item)
         opened = []
         for plan in plans:
-            db, meta, meta_path = open_session(tree, work_dir, plan.path, session_key(tree, graph, plan))
+            key = session_key(tree, graph, plan)
+            db, meta, meta_path = open_session(tree, work_dir, plan.path, key, keep=args.retest_survivors)
             opened.append((plan, db, meta, meta_path))
-            pending = sorted(db.pending_work_items, key=lambda it: (tuple(it.mutations[0].start_pos),
-                                                                  it.mutations[0].operator_name,
-                                                                  it.mutations[0].occurrence))
+            pending = db.pending_work_items
+            if args.retest_survivors and not estimate_only:
+                pending, plan.retested = stored_survivors(tree, plan, db), True
+                if sorted(meta.get("tests") or []) != sorted(plan.tests):
+                    meta.pop("coverage", None)  # the test set changed: its coverage map is built again
+                meta.setdefault("retested", []).append({"key": key, "commit": STARTED_AT.get("commit"),
+                                                        "survivors": len(pending)})
+                meta_path.write_text(json.dumps(meta))
+            pending = sorted(pending, key=lambda it: (tuple(it.mutations[0].start_pos), it.mutations[0].operator_name,
+                                                      it.mutations[0].occurrence))
             if pending and not plan.tests:
                 plan.error = NO_TESTS
                 if not estimate_only:  # nothing can kill these: recorded as survivors without a test run
@@ -723,6 +745,31 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
         os.chdir(old_cwd)
         os.environ.clear()
         os.environ.update(old_env)
+
+
+def still_there(lines: list[str], line: int, old: str) -> bool:
+    """Whether line ``line`` (1-based) of the module's source is where a mutant's original text ``old`` (its
+    diff's removed lines, whitespace collapsed, joined by " / ") begins."""
+    here = squash(lines[line - 1]) if 1 <= line <= len(lines) else ""
+    return bool(here) and old.startswith(here)
+
+
+def stored_survivors(tree: Path, plan: ModuleRun, db) -> list:
+    """The work items of the module's stored survivors, for ``--retest-survivors``; stops with the reason when the
+    module's source no longer holds a survivor's original line where its mutation was made (the stored mutants then
+    describe another version of the module: run it afresh)."""
+    lines = (tree / plan.path).read_text(encoding="utf-8").splitlines()
+    items = []
+    for item, result in db.completed_work_items:
+        if classify(result) != "survived":
+            continue
+        m = item.mutations[0]
+        old, _ = changed_lines(result.diff or "")
+        if not still_there(lines, m.start_pos[0], old):
+            sys.exit(f"{plan.path}:{m.start_pos[0]} is no longer the line its stored survivor mutated ({old!r}); "
+                     "run the module without --retest-survivors")
+        items.append(item)
+    return items
 
 
 def record_untested(tree: Path, db, items) -> None:
@@ -897,7 +944,7 @@ def folder_record(plans: list[ModuleRun], run_seconds: float | None, runner: str
             "module": p.path, "tests": p.tests, "mutants": p.mutants, "run": len(p.results), "pending": p.pending,
             "filtered": p.filtered, **counts, "baseline_s": None if p.baseline_s is None else round(p.baseline_s, 2),
             "timeout_s": None if p.timeout_s is None else round(p.timeout_s, 1), "error": p.error,
-            "mutant_seconds": [round(s, 2) for s in durations],
+            "mutant_seconds": [round(s, 2) for s in durations], "retested": p.retested,
             "survivors": [{k: r.get(k) for k in ("line", "where", "operator", "old", "new", "no_tests", "unreached")}
                           for r in sorted(p.results, key=lambda r: (r["line"], r["operator"]))
                           if r["outcome"] == "survived"],
@@ -1018,7 +1065,8 @@ def render(data: dict, reasons: list[dict]) -> str:
             tests = ", ".join(Path(t).name for t in m["tests"]) or "none"
             note = f" ({m['error']})" if m["error"] else ""
             if m.get("date"):  # run on its own (--module)
-                note += f" (run {m['date'][:10]}, {m['commit']})"
+                note += f" (run {m['date'][:10]}, {m['commit']}" + (
+                    f"; survivors re-tested at {m['retested']})" if isinstance(m.get("retested"), str) else ")")
             lines.append(f"| {m['module']}{md_cell(note)} | {tests} | {m['mutants']} | {m['run']} | {m['killed']} | "
                          f"{m['timeout']} | {m['survived']} | {pct(m['kill_rate'])} | {m['baseline_s']} | "
                          f"{m['timeout_s']} |")
@@ -1125,6 +1173,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-timeout", type=float, default=30.0, help="lower bound of the per-mutant timeout (s)")
     ap.add_argument("--baseline-timeout", type=float, default=900.0, help="limit for a baseline test run (s)")
     ap.add_argument("--fresh", action="store_true", help="discard stored sessions and start over")
+    ap.add_argument("--retest-survivors", action="store_true",
+                    help="after tests were added: run only the stored survivors of each module again, against the "
+                         "current tests (the module's source must be unchanged; killed mutants are not run again, so "
+                         "not for tests that were changed or removed)")
     ap.add_argument("--all-tests", dest="select", action="store_false",
                     help="run every test file of the module for each mutant (default with the fork runner: only "
                          "the tests whose bodies run the mutated statement, from a coverage run of the unmutated "
@@ -1162,6 +1214,8 @@ def main(argv: list[str] | None = None) -> int:
     log_line(f"mutation copy: {tree}")
 
     modules = list(dict.fromkeys(args.module or []))
+    if args.retest_survivors and (args.folder or not modules):
+        sys.exit("--retest-survivors re-tests named modules: give them with --module (no --folder)")
     if args.estimate:
         plans, graph = plan_modules(tree, list(args.folder or FAMILIES))
         if modules:

@@ -41,3 +41,27 @@ def test_module_results_replace_only_their_modules():
     assert old["modules"][1]["killed"] == 2  # the earlier record itself is not changed
     first = mutation.merge_module_records(None, new)
     assert first["commit"] == "new" and [m["date"] for m in first["modules"]] == [new["date"]] * 2
+
+
+def test_a_survivor_retest_keeps_the_run_it_came_from_and_names_the_retest():
+    old = {"date": "2026-01-01T00:00:00", "commit": "old",
+           "modules": [{"module": "guidance/a.py", "killed": 1, "date": "2026-01-05T00:00:00", "commit": "mod"},
+                       {"module": "guidance/b.py", "killed": 2}]}
+    new = {"date": "2026-02-02T00:00:00", "commit": "new",
+           "modules": [{"module": "guidance/a.py", "killed": 3, "retested": True},
+                       {"module": "guidance/b.py", "killed": 4, "retested": True},
+                       {"module": "guidance/c.py", "killed": 5, "retested": True}]}  # no earlier run: stamped new
+    merged = mutation.merge_module_records(old, new)
+    assert merged["modules"] == [
+        {"module": "guidance/a.py", "killed": 3, "date": "2026-01-05T00:00:00", "commit": "mod", "retested": "new"},
+        {"module": "guidance/b.py", "killed": 4, "date": "2026-01-01T00:00:00", "commit": "old", "retested": "new"},
+        {"module": "guidance/c.py", "killed": 5, "retested": True, "date": "2026-02-02T00:00:00", "commit": "new"}]
+
+
+def test_a_survivor_is_retested_only_where_its_line_is_still_the_same():
+    lines = ["x = 1", "    if a <  b:", "y = (1 +", "     2)"]
+    assert mutation.still_there(lines, 2, "if a < b:")
+    assert mutation.still_there(lines, 3, "y = (1 + / 2)")  # a statement over two lines
+    assert not mutation.still_there(lines, 1, "x = 2")
+    assert not mutation.still_there(lines, 2, "if a <= b:")
+    assert not mutation.still_there(lines, 5, "x = 1") and not mutation.still_there(lines, 0, "x = 1")
