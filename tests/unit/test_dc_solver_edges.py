@@ -48,3 +48,13 @@ def test_no_progress_bar_unless_asked(capsys):
     assert capsys.readouterr().err == ""
     dc_unipc(_wiener, _x(), sig, disable=False)
     assert "/3 [" in capsys.readouterr().err  # the bar the default leaves out
+
+
+def test_the_k_sampler_function_defaults_to_order_two_as_the_node():
+    from preprint.samplers.dc_solver import sample_dc_solver
+
+    sig = torch.tensor([10.0, 4.0, 2.0, 1.0, 0.5, 0.1, 0.0], dtype=torch.float64)
+    x = _x(2)
+    got = sample_dc_solver(_wiener, x, sig)
+    assert torch.equal(got, dc_unipc(_wiener, x, sig, order=2))
+    assert not torch.equal(got, dc_unipc(_wiener, x, sig, order=3))
