@@ -11,8 +11,8 @@ Two parts:
   the mutant: a coverage run of the unmutated module records which test bodies run each statement; a mutant
   runs those tests (every test when its statement runs at import, in a fixture or in a cached function, or
   when a conftest imports the module; none when no test reaches it: a survivor without a run), ordered by each
-  test's time over one plus the number of the module's earlier mutants it failed first on (quick tests that
-  kill often first).
+  test's time over the number of the module's earlier mutants it failed first on (plus a small prior): quick
+  tests that kill often first.
   Tests left out can only be ones that never run the mutated code, or that reuse something another test
   computed, so the selection may miss a kill but never invents one. ``--runner subprocess --all-tests``
   runs each mutant as Cosmic Ray itself does.
@@ -512,20 +512,22 @@ def killers(db) -> dict[str, int]:
 
 
 MIN_TEST_SECONDS = 0.5
+KILL_PRIOR = 0.1  # a test that has not failed first yet counts as a tenth of one that has: tests are run by
+# expected cost per kill, time / chance, and a test that has caught earlier mutants is the likelier to catch the next
 
 
 def killers_first(tests: list[str], counts: dict[str, int], seconds: dict[str, float] | None = None) -> list[str]:
     """``tests`` (node ids or files) in the order that should reach a failure soonest: by a test's time (at least
-    ``MIN_TEST_SECONDS``) over one plus the number of the module's earlier mutants it failed first on (node ids
-    with their measured ``seconds``), else by that number alone; ties keep their order (fastest first). With
-    ``-x`` only the time to the first failure changes, not the outcome."""
+    ``MIN_TEST_SECONDS``) over ``KILL_PRIOR`` plus the number of the module's earlier mutants it failed first on
+    (node ids with their measured ``seconds``), else by that number alone; ties keep their order (fastest first).
+    With ``-x`` only the time to the first failure changes, not the outcome."""
     def kills(test: str) -> int:
         if "::" in test:
             return counts.get(test, 0)
         return sum(n for nodeid, n in counts.items() if nodeid.split("::")[0] == test)
 
     if seconds:  # a test's time under a mutant is often more than in the unmutated run (caches): 0.5 s at least
-        return sorted(tests, key=lambda t: max(MIN_TEST_SECONDS, seconds.get(t, 0.0)) / (1 + kills(t)))
+        return sorted(tests, key=lambda t: max(MIN_TEST_SECONDS, seconds.get(t, 0.0)) / (KILL_PRIOR + kills(t)))
     return sorted(tests, key=lambda t: -kills(t))
 
 
@@ -1019,8 +1021,8 @@ def render(data: dict, reasons: list[dict]) -> str:
         "Fork runner (the column 'run on' says which): each mutant's tests run in a process forked after torch and "
         "pytest are imported, and only the tests whose bodies reach the mutated statement in a coverage run of the "
         "unmutated module (every test for statements run at import, in fixtures, in cached functions, or in "
-        "modules a conftest imports), ordered by each test's time over one plus the number of the module's earlier "
-        "mutants it failed first on; a survivor no test reaches is marked so and not run. "
+        "modules a conftest imports), ordered by each test's time (0.5 s at least) over the number of the module's "
+        "earlier mutants it failed first on (plus 0.1); a survivor no test reaches is marked so and not run. "
         "The selection can miss a kill (a test reusing what another computed), never invent one. "
         "Glue (nodes/): named behavioural defects against the host test tier. "
         "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation.py` (see its docstring).",
