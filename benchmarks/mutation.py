@@ -158,9 +158,13 @@ def check_import_redirect(tree: Path, env: dict[str, str]) -> None:
                  "a mutation run would test the wrong code.")
 
 
-def pytest_command(test_files: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-x", "-q", "--no-header", "--tb=line", "-p", "no:cacheprovider",
-            "-o", "addopts=", *test_files]
+def pytest_args(tests: list[str]) -> list[str]:
+    """pytest's arguments for one mutant's tests (files or node ids): stop at the first failure, short output."""
+    return ["-x", "-q", "--no-header", "--tb=line", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
+
+
+def pytest_command(tests: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pytest", *pytest_args(tests)]
 
 
 # ------------------------------------------------------------------------------------------------ imports
@@ -422,7 +426,7 @@ def fork_pytest(tree: Path, tests: list[str], timeout: float, coverage_of: Path 
             sys.path.insert(0, str(tree.parent))
             import pytest
 
-            args = pytest_command(tests)[5:]  # the arguments after `python -m pytest`
+            args = pytest_args(tests)
             if coverage_of is not None:
                 code = _coverage_child(coverage_of, args, map_file)
             else:

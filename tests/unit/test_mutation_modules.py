@@ -65,3 +65,9 @@ def test_a_survivor_is_retested_only_where_its_line_is_still_the_same():
     assert not mutation.still_there(lines, 1, "x = 2")
     assert not mutation.still_there(lines, 2, "if a <= b:")
     assert not mutation.still_there(lines, 5, "x = 1") and not mutation.still_there(lines, 0, "x = 1")
+
+
+def test_both_runners_stop_at_a_mutants_first_failing_test():
+    assert mutation.pytest_args(["t.py::a", "t.py::b"])[0] == "-x"
+    assert mutation.pytest_args(["t.py::a"])[-1] == "t.py::a"
+    assert mutation.pytest_command(["t.py"])[1:] == ["-m", "pytest", *mutation.pytest_args(["t.py"])]
