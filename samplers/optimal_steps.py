@@ -156,6 +156,8 @@ def search(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, steps: int
                 c = (jumps - teacher[js]).to(torch.float64).pow(2).flatten(2).mean(-1)  # [J, B]
                 if aggregate == "mean":
                     c = c.mean(1, keepdim=True).expand_as(c)
+                if k > 1:  # a point no finite path reached is no source: its state is only a placeholder
+                    c = torch.where(torch.isfinite(cost[i]), c, torch.inf)
                 better = c < new_cost[js]
                 new_cost[js] = torch.where(better, c, new_cost[js])
                 parent[js] = torch.where(better, i, parent[js])
