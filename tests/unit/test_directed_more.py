@@ -23,13 +23,7 @@ from preprint.regional.word_attention import (
 )
 from preprint.utils.sigma_window import SigmaWindow
 
-
-def plain_attention(q, k, v, heads, attn_precision=None, transformer_options=None):
-    b, n, width = q.shape
-    d = width // heads
-    qh, kh, vh = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1) @ vh
-    return out.transpose(1, 2).reshape(b, n, width)
+from .test_word_attention import plain_attention  # noqa: E402  (ComfyUI-style attention, written out)
 
 
 # -- Box -------------------------------------------------------------------------------------------------------------
