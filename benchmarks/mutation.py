@@ -503,15 +503,25 @@ def select_tests(coverage_map: dict, spans, cached: set[int], line: int) -> list
 
 
 NOT_REACHED = "no test reaches this line"
-_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+?)(?: - |$)", re.M)
+def failed_test(output: str) -> str | None:
+    """The node id of the first test pytest's short summary reports as failed (or erroring), if any."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return squash(line.split(" - ")[0].split(" ", 1)[1])
+    return None
+
+
+def count_kill(counts: dict[str, int], output: str) -> None:
+    nodeid = failed_test(output)
+    if nodeid:
+        counts[nodeid] = counts.get(nodeid, 0) + 1
 
 
 def killers(db) -> dict[str, int]:
     """How many of a module's mutants each test (node id) was the first to fail on, from the stored results."""
     counts: dict[str, int] = {}
     for _item, result in db.completed_work_items:
-        for nodeid in _FAILED.findall(result.output or "")[:1]:
-            counts[nodeid] = counts.get(nodeid, 0) + 1
+        count_kill(counts, result.output or "")
     return counts
 
 
@@ -736,8 +746,7 @@ def run_folder(tree: Path, work_dir: Path, env: dict[str, str], graph, plans: li
                         tests = select_tests(meta["coverage"], *statements[plan.path], item.mutations[0].start_pos[0])
                     order = killers_first(tests, kills[plan.path], meta.get("coverage", {}).get("seconds"))
                     result = fork_mutate_and_test(item.mutations, tree, order, plan.timeout_s)
-                    for nodeid in _FAILED.findall(result.output or "")[:1]:
-                        kills[plan.path][nodeid] = kills[plan.path].get(nodeid, 0) + 1
+                    count_kill(kills[plan.path], result.output or "")
                 else:
                     result = mutate_and_test(item.mutations, shlex.join(pytest_command(plan.tests)), plan.timeout_s)
                 seconds = time.perf_counter() - t0
@@ -889,10 +898,7 @@ def comfyui_of(tree: Path, env: dict[str, str]) -> str | None:
 
 
 def first_failure(output: str) -> str:
-    for line in output.splitlines():
-        if line.startswith(("FAILED ", "ERROR ")):
-            return squash(line.split(" - ")[0].split(" ", 1)[1])
-    return squash(output.strip().splitlines()[-1]) if output.strip() else ""
+    return failed_test(output) or (squash(output.strip().splitlines()[-1]) if output.strip() else "")
 
 
 def run_glue(tree: Path, env: dict[str, str], args, only: list[str] | None) -> dict:
